@@ -1,0 +1,247 @@
+"""memcached connections: a bounded per-worker pool, checked out onto ``flask.g``.
+
+Why a pool and not one global client: a pymemcache ``Client`` is one socket and one
+protocol stream; two greenlets using it at once interleave their commands and read each
+other's answers. So each greenlet that needs memcached checks out a :class:`Connection`
+of its own (one socket per server, opened on first use) and gives it back when done.
+
+Why not pymemcache's ``PooledClient``/``HashClient``: a full ``PooledClient`` raises
+instead of waiting, and ``HashClient`` drops a dead server and rehashes its keys (lease
+keys included) onto the others. Here a full pool makes the caller wait, bounded by
+``pool_timeout``; a dead server keeps its keys (they read as misses and the in-process
+tier answers) and a per-server circuit breaker stops us waiting on it for every call.
+
+Within a request, :func:`get_connection` checks a connection out the first time it is
+needed, keeps it on ``g``, and ``teardown_appcontext`` gives it back, also when the view
+raised. A connection whose call failed is closed and discarded, never handed back.
+Nothing here connects at import time: the pool is built on first use, in the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import gevent.lock
+from flask import Flask, current_app, g
+from gevent import getcurrent
+from pymemcache.client.base import Client
+from pymemcache.client.rendezvous import RendezvousHash
+from pymemcache.exceptions import MemcacheError, MemcacheServerError, MemcacheUnexpectedCloseError
+
+from . import metrics
+from .breaker import CircuitBreaker
+from .config import CacheSettings
+from .errors import CacheUnavailable, CircuitOpen, PoolTimeout
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+EXTENSION = "service.clients"
+
+
+class Connection:
+    """One socket per memcached server, used by one greenlet at a time.
+
+    Every command goes through :meth:`call`, the single boundary where memcached errors
+    are caught, counted, logged, fed to the circuit breaker and turned into
+    :class:`~service.errors.CacheUnavailable`.
+    """
+
+    def __init__(self, pool: ClientPool) -> None:
+        self._pool = pool
+        self._clients: dict[str, Client] = {}
+        self.broken = False
+        self.owner: Any = None
+
+    def server_for(self, key: bytes) -> str:
+        return self._pool.server_for(key)
+
+    def call(self, server: str, command: str, fn: Callable[[Client], T]) -> T:
+        """Run ``fn`` with the client of ``server``.
+
+        :raises CircuitOpen: the server failed recently and is not asked now.
+        :raises CacheUnavailable: the call failed; this connection is now broken.
+        """
+        if self.owner is not None and self.owner is not getcurrent():
+            # A connection on g belongs to the greenlet that checked it out; a child
+            # greenlet must push its own app context (and so get its own connection).
+            raise RuntimeError("a memcached connection was used by a second greenlet")
+        breaker = self._pool.breakers[server]
+        now = time.monotonic()
+        if not breaker.allow(now):
+            metrics.memcached_errors_total.labels("circuit_open").inc()
+            raise CircuitOpen(f"memcached {server}: circuit open after repeated failures")
+        client = self._clients.get(server)
+        if client is None:
+            client = self._clients[server] = self._pool.new_client(server)
+        try:
+            result = fn(client)
+        except (MemcacheError, OSError) as exc:
+            kind = _error_kind(exc)
+            # A server that answered SERVER_ERROR is alive: do not trip its breaker.
+            if kind != "server":
+                breaker.record_failure(time.monotonic())
+            metrics.memcached_errors_total.labels(kind).inc()
+            log.warning("memcached %s %s failed (%s): %s", server, command, kind, exc)
+            self.broken = True
+            self.close()
+            raise CacheUnavailable(f"memcached {server}: {command} failed: {exc}") from exc
+        except BaseException:
+            # GreenletExit or a timeout raised into us mid-command leaves a half-read
+            # answer on the socket: the next command would read it. Never reuse it.
+            self.broken = True
+            self.close()
+            raise
+        breaker.record_success()
+        metrics.memcached_call_seconds.labels(command).observe(time.monotonic() - now)
+        return result
+
+    def by_server(self, keys: Iterable[bytes]) -> dict[str, list[bytes]]:
+        """Group keys by the server that owns them, for multi-key commands."""
+        groups: dict[str, list[bytes]] = {}
+        for key in keys:
+            groups.setdefault(self.server_for(key), []).append(key)
+        return groups
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            try:
+                client.close()
+            except OSError:  # closing a socket that already broke
+                pass
+        self._clients.clear()
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timeout"
+    if isinstance(exc, MemcacheServerError) and not isinstance(exc, MemcacheUnexpectedCloseError):
+        return "server"
+    return "connection"
+
+
+class ClientPool:
+    """At most ``pool_size`` connections per worker; callers wait for a free one.
+
+    Created lazily by :func:`get_pool` in the process that uses it. If the process forks
+    after the pool was built, the child drops the parent's idle sockets instead of
+    sharing them.
+    """
+
+    def __init__(self, settings: CacheSettings) -> None:
+        self.settings = settings
+        self.servers = list(settings.servers)
+        self._addresses = dict(zip(self.servers, settings.server_addresses(), strict=True))
+        self._hash = RendezvousHash(nodes=list(self.servers))
+        self.breakers = {
+            s: CircuitBreaker(settings.circuit_failures, settings.circuit_reset)
+            for s in self.servers
+        }
+        # gevent's semaphore: waiting for a slot yields to other greenlets instead of
+        # blocking the worker, and a bounded wait replaces PooledClient's "pool full" error.
+        self._slots = gevent.lock.BoundedSemaphore(settings.pool_size)
+        self._idle: list[Connection] = []
+        self._pid = os.getpid()
+        self.in_use = 0
+
+    def server_for(self, key: bytes) -> str:
+        if len(self.servers) == 1:
+            return self.servers[0]
+        return str(self._hash.get_node(key.decode("ascii")))
+
+    def new_client(self, server: str) -> Client:
+        s = self.settings
+        return Client(
+            self._addresses[server],
+            connect_timeout=s.connect_timeout,
+            timeout=s.timeout,
+            no_delay=True,
+            # With noreply, add() reports success even when the key exists: fatal for
+            # leases and counters. Every command waits for memcached's answer.
+            default_noreply=False,
+            socket_module=socket,
+        )
+
+    def acquire(self) -> Connection:
+        """Check a connection out, waiting at most ``pool_timeout`` for a free slot.
+
+        :raises PoolTimeout: every connection stayed busy for the whole wait.
+        """
+        if os.getpid() != self._pid:
+            self._idle.clear()  # sockets inherited through fork belong to the parent
+            self._pid = os.getpid()
+        if not self._slots.acquire(timeout=self.settings.pool_timeout):
+            metrics.memcached_errors_total.labels("pool_timeout").inc()
+            raise PoolTimeout(
+                f"no memcached connection free within {self.settings.pool_timeout}s"
+                f" (pool_size={self.settings.pool_size})"
+            )
+        conn = self._idle.pop() if self._idle else Connection(self)
+        conn.owner = getcurrent()
+        self.in_use += 1
+        metrics.pool_in_use.inc()
+        return conn
+
+    def release(self, conn: Connection) -> None:
+        """Give a connection back; a broken one is closed and replaced later."""
+        conn.owner = None
+        if conn.broken:
+            conn.close()
+        else:
+            self._idle.append(conn)
+        self.in_use -= 1
+        metrics.pool_in_use.dec()
+        self._slots.release()
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A connection for the duration of a ``with`` block (outside requests)."""
+        conn = self.acquire()
+        try:
+            yield conn
+        finally:
+            self.release(conn)
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()
+
+    def server_states(self) -> dict[str, str]:
+        now = time.monotonic()
+        return {s: b.state(now) for s, b in self.breakers.items()}
+
+
+def get_pool(app: Flask | None = None) -> ClientPool:
+    """The worker's pool, built on first use (never at import time or in the master)."""
+    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+    state: dict[str, Any] = app.extensions[EXTENSION]
+    pool: ClientPool | None = state.get("pool")
+    if pool is None:
+        pool = state["pool"] = ClientPool(state["settings"])
+    return pool
+
+
+def get_connection() -> Connection:
+    """The connection of the current app context, checked out on first use."""
+    conn: Connection | None = g.get("_memcached")
+    if conn is None:
+        conn = get_pool().acquire()
+        g._memcached = conn
+    return conn
+
+
+def _release_connection(exc: BaseException | None) -> None:
+    # teardown_appcontext runs even when the view raised, so the slot always comes back.
+    conn: Connection | None = g.pop("_memcached", None)
+    if conn is not None:
+        get_pool().release(conn)
+
+
+def init_app(app: Flask, settings: CacheSettings) -> None:
+    app.extensions[EXTENSION] = {"settings": settings, "pool": None}
+    app.teardown_appcontext(_release_connection)

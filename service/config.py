@@ -1,0 +1,303 @@
+"""Typed, frozen settings read from ``settings.toml``: the one place that validates them.
+
+The file is chosen by ``SERVICE_SETTINGS`` or defaults to ``settings.toml`` at the
+repository root. Anything wrong (a key we do not know, a wrong type, an impossible value,
+TOML that does not parse) raises :class:`~service.errors.ConfigError` with the file, the
+key and what was expected, so start-up stops with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "settings.toml"
+SOURCE_KINDS = ("http", "python", "composite")
+EXECUTORS = ("thread", "process")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    servers: tuple[str, ...] = ("127.0.0.1:11211",)
+    key_prefix: str = "svc"
+    l1_max_entries: int = 10000
+    l1_ttl: float = 2.0
+    connect_timeout: float = 0.25
+    timeout: float = 0.25
+    pool_size: int = 64
+    pool_timeout: float = 1.0
+    item_size_max: int = 1024 * 1024
+    circuit_failures: int = 3
+    circuit_reset: float = 5.0
+
+    def server_addresses(self) -> list[tuple[str, int]]:
+        """``host:port`` strings as (host, port) pairs, validated at load time."""
+        return [_split_server(s) for s in self.servers]
+
+
+@dataclass(frozen=True)
+class RefreshSettings:
+    concurrency: int = 16
+    lock_lease: float = 30.0
+    fetch_timeout: float = 20.0
+    error_ttl: float = 5.0
+    backoff_max: float = 300.0
+    xfetch_beta: float = 1.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    monitor_threshold: float = 0.5
+    log_format: str = "json"
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    name: str
+    kind: str
+    max_age: float
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    url: str | None = None
+    target: str | None = None
+    executor: str = "thread"
+    parts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Settings:
+    path: str = "<defaults>"
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    refresh: RefreshSettings = field(default_factory=RefreshSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    sources: Mapping[str, SourceSettings] = field(default_factory=dict)
+
+
+def settings_path() -> Path:
+    """The file named by ``SERVICE_SETTINGS``, else ``settings.toml`` at the repo root."""
+    env = os.environ.get("SERVICE_SETTINGS")
+    return Path(env) if env else DEFAULT_PATH
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate a settings file.
+
+    :param path: the TOML file; by default :func:`settings_path`.
+    :raises ConfigError: the file is missing, does not parse, or holds a bad value.
+    """
+    p = Path(path) if path is not None else settings_path()
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read settings file: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    return parse_settings(data, str(p))
+
+
+def parse_settings(data: Mapping[str, Any], path: str = "<memory>") -> Settings:
+    """Validate an already parsed TOML document (used by tests and by :func:`load_settings`)."""
+    r = _Reader(path)
+    r.only(data, "", {"cache", "refresh", "server", "sources"})
+    cache = _parse_cache(r, r.table(data, "cache"))
+    refresh = _parse_refresh(r, r.table(data, "refresh"))
+    server = _parse_server(r, r.table(data, "server"))
+    sources_table = r.table(data, "sources")
+    sources: dict[str, SourceSettings] = {}
+    for name, table in sources_table.items():
+        if not _NAME_RE.match(name):
+            r.fail(f"sources.{name}", "a name of letters, digits, '-' or '_' (at most 64)")
+        if not isinstance(table, Mapping):
+            r.fail(f"sources.{name}", "a table")
+        sources[name] = _parse_source(r, name, table)
+    for src in sources.values():
+        for part in src.parts:
+            if part not in sources:
+                r.fail(f"sources.{src.name}.parts",
+                       f"names of configured sources ({part!r} is not)")
+            if sources[part].kind == "composite":
+                r.fail(f"sources.{src.name}.parts",
+                       f"non-composite sources ({part!r} is composite)")
+    return Settings(path=path, cache=cache, refresh=refresh, server=server, sources=sources)
+
+
+def _split_server(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(spec)
+    return host.strip("[]"), int(port)
+
+
+def _parse_cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
+    d = CacheSettings()
+    r.only(t, "cache", set(CacheSettings.__dataclass_fields__))
+    servers = r.get(t, "cache.servers", list, list(d.servers))
+    if not servers:
+        r.fail("cache.servers", "at least one memcached server as 'host:port'")
+    for s in servers:
+        try:
+            _split_server(s)
+        except (ValueError, AttributeError):
+            r.fail("cache.servers", "a list of 'host:port' strings (port 1-65535)", s)
+    if len(set(servers)) != len(servers):
+        r.fail("cache.servers", "each server listed once")
+    prefix = r.get(t, "cache.key_prefix", str, d.key_prefix)
+    if not _PREFIX_RE.match(prefix):
+        r.fail("cache.key_prefix", "1-32 characters of letters, digits, '.', '-' or '_'")
+    return CacheSettings(
+        servers=tuple(servers),
+        key_prefix=prefix,
+        l1_max_entries=r.integer(t, "cache.l1_max_entries", d.l1_max_entries, minimum=0),
+        l1_ttl=r.duration(t, "cache.l1_ttl", d.l1_ttl),
+        connect_timeout=r.duration(t, "cache.connect_timeout", d.connect_timeout, positive=True),
+        timeout=r.duration(t, "cache.timeout", d.timeout, positive=True),
+        pool_size=r.integer(t, "cache.pool_size", d.pool_size, minimum=1),
+        pool_timeout=r.duration(t, "cache.pool_timeout", d.pool_timeout, positive=True),
+        item_size_max=r.integer(t, "cache.item_size_max", d.item_size_max, minimum=1024),
+        circuit_failures=r.integer(t, "cache.circuit_failures", d.circuit_failures, minimum=1),
+        circuit_reset=r.duration(t, "cache.circuit_reset", d.circuit_reset, positive=True),
+    )
+
+
+def _parse_refresh(r: _Reader, t: Mapping[str, Any]) -> RefreshSettings:
+    d = RefreshSettings()
+    r.only(t, "refresh", set(RefreshSettings.__dataclass_fields__))
+    return RefreshSettings(
+        concurrency=r.integer(t, "refresh.concurrency", d.concurrency, minimum=1),
+        lock_lease=r.duration(t, "refresh.lock_lease", d.lock_lease, positive=True),
+        fetch_timeout=r.duration(t, "refresh.fetch_timeout", d.fetch_timeout, positive=True),
+        error_ttl=r.duration(t, "refresh.error_ttl", d.error_ttl),
+        backoff_max=r.duration(t, "refresh.backoff_max", d.backoff_max, positive=True),
+        xfetch_beta=r.duration(t, "refresh.xfetch_beta", d.xfetch_beta),
+    )
+
+
+def _parse_server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
+    d = ServerSettings()
+    r.only(t, "server", set(ServerSettings.__dataclass_fields__))
+    fmt = r.get(t, "server.log_format", str, d.log_format)
+    if fmt not in ("json", "text"):
+        r.fail("server.log_format", "'json' or 'text'")
+    return ServerSettings(
+        monitor_threshold=r.duration(
+            t, "server.monitor_threshold", d.monitor_threshold, positive=True
+        ),
+        log_format=fmt,
+    )
+
+
+_KIND_KEYS = {"http": {"url"}, "python": {"target", "executor"}, "composite": {"parts"}}
+_COMMON_KEYS = {"kind", "max_age", "stale_while_revalidate", "stale_if_error"}
+
+
+def _parse_source(r: _Reader, name: str, t: Mapping[str, Any]) -> SourceSettings:
+    where = f"sources.{name}"
+    kind = r.get(t, f"{where}.kind", str, None)
+    if kind not in SOURCE_KINDS:
+        r.fail(f"{where}.kind", f"one of {', '.join(map(repr, SOURCE_KINDS))}")
+    allowed = _COMMON_KEYS | _KIND_KEYS[kind]
+    for key in t:
+        if key not in allowed:
+            used_by = [k for k, keys in _KIND_KEYS.items() if key in keys]
+            hint = f" (it belongs to kind {used_by[0]!r})" if used_by else ""
+            r.fail(f"{where}.{key}", f"no such key for kind {kind!r}{hint}; allowed: "
+                   + ", ".join(sorted(allowed)))
+    if "max_age" not in t:
+        r.fail(f"{where}.max_age", "a duration in seconds (required)")
+    url = target = None
+    executor = "thread"
+    parts: tuple[str, ...] = ()
+    if kind == "http":
+        url = r.get(t, f"{where}.url", str, None)
+        if not url or not url.startswith(("http://", "https://")):
+            r.fail(f"{where}.url", "an http:// or https:// URL template (required)")
+    elif kind == "python":
+        target = r.get(t, f"{where}.target", str, None)
+        if not target or not _TARGET_RE.match(target):
+            r.fail(f"{where}.target", "'package.module:function' (required)")
+        executor = r.get(t, f"{where}.executor", str, "thread")
+        if executor not in EXECUTORS:
+            r.fail(f"{where}.executor", "'thread' or 'process'")
+    else:
+        raw_parts = r.get(t, f"{where}.parts", list, None)
+        if not raw_parts or not all(isinstance(p, str) for p in raw_parts):
+            r.fail(f"{where}.parts", "a non-empty list of source names")
+        if name in raw_parts:
+            r.fail(f"{where}.parts", "other sources (a composite cannot contain itself)")
+        parts = tuple(raw_parts)
+    return SourceSettings(
+        name=name,
+        kind=kind,
+        url=url,
+        target=target,
+        executor=executor,
+        parts=parts,
+        max_age=r.duration(t, f"{where}.max_age", 0.0, positive=True),
+        stale_while_revalidate=r.duration(t, f"{where}.stale_while_revalidate", 0.0),
+        stale_if_error=r.duration(t, f"{where}.stale_if_error", 0.0),
+    )
+
+
+class _Reader:
+    """Typed look-ups that raise :class:`ConfigError` naming the file and the key."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, expected: str, got: Any = None) -> Any:
+        got_text = f", got {got!r}" if got is not None else ""
+        raise ConfigError(f"{self.path}: [{key}] expected {expected}{got_text}")
+
+    def only(self, t: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+        for key in t:
+            if key not in allowed:
+                name = f"{where}.{key}" if where else key
+                self.fail(name, f"a known key; allowed here: {', '.join(sorted(allowed))}",
+                          "unknown key")
+
+    def table(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, Mapping):
+            self.fail(key, "a table", value)
+        table: Mapping[str, Any] = value
+        return table
+
+    def get(self, t: Mapping[str, Any], key: str, typ: type, default: Any) -> Any:
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf not in t:
+            return default
+        value = t[leaf]
+        if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+            self.fail(key, f"a {typ.__name__}", value)
+        return value
+
+    def integer(self, t: Mapping[str, Any], key: str, default: int, minimum: int) -> int:
+        value: int = self.get(t, key, int, default)
+        if value < minimum:
+            self.fail(key, f"an integer >= {minimum}", value)
+        return value
+
+    def duration(
+        self, t: Mapping[str, Any], key: str, default: float, positive: bool = False
+    ) -> float:
+        leaf = key.rsplit(".", 1)[-1]
+        value = t.get(leaf, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.fail(key, "a number of seconds", value)
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            self.fail(key, "a positive number of seconds" if positive
+                      else "a number of seconds >= 0", value)
+        return float(value)

@@ -2,7 +2,10 @@
 
 from .app import cache as cache
 from .app import create_app as create_app
+from .app import swr as swr
 from .config import Settings as Settings
 from .config import load_settings as load_settings
+from .extension import SWR as SWR
+from .freshness import Windows as Windows
 
-__all__ = ["Settings", "cache", "create_app", "load_settings"]
+__all__ = ["SWR", "Settings", "Windows", "cache", "create_app", "load_settings", "swr"]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
-from flask_caching import Cache
 
-from . import clients, errors, health, metrics
+from . import errors, health, metrics
 from .config import Settings, load_settings
+from .extension import SETTINGS, SWR
 
-log = logging.getLogger(__name__)
-
-SETTINGS = "service.settings"
-cache = Cache()
+swr = SWR()
+"""The service's own :class:`~service.extension.SWR` (pool, both tiers, refresher)."""
+cache = swr.cache
 """The Flask-Caching object, backed by memcached through :mod:`service.backend`."""
 
 
@@ -32,11 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[SETTINGS] = settings
     errors.init_app(app)
-    clients.init_app(app, settings.cache)
-    cache.init_app(app, config={
-        "CACHE_TYPE": "service.backend.MemcachedCache",
-        "CACHE_DEFAULT_TIMEOUT": 300,
-    })
+    swr.init_app(app, settings)
     health.init_app(app)
     metrics.init_app(app)
     return app

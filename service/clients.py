@@ -72,7 +72,7 @@ class Connection:
             # greenlet must push its own app context (and so get its own connection).
             raise RuntimeError("a memcached connection was used by a second greenlet")
         breaker = self._pool.breakers[server]
-        now = time.monotonic()
+        now = self._pool.monotonic()
         if not breaker.allow(now):
             metrics.memcached_errors_total.labels("circuit_open").inc()
             raise CircuitOpen(f"memcached {server}: circuit open after repeated failures")
@@ -85,7 +85,7 @@ class Connection:
             kind = _error_kind(exc)
             # A server that answered SERVER_ERROR is alive: do not trip its breaker.
             if kind != "server":
-                breaker.record_failure(time.monotonic())
+                breaker.record_failure(self._pool.monotonic())
             metrics.memcached_errors_total.labels(kind).inc()
             log.warning("memcached %s %s failed (%s): %s", server, command, kind, exc)
             self.broken = True
@@ -98,7 +98,7 @@ class Connection:
             self.close()
             raise
         breaker.record_success()
-        metrics.memcached_call_seconds.labels(command).observe(time.monotonic() - now)
+        metrics.memcached_call_seconds.labels(command).observe(self._pool.monotonic() - now)
         return result
 
     def by_server(self, keys: Iterable[bytes]) -> dict[str, list[bytes]]:
@@ -148,6 +148,7 @@ class ClientPool:
         self._idle: list[Connection] = []
         self._pid = os.getpid()
         self.in_use = 0
+        self.monotonic: Callable[[], float] = time.monotonic  # replaced by a fake in tests
 
     def server_for(self, key: bytes) -> str:
         if len(self.servers) == 1:
@@ -212,7 +213,7 @@ class ClientPool:
             self._idle.pop().close()
 
     def server_states(self) -> dict[str, str]:
-        now = time.monotonic()
+        now = self.monotonic()
         return {s: b.state(now) for s, b in self.breakers.items()}
 
 

@@ -159,13 +159,19 @@ class Store:
     def delete_if(self, key: str, expected: Any) -> bool:
         """Delete ``key`` only while it still holds ``expected`` (check, then CAS-delete).
 
-        memcached has no compare-and-delete; a CAS write of a 1-second tombstone is the
-        fenced equivalent: if anybody replaced the value after our ``gets``, it fails.
+        memcached's text protocol has no compare-and-delete; a CAS write of a short-lived
+        tombstone is the fenced equivalent: if anybody replaced the value after our
+        ``gets``, it fails and we delete nothing.
         """
         value, token = self.gets(key)
         if value is MISS or value != expected or token is None:
             return False
-        return self.cas(key, None, token, ttl=1) is True
+        if self.cas(key, None, token, ttl=1) is not True:
+            return False
+        # The tombstone is ours and add() fails while it exists, so nobody can have
+        # taken the key in between: a plain delete now removes only our tombstone.
+        self.delete(key)
+        return True
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """Atomically add ``delta`` to a counter created with :meth:`add_counter`."""

@@ -101,7 +101,7 @@ def _spawn(
 
 
 def _reap(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
-    """Send ``sig`` to a running ``proc`` (SIGCONT first, in case it is stopped), wait for it
+    """Send ``sig`` (then SIGCONT, in case it is stopped) to a running ``proc``, wait for it
     for ``timeout`` seconds, SIGKILL it if it is still there; return its exit code."""
     if proc.poll() is not None:
         return proc.returncode

@@ -1,0 +1,71 @@
+"""The envelope stored for every cached value.
+
+An :class:`Entry` carries the value with what the policy and the HTTP layer need: when it
+was stored (wall-clock seconds, comparable across hosts), its three windows, an ETag
+computed from the encoded value, and how long the fetch took (XFetch's ``delta``). It is
+stored through the safe codec as a plain dict, so a newer release can add fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from . import codec
+from .errors import CodecError
+from .freshness import Timing, Windows
+
+ENVELOPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    value: Any
+    timing: Timing
+    etag: str
+
+    @classmethod
+    def create(cls, value: Any, stored_at: float, windows: Windows, fetch_seconds: float
+               ) -> Entry:
+        """A new entry; the ETag is a digest of the value's encoding.
+
+        :raises CodecError: the value cannot be stored (the message names its type).
+        """
+        digest = hashlib.blake2b(codec.encode(value), digest_size=12).hexdigest()
+        return cls(value, Timing(stored_at, windows, fetch_seconds), f'"{digest}"')
+
+    @property
+    def stored_at(self) -> float:
+        return self.timing.stored_at
+
+    @property
+    def windows(self) -> Windows:
+        return self.timing.windows
+
+    def ttl(self, now: float) -> float:
+        """What remains until GONE: memcached's expiry for this entry."""
+        return max(1.0, self.timing.error_until - now)
+
+    def to_wire(self) -> dict[str, Any]:
+        w = self.windows
+        return {
+            "env": ENVELOPE_VERSION, "value": self.value, "stored_at": self.stored_at,
+            "max_age": w.max_age, "swr": w.stale_while_revalidate, "sie": w.stale_if_error,
+            "fetch": self.timing.fetch_seconds, "etag": self.etag,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Entry:
+        """Rebuild an entry read from memcached.
+
+        :raises CodecError: not an envelope of a version we read.
+        """
+        try:
+            if not isinstance(data, dict) or data.get("env") != ENVELOPE_VERSION:
+                raise CodecError("not a cache entry envelope")
+            windows = Windows(float(data["max_age"]), float(data["swr"]), float(data["sie"]))
+            timing = Timing(float(data["stored_at"]), windows, float(data["fetch"]))
+            return cls(data["value"], timing, str(data["etag"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CodecError(f"malformed cache entry: {exc}") from exc

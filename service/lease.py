@@ -1,0 +1,124 @@
+"""The fleet-wide lease that makes one worker (of every worker on every host) fetch a key.
+
+A lease is a memcached item ``lease\\0<key>`` created with ``add`` (which fails when it
+exists), holding a random owner token, expiring after ``lock_lease`` seconds unless its
+live holder renews it. Only the owner releases it: it reads the item with ``gets``,
+checks the token, and deletes it with a CAS write, so a holder whose lease lapsed and was
+taken by another can never release the new holder's lease.
+
+memcached calls this kind of lock "loose": the lease item can be evicted, or lost with its
+server. So the lease is an efficiency guarantee, not a correctness one: fetches must be
+idempotent, the final write is fenced separately (see :meth:`TwoTier.write`), and every
+contended, lost or expired lease is counted in ``cache_lease_total``.
+
+The decisions (when to renew, how long to wait between polls) are pure functions at the
+top of this module, tested with a fake clock; :class:`Leases` does the I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import metrics
+from .store import MISS, Store
+
+log = logging.getLogger(__name__)
+
+
+def lease_key(key: str) -> str:
+    return f"lease\x00{key}"
+
+
+def renew_every(lock_lease: float) -> float:
+    """A holder renews at a third of the lease: two renewals can fail before it lapses."""
+    return max(0.05, lock_lease / 3.0)
+
+
+def poll_delays(first: float = 0.01, factor: float = 1.6, cap: float = 0.25,
+                rand: Callable[[], float] = random.random) -> Callable[[], float]:
+    """Delays for a waiter polling memcached for the holder's value.
+
+    Exponential up to ``cap`` with +/-50% jitter, so the waiters of a fleet do not poll in
+    step. Returns a function giving the next delay each time it is called.
+    """
+    state = {"next": first}
+
+    def next_delay() -> float:
+        base = state["next"]
+        state["next"] = min(cap, base * factor)
+        return base * (0.5 + rand())
+
+    return next_delay
+
+
+def may_take_over(lease_present: bool, entry_landed: bool) -> bool:
+    """A waiter fetches itself only when no value landed and the lease has lapsed."""
+    return not entry_landed and not lease_present
+
+
+@dataclass(frozen=True)
+class Lease:
+    key: str
+    token: str
+
+
+class Leases:
+    """Acquire, renew and release leases in memcached.
+
+    :param store: the memcached store.
+    :param lock_lease: seconds a lease lives unless renewed.
+    """
+
+    def __init__(self, store: Store, lock_lease: float) -> None:
+        self.store = store
+        self.lock_lease = lock_lease
+
+    def acquire(self, key: str) -> Lease | None:
+        """Take the lease of ``key``; ``None`` when somebody holds it.
+
+        :raises CacheUnavailable: memcached could not be asked; the caller decides
+            whether to fetch without a lease.
+        """
+        token = os.urandom(12).hex()
+        if self.store.add(lease_key(key), token, self.lock_lease):
+            metrics.lease_total.labels("acquired").inc()
+            return Lease(key, token)
+        metrics.lease_total.labels("contended").inc()
+        return None
+
+    def renew(self, lease: Lease) -> bool:
+        """Extend our lease; ``False`` (counted as lost) when it is no longer ours.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        value, cas = self.store.gets(lease_key(lease.key))
+        if value == lease.token and cas is not None:
+            if self.store.cas(lease_key(lease.key), lease.token, cas, self.lock_lease):
+                return True
+        metrics.lease_total.labels("lost").inc()
+        log.warning("lease lost for %s", self.store.key(lease.key).decode())
+        return False
+
+    def release(self, lease: Lease) -> bool:
+        """Give the lease back, only if it is still ours (token check, then CAS delete).
+
+        :raises CacheUnavailable: memcached could not be asked (the lease then lapses
+            by itself after ``lock_lease``).
+        """
+        if self.store.delete_if(lease_key(lease.key), lease.token):
+            metrics.lease_total.labels("released").inc()
+            return True
+        metrics.lease_total.labels("expired").inc()
+        return False
+
+    def holder(self, key: str) -> str | None:
+        """The token of the current holder, or ``None`` when nobody holds the lease.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        value = self.store.get(lease_key(key))
+        return None if value is MISS or value is None else str(value)

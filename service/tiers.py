@@ -1,0 +1,179 @@
+"""The two tiers: a per-worker in-process LRU in front of memcached.
+
+A worker serves its own copy of an entry without asking memcached for at most ``l1_ttl``;
+after that it re-reads memcached, so an entry refreshed by another worker or host reaches
+every worker within ``l1_ttl``. The in-process tier also keeps the last good copy of each
+entry: while memcached is unreachable that copy is served (stale if need be) instead of
+failing, which is what makes memcached trouble not an outage.
+
+The local tier keeps each value encoded and decodes it on every read, so two requests
+never share one mutable object (a dict a view edits, a Response whose headers
+``after_request`` changes).
+
+Both tiers are touched only from greenlets of one worker, and no method here yields
+between reading and updating the ``OrderedDict``, so the LRU needs no lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from . import codec, metrics
+from .entry import Entry
+from .errors import CacheUnavailable, CodecError
+from .store import MISS, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Local:
+    entry: Entry        # with value=None; the value lives encoded in blob
+    blob: bytes
+    checked_at: float   # monotonic time memcached last confirmed (or supplied) this copy
+
+    def materialize(self) -> Entry:
+        return dataclasses.replace(self.entry, value=codec.decode(self.blob))
+
+
+class LocalTier:
+    """A bounded LRU of entries, per worker."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, _Local] = OrderedDict()
+
+    def get(self, key: str) -> _Local | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: str, entry: Entry, checked_at: float) -> None:
+        if self.max_entries <= 0:
+            return
+        blob = codec.encode(entry.value)
+        self._items[key] = _Local(dataclasses.replace(entry, value=None), blob, checked_at)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    def delete(self, key: str) -> None:
+        self._items.pop(key, None)
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def items(self) -> Iterator[tuple[str, Entry, int]]:
+        """(key, entry without its value, encoded size) for the admin page."""
+        for key, item in list(self._items.items()):
+            yield key, item.entry, len(item.blob)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass(frozen=True)
+class Found:
+    entry: Entry
+    tier: str                       # "l1" or "memcached"
+    cas: bytes | None = None        # memcached's CAS token, when read from memcached
+    degraded: bool = False          # memcached failed; this is the last good local copy
+
+
+class TwoTier:
+    """Reads through both tiers and writes entries fenced by memcached's CAS.
+
+    :param store: the memcached store (the Flask-Caching backend's).
+    :param monotonic: clock for ``l1_ttl`` (a fake one in tests).
+    """
+
+    def __init__(self, store: Store, local: LocalTier, l1_ttl: float,
+                 monotonic: Callable[[], float]) -> None:
+        self.store = store
+        self.local = local
+        self.l1_ttl = l1_ttl
+        self.monotonic = monotonic
+
+    def read(self, key: str) -> Found | None:
+        """The entry for ``key`` from the nearest tier that may answer, or ``None``."""
+        now = self.monotonic()
+        item = self.local.get(key)
+        if item is not None and now - item.checked_at < self.l1_ttl:
+            metrics.tier_hits_total.labels("l1").inc()
+            return Found(item.materialize(), "l1")
+        try:
+            found = self.read_shared(key)
+        except CacheUnavailable:
+            # memcached is down, slow or frozen: the last good local copy is better than
+            # nothing; the freshness policy decides whether it may still be served.
+            if item is not None:
+                return Found(item.materialize(), "l1", degraded=True)
+            return None
+        if found is None:
+            # Absent from memcached: expired, evicted or invalidated. Do not keep serving
+            # the local copy past l1_ttl, or an invalidation would never reach this worker.
+            self.local.delete(key)
+            return None
+        self.local.put(key, found.entry, now)
+        return found
+
+    def read_shared(self, key: str) -> Found | None:
+        """Read memcached only (the tier every worker and host shares).
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        raw, token = self.store.gets(key)
+        if raw is MISS:
+            return None
+        try:
+            entry = Entry.from_wire(raw)
+        except CodecError as exc:
+            metrics.memcached_errors_total.labels("decode").inc()
+            log.warning("not a cache entry under %s: %s", self.store.key(key).decode(), exc)
+            return None
+        metrics.tier_hits_total.labels("memcached").inc()
+        return Found(entry, "memcached", token)
+
+    def write(self, key: str, entry: Entry, cas: bytes | None, now: float) -> bool:
+        """Store a new entry unless somebody stored another since ``cas`` was read.
+
+        This is the fence: a refresher that lost its lease (it stalled, the lease key
+        was evicted) and finishes after a newer holder wrote must not overwrite the newer
+        value. With a token from ``gets``, ``cas`` fails if the item changed; without one
+        (the key was absent), ``add`` fails if anybody created it meanwhile.
+
+        :return: ``True`` if our entry is now in memcached.
+        :raises CacheUnavailable: memcached could not be asked (the local tier still
+            got the entry).
+        """
+        wire = entry.to_wire()
+        ttl = entry.ttl(now)
+        try:
+            stored = None
+            if cas is not None:
+                # None: the item expired or was deleted since our gets, so there is
+                # nothing newer to protect and add() below decides.
+                stored = self.store.cas(key, wire, cas, ttl)
+            if stored is None:
+                stored = self.store.add(key, wire, ttl)
+        except CacheUnavailable:
+            self.local.put(key, entry, self.monotonic())
+            raise
+        if stored:
+            self.local.put(key, entry, self.monotonic())
+        else:
+            self.local.delete(key)  # a newer entry is in memcached: read that one next
+        return stored
+
+    def delete(self, key: str) -> None:
+        """Forget ``key`` here and in memcached.
+
+        :raises CacheUnavailable: memcached could not be asked (the local copy is gone).
+        """
+        self.local.delete(key)
+        self.store.delete(key)

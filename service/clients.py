@@ -148,6 +148,7 @@ class ClientPool:
         self._idle: list[Connection] = []
         self._pid = os.getpid()
         self.in_use = 0
+        self._closed = False
         self.monotonic: Callable[[], float] = time.monotonic  # replaced by a fake in tests
 
     def server_for(self, key: bytes) -> str:
@@ -191,7 +192,7 @@ class ClientPool:
     def release(self, conn: Connection) -> None:
         """Give a connection back; a broken one is closed and replaced later."""
         conn.owner = None
-        if conn.broken:
+        if conn.broken or self._closed:
             conn.close()
         else:
             self._idle.append(conn)
@@ -209,6 +210,8 @@ class ClientPool:
             self.release(conn)
 
     def close(self) -> None:
+        """Close idle connections; those still checked out are closed on release."""
+        self._closed = True
         while self._idle:
             self._idle.pop().close()
 

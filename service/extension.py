@@ -117,7 +117,7 @@ class SWR:
             def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
                 app = current_app._get_current_object()  # type: ignore[attr-defined]
                 if has_request_context():
-                    path, query = request.path, request.query_string
+                    path, query = request.path, request.query_string.decode("latin-1")
                     args_key = f"{path}?{_sorted_query()}"
 
                     def context() -> Any:
@@ -181,4 +181,5 @@ def _apply_cache_headers(response: Response) -> Response:
     result: Result | None = g.pop("swr_result", None)
     if result is None:
         return response
-    return httpcache.apply(response, request, result.entry, result.status, time.time())
+    now = current_app.extensions[EXTENSION].clock()
+    return httpcache.apply(response, request, result.entry, result.status, now)

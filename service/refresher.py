@@ -167,6 +167,12 @@ class Refresher:
         greenlet.join(timeout=timeout)
         return bool(greenlet.dead)
 
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until no job runs (tests, admin). ``True`` when the pool is idle."""
+        if self._pool is None:
+            return True
+        return bool(self._pool.join(timeout=timeout))
+
     # -- periodic functions ------------------------------------------------------------
 
     def register(self, name: str, every: float, run: Callable[[], Any]) -> None:

@@ -228,9 +228,14 @@ class SWRCache:
         """
         timeout = self.settings.fetch_timeout
 
-        def run() -> Any:
-            with context():
-                return fetch()
+        def run() -> tuple[bool, Any]:
+            # Failures are returned, not raised, so gevent does not print every origin
+            # error as a crashed greenlet; they are logged and counted below instead.
+            try:
+                with context():
+                    return True, fetch()
+            except Exception as exc:  # noqa: BLE001 - handed to the caller as a value
+                return False, exc
 
         job = gevent.spawn(run)
         job.join(timeout=timeout)
@@ -238,16 +243,18 @@ class SWRCache:
             job.kill(block=False)
             metrics.refreshes_total.labels(source, "timeout").inc()
             raise OriginTimeout(f"{source}: the origin did not answer within {timeout:g}s")
-        if not job.successful():
-            exc = job.exception
-            if isinstance(exc, HTTPError):
-                metrics.refreshes_total.labels(source, "timeout" if isinstance(
-                    exc, OriginTimeout) else "error").inc()
-                raise exc
-            metrics.refreshes_total.labels(source, "error").inc()
-            log.warning("fetch of %s failed: %r", source, exc)
-            raise OriginError(f"{source}: {type(exc).__name__}: {exc}") from exc
-        return job.value
+        if not job.successful():  # killed from outside (GreenletExit)
+            raise OriginError(f"{source}: the fetch was interrupted")
+        ok, value = job.value
+        if ok:
+            return value
+        if isinstance(value, HTTPError):
+            outcome = "timeout" if isinstance(value, OriginTimeout) else "error"
+            metrics.refreshes_total.labels(source, outcome).inc()
+            raise value
+        metrics.refreshes_total.labels(source, "error").inc()
+        log.warning("fetch of %s failed: %r", source, value)
+        raise OriginError(f"{source}: {type(value).__name__}: {value}") from value
 
     def _renew_while_fetching(self, lease: Lease) -> None:
         with self.app.app_context():  # its own connection: never share the fetcher's

@@ -239,11 +239,22 @@ def get_connection() -> Connection:
     return conn
 
 
-def _release_connection(exc: BaseException | None) -> None:
-    # teardown_appcontext runs even when the view raised, so the slot always comes back.
+def release_connection() -> None:
+    """Give the current context's connection back before a long wait.
+
+    A greenlet that waits (for another greenlet's fetch, for the lease holder, for the
+    origin) must not sit on a pooled connection meanwhile: with ``pool_size`` such
+    waiters the pool is empty and the lease holder cannot even renew its lease. The
+    next :func:`get_connection` checks one out again.
+    """
     conn: Connection | None = g.pop("_memcached", None)
     if conn is not None:
         get_pool().release(conn)
+
+
+def _release_connection(exc: BaseException | None) -> None:
+    # teardown_appcontext runs even when the view raised, so the slot always comes back.
+    release_connection()
 
 
 def init_app(app: Flask, settings: CacheSettings) -> None:

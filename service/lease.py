@@ -18,6 +18,7 @@ top of this module, tested with a fake clock; :class:`Leases` does the I/O.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Callable
@@ -36,6 +37,16 @@ def lease_key(key: str) -> str:
 def renew_every(lock_lease: float) -> float:
     """A holder renews at a third of the lease: two renewals can fail before it lapses."""
     return max(0.05, lock_lease / 3.0)
+
+
+def item_lifetime(lock_lease: float) -> float:
+    """The expiry to send memcached so that a lease lives at least ``lock_lease``.
+
+    memcached expires items on its whole-second clock tick: an item set with exptime N
+    lives between N-1 and N seconds. One more second keeps a renewed lease alive until
+    the holder's next renewal even for short leases.
+    """
+    return float(math.ceil(lock_lease) + 1)
 
 
 def poll_delays(first: float = 0.01, factor: float = 1.6, cap: float = 0.25,
@@ -76,6 +87,7 @@ class Leases:
     def __init__(self, store: Store, lock_lease: float) -> None:
         self.store = store
         self.lock_lease = lock_lease
+        self.expiry = item_lifetime(lock_lease)
 
     def acquire(self, key: str) -> Lease | None:
         """Take the lease of ``key``; ``None`` when somebody holds it.
@@ -84,7 +96,7 @@ class Leases:
             whether to fetch without a lease.
         """
         token = os.urandom(12).hex()
-        if self.store.add(lease_key(key), token, self.lock_lease):
+        if self.store.add(lease_key(key), token, self.expiry):
             metrics.lease_total.labels("acquired").inc()
             return Lease(key, token)
         metrics.lease_total.labels("contended").inc()
@@ -97,10 +109,10 @@ class Leases:
         """
         value, cas = self.store.gets(lease_key(lease.key))
         if value == lease.token and cas is not None:
-            if self.store.cas(lease_key(lease.key), lease.token, cas, self.lock_lease):
+            if self.store.cas(lease_key(lease.key), lease.token, cas, self.expiry):
                 return True
         metrics.lease_total.labels("lost").inc()
-        log.warning("lease lost for %s", self.store.key(lease.key).decode())
+        log.warning("lease lost for %s", self.store.key(lease_key(lease.key)).decode())
         return False
 
     def release(self, lease: Lease) -> bool:

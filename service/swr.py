@@ -28,6 +28,7 @@ from flask import Flask, current_app
 from gevent.event import AsyncResult
 
 from . import metrics
+from .clients import release_connection
 from .config import RefreshSettings
 from .entry import Entry
 from .errors import CacheUnavailable, CodecError, HTTPError, OriginError, OriginTimeout
@@ -115,6 +116,7 @@ class SWRCache:
         # loads, the others wait on its result.
         flight = self._flights.get(key)
         if flight is not None:
+            release_connection()
             entry: Entry = flight.get()
             return entry
         flight = self._flights[key] = AsyncResult()
@@ -166,6 +168,7 @@ class SWRCache:
         or the deadline passes (``None``: the caller tries to take the lease)."""
         keys = [key, lease_key(key), error_key(key)]
         while self.monotonic() < deadline:
+            release_connection()
             gevent.sleep(min(next_delay(), max(0.0, deadline - self.monotonic())))
             try:
                 found = self.tiers.store.get_many(keys)
@@ -238,6 +241,7 @@ class SWRCache:
                 return False, exc
 
         job = gevent.spawn(run)
+        release_connection()  # the fetch has its own; do not hold ours while it runs
         job.join(timeout=timeout)
         if not job.ready():
             job.kill(block=False)

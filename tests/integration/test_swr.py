@@ -14,9 +14,9 @@ import gevent.event
 import pytest
 from flask import Flask
 
+from service.clients import get_pool
 from service.errors import OriginError, OriginTimeout
 from service.freshness import Windows
-from service.clients import get_pool
 from service.lease import lease_key
 from service.swr import EXTENSION, SWRCache, error_key
 from tests.conftest import FakeClock, settings_for
@@ -188,7 +188,7 @@ def test_a_holder_that_lost_its_lease_cannot_overwrite_a_newer_value(
     swr_app: Flask, memcached: Any
 ) -> None:
     cache = swr(swr_app)
-    slow, fast = Origin(), Origin()
+    slow = Origin()
     slow.gate = gevent.event.Event()
     holder = gevent.spawn(read, swr_app, slow)
     assert slow.entered.wait(timeout=5)           # the holder is inside its fetch

@@ -29,3 +29,14 @@ def test_a_waiter_takes_over_only_when_the_lease_lapsed_and_nothing_landed() -> 
 def test_lease_keys_are_distinct_from_entry_keys() -> None:
     assert lease_key("report") != "report"
     assert lease_key("a") != lease_key("b")
+
+
+def test_a_lease_item_outlives_memcached_s_whole_second_rounding() -> None:
+    from service.lease import item_lifetime
+
+    # exptime N lives N-1..N seconds: send one more than the lease so it lives >= lease.
+    assert item_lifetime(1.0) == 2.0
+    assert item_lifetime(0.5) == 2.0
+    assert item_lifetime(30.0) == 31.0
+    for lease in (0.2, 1.0, 2.5, 30.0):
+        assert item_lifetime(lease) - 1 >= lease

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import errors, health, metrics
+from . import errors, health, metrics, views
 from .config import Settings, load_settings
 from .extension import SETTINGS, SWR
 
@@ -32,6 +32,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     swr.init_app(app, settings)
     health.init_app(app)
     metrics.init_app(app)
+    views.init_app(app)
     return app
 
 

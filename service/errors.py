@@ -13,6 +13,8 @@ The tree, so that callers can catch exactly what they mean::
         ├── NotFound          404    unknown source
         ├── MethodNotAllowed  405
         ├── OriginError       502    the origin failed and no stale copy may be served
+        ├── Unavailable       503    this process cannot serve this (memcached down for
+        │                            a counter, shutting down)
         └── OriginTimeout     504    the origin did not answer in time
 
 Only :class:`HTTPError` reaches a client as itself. Everything else that escapes a view
@@ -94,6 +96,11 @@ class MethodNotAllowed(HTTPError):
 class OriginError(HTTPError):
     status = 502
     error = "origin failed"
+
+
+class Unavailable(HTTPError):
+    status = 503
+    error = "unavailable"
 
 
 class OriginTimeout(HTTPError):

@@ -21,8 +21,8 @@ def cache_control(entry: Entry, now: float) -> str:
     fresh = max(0.0, t.fresh_until - now)
     stale = max(0.0, t.stale_until - max(now, t.fresh_until))
     error = max(0.0, t.error_until - max(now, t.stale_until))
-    return (f"max-age={math.floor(fresh)}, stale-while-revalidate={math.floor(stale)}, "
-            f"stale-if-error={math.floor(error)}")
+    return (f"max-age={round(fresh)}, stale-while-revalidate={round(stale)}, "
+            f"stale-if-error={round(error)}")
 
 
 def apply(response: Response, request: Request, entry: Entry, status: str, now: float

@@ -1,25 +1,83 @@
 """gunicorn settings for the service: ``gunicorn -c deploy/gunicorn.conf.py wsgi:app``.
 
-GUNICORN_CMD_ARGS (e.g. ``--bind=127.0.0.1:9000 --workers=2``) overrides what is here.
+``make run`` uses this file; so does the systemd unit. Anything here can be overridden
+on the command line or with ``GUNICORN_CMD_ARGS`` (e.g. ``--bind=127.0.0.1:9000
+--workers=2``); ``SERVICE_BIND`` and ``SERVICE_WORKERS`` are shorthands.
 """
 
+import glob
 import multiprocessing
 import os
+import tempfile
 
+# -- workers -------------------------------------------------------------------------------
 bind = os.environ.get("SERVICE_BIND", "127.0.0.1:8000")
+# gevent: each worker is one event loop on one core, serving many requests at once by
+# switching greenlets on I/O. More workers than cores only adds memory and memcached
+# connections; fewer leaves cores idle. One per core.
 worker_class = "gevent"
-workers = int(os.environ.get("SERVICE_WORKERS", min(4, multiprocessing.cpu_count() * 2)))
+workers = int(os.environ.get("SERVICE_WORKERS", multiprocessing.cpu_count()))
+# Concurrent requests (greenlets) per worker. Requests mostly wait on memcached or are
+# answered from the in-process tier, so 1000 is cheap; they share the worker's
+# [cache] pool_size memcached connections (a request holds one only while it talks to
+# memcached). Past this number gunicorn stops accepting, which is the back-pressure we want.
 worker_connections = 1000
-# Each worker must build its own memcached pool and refresher after fork: with
-# preload_app the app (and anything it started) would live in the master.
+# The app is imported in each worker after fork, never in the master: the memcached pool,
+# the refresher greenlets and the process pool belong to a worker. With preload_app the
+# master would import the app, and anything started there would not survive the fork.
 preload_app = False
+
+# -- shutdown ------------------------------------------------------------------------------
+# SIGTERM: a worker stops accepting, lets in-flight requests finish for graceful_timeout
+# seconds, drains its refresher (worker_exit below), then exits. systemd's TimeoutStopSec
+# must be a little longer. SIGHUP: new workers with re-read settings, old ones drain.
 graceful_timeout = 30
+# For gevent workers this is the heartbeat: a worker whose hub is blocked this long is
+# killed and replaced (the hub monitor reports much shorter blocks, see monitor_threshold).
 timeout = 30
+keepalive = 5
+
+# -- logs ------------------------------------------------------------------------------------
+accesslog = "-"
+errorlog = "-"
+# One line per request with how the cache answered (X-Cache) and the request time in
+# seconds, so "why was this slow?" is answered by grep: a MISS waited for the origin.
+access_log_format = (
+    '%(h)s "%(r)s" %(s)s %(b)s x_cache=%({x-cache}o)s time=%(L)s ua="%(a)s"'
+)
+# gunicorn >= 25 opens a control socket in $XDG_RUNTIME_DIR or ~/.gunicorn; two instances
+# of one user would share (and delete) it, and systemd's ProtectHome forbids the home
+# fallback. We do not use gunicornc.
+control_socket_disable = True
+
+# -- metrics: Prometheus multiprocess mode ----------------------------------------------------
+# Each worker writes its counters to files in this directory and /metrics merges them. It
+# must be set before any worker imports prometheus_client, hence here, in the master. The
+# directory is per master (this file is evaluated by the master; its pid survives HUP).
+METRICS_DIR = os.environ.setdefault(
+    "PROMETHEUS_MULTIPROC_DIR",
+    os.path.join(tempfile.gettempdir(), f"swr-cache-metrics-{os.getpid()}"),
+)
 
 
+def on_starting(server):
+    # Counts from a previous run would be merged into ours: start from an empty directory.
+    os.makedirs(METRICS_DIR, exist_ok=True)
+    for path in glob.glob(os.path.join(METRICS_DIR, "*.db")):
+        os.remove(path)
+
+
+def child_exit(server, worker):
+    # Runs in the master when a worker exits: its gauges ("livesum") stop counting.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+# -- per-worker start and stop ----------------------------------------------------------------
 def post_worker_init(worker):
     # After gevent patched this worker and the app was loaded: the right moment to start
-    # per-worker greenlets (post_fork runs before the patch).
+    # per-worker greenlets and threads (post_fork runs before the patch).
     from service.worker import find_app, started
 
     app = find_app(worker.wsgi)
@@ -28,6 +86,8 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
+    # In the worker, as it exits: drain the refresher (running refreshes finish and
+    # release their leases), then stop the process pool.
     from service.worker import find_app, stopping
 
     app = find_app(getattr(worker, "wsgi", None))

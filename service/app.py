@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import errors, health, metrics, views
+from . import errors, health, logs, metrics, views
 from .config import Settings, load_settings
 from .extension import SETTINGS, SWR
 
@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions[SETTINGS] = settings
+    logs.init_app(app)
     errors.init_app(app)
     swr.init_app(app, settings)
     health.init_app(app)

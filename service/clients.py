@@ -38,6 +38,7 @@ from . import metrics
 from .breaker import CircuitBreaker
 from .config import CacheSettings
 from .errors import CacheUnavailable, CircuitOpen, PoolTimeout
+from .logs import event
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,7 +88,8 @@ class Connection:
             if kind != "server":
                 breaker.record_failure(self._pool.monotonic())
             metrics.memcached_errors_total.labels(kind).inc()
-            log.warning("memcached %s %s failed (%s): %s", server, command, kind, exc)
+            event(log, logging.WARNING, "memcached_error", f"memcached {command} failed",
+                  server=server, command=command, kind=kind, error=str(exc))
             self.broken = True
             self.close()
             raise CacheUnavailable(f"memcached {server}: {command} failed: {exc}") from exc

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import metrics
+from .logs import event
 from .store import MISS, Store
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class Leases:
             if self.store.cas(lease_key(lease.key), lease.token, cas, self.expiry):
                 return True
         metrics.lease_total.labels("lost").inc()
-        log.warning("lease lost for %s", self.store.key(lease_key(lease.key)).decode())
+        event(log, logging.WARNING, "lease_lost", "lease lost while fetching", key=lease.key)
         return False
 
     def release(self, lease: Lease) -> bool:

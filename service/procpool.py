@@ -12,7 +12,7 @@ Children are started lazily, in the worker, on first use (never at import or in 
 master), at lowered CPU priority (``nice``), and stopped with the worker. A result must
 be JSON-encodable; the child says so clearly when it is not.
 
-Run as ``python -m service.procpool --nice N`` it is the child's main loop.
+:func:`main` is the child's loop.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class TaskTimeout(Exception):
 class _Child:
     def __init__(self, nice: int) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.procpool", "--nice", str(nice)],
+            # -c, not -m: running a submodule of an imported package with -m warns.
+            [sys.executable, "-c", "import sys, service.procpool as p; sys.exit(p.main())",
+             "--nice", str(nice)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
             start_new_session=True,  # a Ctrl-C to the terminal reaches gunicorn, not us
         )
@@ -163,7 +165,8 @@ def _serve(nice: int) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m service.procpool")
+def main(argv: list[str] | None = None) -> int:
+    """The child process's entry point (see :class:`_Child`)."""
+    parser = argparse.ArgumentParser(prog="service.procpool")
     parser.add_argument("--nice", type=int, default=10)
-    sys.exit(_serve(parser.parse_args().nice))
+    return _serve(parser.parse_args(argv).nice)

@@ -34,6 +34,7 @@ from .entry import Entry
 from .errors import CacheUnavailable, CodecError, HTTPError, OriginError, OriginTimeout
 from .freshness import Action, State, Windows, decide, state
 from .lease import Lease, Leases, lease_key, may_take_over, poll_delays, renew_every
+from .logs import event
 from .refresher import Refresher
 from .store import MISS
 from .tiers import Found, TwoTier
@@ -212,8 +213,13 @@ class SWRCache:
                 raise OriginError(f"{source}: the origin's value cannot be cached: {exc}") from exc
             self._store(key, entry, cas, source)
             metrics.refreshes_total.labels(source, "ok").inc()
+            event(log, logging.INFO, "refresh", "fetched", source=source, key=key,
+                  outcome="ok", seconds=round(elapsed, 4), leased=lease is not None)
             return entry
         except HTTPError as exc:
+            event(log, logging.WARNING, "refresh", "fetch failed", source=source, key=key,
+                  outcome="timeout" if isinstance(exc, OriginTimeout) else "error",
+                  status=exc.status, detail=exc.detail)
             self._remember_error(key, exc)
             raise
         finally:
@@ -257,7 +263,6 @@ class SWRCache:
             metrics.refreshes_total.labels(source, outcome).inc()
             raise value
         metrics.refreshes_total.labels(source, "error").inc()
-        log.warning("fetch of %s failed: %r", source, value)
         raise OriginError(f"{source}: {type(value).__name__}: {value}") from value
 
     def _renew_while_fetching(self, lease: Lease) -> None:
@@ -276,7 +281,8 @@ class SWRCache:
                 # Somebody stored a newer entry while we fetched (our lease lapsed, or
                 # there was none): theirs stays, ours is only answered to our caller.
                 metrics.lease_total.labels("fenced").inc()
-                log.info("fenced write for %s: a newer entry is already stored", source)
+                event(log, logging.INFO, "fenced", "a newer entry is already stored",
+                      source=source, key=key)
         except CacheUnavailable:
             pass  # the in-process tier has it; memcached will get the next one
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Flask
 
+from . import monitor
 from .health import SHUTTING_DOWN
 from .swr import EXTENSION, SWRCache
 
@@ -31,10 +32,13 @@ def find_app(wsgi: Any) -> Flask | None:
 
 
 def started(app: Flask) -> None:
-    """Start this worker's refresher (and its periodic functions)."""
+    """Start this worker's refresher (and its periodic functions) and hub monitor."""
     cache: SWRCache | None = app.extensions.get(EXTENSION)
     if cache is not None:
         cache.refresher.start()
+    settings = app.extensions.get("service.settings")
+    if settings is not None:
+        monitor.start(settings.server.monitor_threshold)
 
 
 def stopping(app: Flask, timeout: float = 10.0) -> None:
@@ -45,3 +49,6 @@ def stopping(app: Flask, timeout: float = 10.0) -> None:
         killed = cache.refresher.stop(timeout)
         if killed:
             log.warning("worker exit: %s refreshes did not finish in %.0fs", killed, timeout)
+    fetchers = app.extensions.get("service.fetchers")
+    if fetchers is not None:
+        fetchers.close()  # the niced child processes go with their worker

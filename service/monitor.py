@@ -13,10 +13,12 @@ monitor is a native thread, and threads must never be started at import or in th
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import gevent
 import gevent.events
+from gevent._monitor import MonitorWarning
 
 from . import metrics
 from .logs import event
@@ -38,8 +40,14 @@ def on_event(evt: Any) -> None:
 def start(threshold: float) -> None:
     """Start this worker's monitor thread with ``threshold`` seconds (idempotent)."""
     global _subscribed
+    gevent.config.monitor_thread = True
     gevent.config.max_blocking_time = threshold
+    # We log the report as one JSON line ourselves; gevent would also print it raw.
+    gevent.config.print_blocking_reports = False
     if not _subscribed:
         gevent.events.subscribers.append(on_event)
         _subscribed = True
-    gevent.get_hub().start_periodic_monitoring_thread()
+    with warnings.catch_warnings():
+        # Without psutil gevent warns that it cannot also watch memory: not our concern.
+        warnings.simplefilter("ignore", MonitorWarning)
+        gevent.get_hub().start_periodic_monitoring_thread()

@@ -78,7 +78,7 @@ test: $(VENV)/.installed-dev sysdeps-test
 	$(MAKE) --no-print-directory lint
 
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check service tests bench wsgi.py deploy
+	$(BIN)/ruff check service tests bench examples wsgi.py deploy
 	$(BIN)/mypy --strict service
 
 bench: $(VENV)/.installed-dev sysdeps-bench

@@ -32,7 +32,10 @@ def apply(response: Response, request: Request, entry: Entry, status: str, now: 
     response.headers["Age"] = str(math.floor(entry.timing.age(now)))
     response.headers["Cache-Control"] = cache_control(entry, now)
     response.headers["ETag"] = entry.etag
-    if response.status_code == 200 and request.if_none_match.contains(entry.etag.strip('"')):
+    # If-None-Match uses the weak comparison (RFC 9110 13.1.2): proxies that compress
+    # send our ETag back as W/"...".
+    if response.status_code == 200 and request.if_none_match.contains_weak(
+            entry.etag.strip('"')):
         response.status_code = 304
         response.set_data(b"")
         for header in ("Content-Length", "Content-Type"):

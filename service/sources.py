@@ -117,6 +117,10 @@ class Fetchers:
         url = fill_url(source.settings.url or "", params)
         try:
             response = self.http().request("GET", url, preload_content=True)
+        except urllib3.exceptions.NewConnectionError as exc:
+            # Refused, unreachable or unresolvable. urllib3 makes this a subclass of its
+            # connect *timeout* error, so it must be caught first: it is a 502, not a 504.
+            raise OriginError(f"{source.name}: cannot connect: {exc}") from exc
         except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
             raise OriginTimeout(f"{source.name}: {type(exc).__name__}") from exc
         except urllib3.exceptions.HTTPError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import errors, health, logs, metrics, views
+from . import admin, errors, health, logs, metrics, views
 from .config import Settings, load_settings
 from .extension import SETTINGS, SWR
 
@@ -34,6 +34,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     health.init_app(app)
     metrics.init_app(app)
     views.init_app(app)
+    admin.init_app(app)
     return app
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -44,6 +45,16 @@ EXTENSION = "service.swr"
 
 Fetch = Callable[[], Any]
 ContextFactory = Callable[[], AbstractContextManager[Any]]
+
+
+@dataclass
+class Known:
+    """What the admin page shows about a key this worker has served."""
+
+    source: str
+    params: dict[str, str] | None = None
+    last_outcome: str | None = None
+    last_refresh_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -73,21 +84,26 @@ class SWRCache:
         self.clock = clock
         self.monotonic = monotonic
         self._flights: dict[str, AsyncResult] = {}
+        self.known: OrderedDict[str, Known] = OrderedDict()
+        self.known_max = max(1000, tiers.local.max_entries)
 
     # -- reads -------------------------------------------------------------------------
 
     def get_or_fetch(self, key: str, fetch: Fetch, windows: Windows, source: str = "-",
-                     context: ContextFactory | None = None) -> Result:
+                     context: ContextFactory | None = None,
+                     params: dict[str, str] | None = None) -> Result:
         """Read ``key`` with stale-while-revalidate semantics.
 
         :param fetch: computes the value; called in a greenlet of its own, inside
             ``context()`` (a fresh app context by default), bounded by ``fetch_timeout``.
         :param windows: ``max_age``, ``stale_while_revalidate``, ``stale_if_error``.
         :param source: the label used in metrics and logs.
+        :param params: the request parameters behind ``key``, for the admin page.
         :raises OriginError: the fetch failed and no stale copy may be served (502).
         :raises OriginTimeout: the fetch took too long, and no stale copy may be served.
         """
         context = context or self.app.app_context
+        self._note(key, source, params)
         found = self.tiers.read(key)
         now = self.clock()
         decision = decide(found.entry.timing if found else None, now, self.settings.xfetch_beta)
@@ -110,6 +126,21 @@ class SWRCache:
             return Result(fallback.value, fallback, "STALE")
         metrics.requests_total.labels(source, "miss").inc()
         return Result(entry.value, entry, "MISS")
+
+    def _note(self, key: str, source: str, params: dict[str, str] | None) -> None:
+        known = self.known.get(key)
+        if known is None:
+            known = self.known[key] = Known(source, params)
+            while len(self.known) > self.known_max:
+                self.known.popitem(last=False)
+        elif params is not None:
+            known.params = params
+        self.known.move_to_end(key)
+
+    def _outcome(self, key: str, outcome: str) -> None:
+        known = self.known.get(key)
+        if known is not None:
+            known.last_outcome, known.last_refresh_at = outcome, self.clock()
 
     def _single_flight(self, key: str, fetch: Fetch, windows: Windows, source: str,
                        context: ContextFactory) -> Entry:
@@ -215,11 +246,13 @@ class SWRCache:
             metrics.refreshes_total.labels(source, "ok").inc()
             event(log, logging.INFO, "refresh", "fetched", source=source, key=key,
                   outcome="ok", seconds=round(elapsed, 4), leased=lease is not None)
+            self._outcome(key, "ok")
             return entry
         except HTTPError as exc:
+            outcome = "timeout" if isinstance(exc, OriginTimeout) else "error"
             event(log, logging.WARNING, "refresh", "fetch failed", source=source, key=key,
-                  outcome="timeout" if isinstance(exc, OriginTimeout) else "error",
-                  status=exc.status, detail=exc.detail)
+                  outcome=outcome, status=exc.status, detail=exc.detail)
+            self._outcome(key, outcome)
             self._remember_error(key, exc)
             raise
         finally:

@@ -25,6 +25,7 @@ from .swr import EXTENSION, Result, SWRCache
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 SOURCES = "service.sources"
 FETCHERS = "service.fetchers"
+GENERATIONS = "service.generations"
 MAX_COUNTER_NAME = 200
 
 
@@ -55,7 +56,44 @@ def read_source(name: str) -> Response:
 
 
 def cache_key(source: Source, params: dict[str, str]) -> str:
-    return f"src:{source.name}:" + orjson.dumps(sorted(params.items())).decode()
+    """The entry's key: source, its generation (bumped to invalidate all its entries at
+    once, see :func:`bump_generation`) and the sorted parameters."""
+    generation = _generation(source.name)
+    return f"src:{source.name}:{generation}:" + orjson.dumps(sorted(params.items())).decode()
+
+
+def _generation_key(name: str) -> str:
+    return f"gen\x00{name}"
+
+
+def _generation(name: str) -> int:
+    # Read from memcached at most once per l1_ttl per worker: invalidating a whole source
+    # reaches every worker within l1_ttl, like any other change.
+    cache: dict[str, tuple[int, float]] = current_app.extensions[GENERATIONS]
+    swr = _swr()
+    now = swr.tiers.monotonic()
+    cached = cache.get(name)
+    if cached is not None and now - cached[1] < swr.tiers.l1_ttl:
+        return cached[0]
+    try:
+        value = swr.tiers.store.get_counter(_generation_key(name)) or 0
+    except CacheUnavailable:
+        value = cached[0] if cached is not None else 0
+    cache[name] = (value, now)
+    return value
+
+
+def bump_generation(name: str) -> int:
+    """Invalidate every entry of a source, in every worker and host (within l1_ttl).
+
+    :raises CacheUnavailable: memcached could not be asked.
+    """
+    store = _swr().tiers.store
+    key = _generation_key(name)
+    store.add_counter(key, 0)
+    value = store.incr(key) or 0
+    current_app.extensions[GENERATIONS].pop(name, None)
+    return value
 
 
 def read(source: Source, params: dict[str, str]) -> Result:
@@ -65,7 +103,7 @@ def read(source: Source, params: dict[str, str]) -> Result:
     fetchers: Fetchers = current_app.extensions[FETCHERS]
     fetch = fetchers.fetch_http if source.kind == "http" else fetchers.fetch_python
     return _swr().get_or_fetch(cache_key(source, params), lambda: fetch(source, params),
-                               source.windows, source.name)
+                               source.windows, source.name, params=params)
 
 
 def _read_composite(source: Source, params: dict[str, str]) -> Result:
@@ -150,4 +188,5 @@ def init_app(app: Flask) -> None:
     settings = app.extensions["service.settings"]
     app.extensions[SOURCES] = build_sources(settings.sources, settings.path)
     app.extensions[FETCHERS] = Fetchers(settings.refresh.fetch_timeout)
+    app.extensions[GENERATIONS] = {}
     app.register_blueprint(bp)

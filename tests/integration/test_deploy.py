@@ -606,7 +606,12 @@ def test_unit_commands_start_reload_and_stop_gunicorn(
             deadline = time.monotonic() + GUNICORN_READY_TIMEOUT
             while True:
                 now = set(child_pids(proc.pid))
-                if len(now) == 2 and not now & before:
+                # Both new workers must have finished loading the app (post_worker_init
+                # logs the refresher's start), or the broken settings written below would
+                # make a still-booting worker fail, and gunicorn stop the master.
+                booted = all(f"refresher started in pid {pid}" in log.read_text(
+                    encoding="utf-8", errors="replace") for pid in now)
+                if len(now) == 2 and not now & before and booted:
                     break
                 assert proc.poll() is None, f"gunicorn died on reload:\n{log_tail(log)}"
                 assert time.monotonic() < deadline, (

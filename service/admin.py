@@ -200,8 +200,8 @@ def refresh(name: str) -> tuple[Response, int]:
     fetchers = current_app.extensions[FETCHERS]
     fetch = fetchers.fetch_http if source.kind == "http" else fetchers.fetch_python
     swr = _swr()
-    scheduled = swr.refresher.schedule(key, lambda: swr.refresh(
-        key, lambda: fetch(source, params), source.windows, source.name, force=True), name)
+    scheduled = swr.schedule_refresh(key, lambda: fetch(source, params), source.windows,
+                                     source.name, force=True)
     event(log, logging.INFO, "admin", "refresh requested", action="refresh", source=name,
           key=key, scheduled=scheduled)
     return jsonify({"scheduled": scheduled, "source": name, "params": params}), 202

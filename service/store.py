@@ -157,21 +157,25 @@ class Store:
         return bool(conn.call(conn.server_for(mkey), "delete", lambda c: c.delete(mkey)))
 
     def delete_if(self, key: str, expected: Any) -> bool:
-        """Delete ``key`` only while it still holds ``expected`` (check, then CAS-delete).
+        """Delete ``key`` only while it still holds ``expected``: read, compare, then
+        memcached's compare-and-delete (meta ``md <key> C<cas>``, memcached >= 1.6).
 
-        memcached's text protocol has no compare-and-delete; a CAS write of a short-lived
-        tombstone is the fenced equivalent: if anybody replaced the value after our
-        ``gets``, it fails and we delete nothing.
+        If anybody replaced the value after our ``gets`` the delete does nothing. (A
+        CAS-written short-lived tombstone is not a substitute: memcached expires items on
+        whole-second ticks, so a "1 s" tombstone can vanish at once and let a plain
+        delete remove somebody else's value.)
+
+        :raises CacheUnavailable: memcached could not be asked, or does not know meta
+            commands (older than 1.6).
         """
         value, token = self.gets(key)
         if value is MISS or value != expected or token is None:
             return False
-        if self.cas(key, None, token, ttl=1) is not True:
-            return False
-        # The tombstone is ours and add() fails while it exists, so nobody can have
-        # taken the key in between: a plain delete now removes only our tombstone.
-        self.delete(key)
-        return True
+        mkey = self.key(key)
+        conn = self._connection()
+        answer = conn.call(conn.server_for(mkey), "md",
+                           methodcaller("raw_command", b"md " + mkey + b" C" + token))
+        return bool(answer == b"HD")  # EX: changed since our gets; NF: already gone
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """Atomically add ``delta`` to a counter created with :meth:`add_counter`."""

@@ -109,7 +109,8 @@ class SWRCache:
         decision = decide(found.entry.timing if found else None, now, self.settings.xfetch_beta)
         if found is not None and decision.serves_now:
             if decision.action is Action.SERVE_AND_REFRESH:
-                self.schedule_refresh(key, fetch, windows, source, context)
+                self.schedule_refresh(key, fetch, windows, source, context,
+                                      seen=found.entry.stored_at)
             result = "hit" if decision.state is State.FRESH else "stale"
             metrics.requests_total.labels(source, result).inc()
             return Result(found.entry.value, found.entry, result.upper())
@@ -357,16 +358,23 @@ class SWRCache:
     # -- background refresh ------------------------------------------------------------
 
     def schedule_refresh(self, key: str, fetch: Fetch, windows: Windows, source: str = "-",
-                         context: ContextFactory | None = None) -> bool:
+                         context: ContextFactory | None = None, seen: float | None = None,
+                         force: bool = False) -> bool:
         """Refresh ``key`` in the background (one worker of the fleet does it)."""
         context = context or self.app.app_context
         return self.refresher.schedule(
-            key, lambda: self.refresh(key, fetch, windows, source, context), source)
+            key, lambda: self.refresh(key, fetch, windows, source, context, force, seen),
+            source)
 
     def refresh(self, key: str, fetch: Fetch, windows: Windows, source: str = "-",
-                context: ContextFactory | None = None, force: bool = False) -> bool:
-        """Refresh now if this worker gets the lease; ``False`` when another holds it.
+                context: ContextFactory | None = None, force: bool = False,
+                seen: float | None = None) -> bool:
+        """Refresh now if this worker gets the lease; ``False`` when another holds it, or
+        when somebody stored a newer entry than the one that made us refresh.
 
+        :param seen: ``stored_at`` of the entry the reader saw (stale, or due for an
+            early refresh); a newer one in memcached means the work is already done.
+        :param force: refresh even if the entry is fresh (the admin's button).
         :raises HTTPError: the fetch failed (the old entry stays, within stale_if_error).
         """
         context = context or self.app.app_context
@@ -378,10 +386,10 @@ class SWRCache:
             if lease is None:
                 return False  # another worker is on it
         found = self._read_shared(key)
-        if (not force and found is not None
-                and state(found.entry.timing, self.clock()) is State.FRESH
-                and found.entry.stored_at > self.clock() - found.entry.windows.max_age / 2):
-            # Someone refreshed it after we saw it stale: nothing to do.
+        if not force and found is not None and (
+                found.entry.stored_at > seen if seen is not None
+                else state(found.entry.timing, self.clock()) is State.FRESH):
+            # Somebody refreshed it after we saw it (we got the lease they released).
             if lease is not None:
                 self._release(lease)
             return False

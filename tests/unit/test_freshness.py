@@ -72,7 +72,7 @@ def test_xfetch_fires_only_near_expiry_in_proportion_to_fetch_time() -> None:
     assert early_refresh(T, 1056.0, beta=2.0, rand=lambda: r)      # beta > 1: earlier
     assert not early_refresh(T, 1059.9, beta=0.0, rand=lambda: r)  # beta 0: off
     assert not early_refresh(Timing(1000.0, W, 0.0), 1059.9, 1.0, rand=lambda: r)
-    assert early_refresh(T, 1000.0, beta=1.0, rand=lambda: 0.0)    # ln(0) = -inf
+    assert early_refresh(T, 1031.0, beta=1.0, rand=lambda: 0.0)    # ln(0) = -inf
     assert decide(T, 1058.0, 1.0, rand=lambda: r).action is Action.SERVE_AND_REFRESH
 
 
@@ -94,3 +94,11 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
     assert highs[:4] == [1.0, 2.0, 4.0, 8.0]
     assert max(highs) == 300.0
     assert backoff(10_000, 1.0, 300.0, rand=lambda: 1.0) == 300.0
+
+
+def test_xfetch_never_fires_in_the_first_half_of_max_age() -> None:
+    # A slow fetch (delta close to max_age) read thousands of times a second would
+    # otherwise refresh right after every store.
+    slow = Timing(stored_at=0.0, windows=Windows(5, 60), fetch_seconds=3.0)
+    assert not early_refresh(slow, 2.49, beta=1.0, rand=lambda: 1e-9)
+    assert early_refresh(slow, 2.5, beta=1.0, rand=lambda: 1e-9)

@@ -37,7 +37,3 @@ def create_app(settings: Settings | None = None) -> Flask:
     admin.init_app(app)
     return app
 
-
-def get_settings(app: Flask) -> Settings:
-    settings: Settings = app.extensions[SETTINGS]
-    return settings

@@ -217,10 +217,6 @@ class ClientPool:
         while self._idle:
             self._idle.pop().close()
 
-    def server_states(self) -> dict[str, str]:
-        now = self.monotonic()
-        return {s: b.state(now) for s, b in self.breakers.items()}
-
 
 def get_pool(app: Flask | None = None) -> ClientPool:
     """The worker's pool, built on first use (never at import time or in the master)."""

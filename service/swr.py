@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gevent
-from flask import Flask, current_app
+from flask import Flask
 from gevent.event import AsyncResult
 
 from . import metrics
@@ -424,9 +424,3 @@ class SWRCache:
             return every
 
         self.refresher.register(name, every, run)
-
-
-def current() -> SWRCache:
-    """The :class:`SWRCache` of the current app."""
-    swr: SWRCache = current_app.extensions[EXTENSION]
-    return swr

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import codec, metrics
@@ -64,14 +64,6 @@ class LocalTier:
 
     def delete(self, key: str) -> None:
         self._items.pop(key, None)
-
-    def keys(self) -> list[str]:
-        return list(self._items)
-
-    def items(self) -> Iterator[tuple[str, Entry, int]]:
-        """(key, entry without its value, encoded size) for the admin page."""
-        for key, item in list(self._items.items()):
-            yield key, item.entry, len(item.blob)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -21,24 +21,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# The same process helpers the test fixtures use (bench.composite imports them too).
+from tests.servers import child_pids, free_port, log_tail
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    """A TCP port on the loopback that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -48,23 +35,6 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-
-
-def _children(ppid: int) -> list[int]:
-    """Live processes whose parent is ``ppid`` (from /proc)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if int(fields[1]) == ppid and fields[0] != b"Z":
-            found.append(int(entry))
-    return found
 
 
 class Child:
@@ -208,7 +178,7 @@ class Gunicorn(Child):
                 last = f"/healthz answered {status}"
                 if status == 200:
                     # One worker answering is not all of them: they boot one by one.
-                    forked = len(_children(self.proc.pid))
+                    forked = len(child_pids(self.proc.pid))
                     last = f"{forked} of {self.workers} workers forked"
                     if forked >= self.workers:
                         return self

@@ -24,7 +24,7 @@ import logging
 import os
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 
 from . import metrics
 from .entry import Entry
@@ -32,12 +32,11 @@ from .errors import BadRequest, CacheUnavailable, CodecError, NotFound, Unavaila
 from .freshness import state
 from .lease import lease_key
 from .logs import event
-from .swr import EXTENSION, SWRCache
-from .views import FETCHERS, SOURCES, bump_generation, cache_key
+from .state import AppState, state_of
+from .views import bump_generation, job_for
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-TOKEN = "service.admin_token"
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
@@ -58,7 +57,7 @@ def _presented() -> tuple[str | None, str]:
 
 @bp.before_request
 def authenticate() -> Response | None:
-    token: str | None = current_app.extensions.get(TOKEN)
+    token: str | None = state_of().extra.get("admin_token")
     if not token:
         raise NotFound("no such route")
     presented, scheme = _presented()
@@ -81,11 +80,6 @@ def _forbidden(detail: str) -> Response:
     response = jsonify({"error": "forbidden", "detail": detail})
     response.status_code = 403
     return response
-
-
-def _swr() -> SWRCache:
-    cache: SWRCache = current_app.extensions[EXTENSION]
-    return cache
 
 
 @bp.get("/api/stats")
@@ -126,18 +120,18 @@ def entries() -> Response:
 
 
 def collect_entries() -> list[dict[str, Any]]:
-    swr = _swr()
-    keys = list(swr.known)
+    st = state_of()
+    known_items = st.ledger.items()
+    keys = [key for key, _known in known_items]
     shared: dict[str, Any] = {}
     try:
-        shared = swr.tiers.store.get_many(keys + [lease_key(k) for k in keys])
+        shared = st.store.get_many(keys + [lease_key(k) for k in keys])
     except CacheUnavailable:
         pass  # show what this worker has locally
-    now = swr.clock()
+    now = st.clock()
     rows = []
-    for key in keys:
-        known = swr.known[key]
-        local = swr.tiers.local.get(key)
+    for key, known in known_items:
+        local = st.tiers.local.get(key)
         raw = shared.get(key)
         entry = None
         if raw is not None:
@@ -150,6 +144,7 @@ def collect_entries() -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "key": key, "source": known.source, "params": known.params,
             "last_refresh": known.last_outcome, "last_refresh_at": known.last_refresh_at,
+            "last_error": known.last_error,
             "lease_holder": shared.get(lease_key(key)),
             "in_memcached": raw is not None, "size": len(local.blob) if local else None,
         }
@@ -164,8 +159,8 @@ def collect_entries() -> list[dict[str, Any]]:
     return rows
 
 
-def _source_and_params(name: str) -> tuple[Any, dict[str, str]]:
-    source = current_app.extensions[SOURCES].get(name)
+def _source_and_params(st: AppState, name: str) -> tuple[Any, dict[str, str]]:
+    source = st.extra.get("sources", {}).get(name)
     if source is None:
         raise NotFound(f"no source named {name!r}")
     return source, request.args.to_dict(flat=True)
@@ -173,44 +168,42 @@ def _source_and_params(name: str) -> tuple[Any, dict[str, str]]:
 
 @bp.delete("/api/sources/<name>")
 def invalidate(name: str) -> Response:
-    source, params = _source_and_params(name)
+    st = state_of()
+    source, params = _source_and_params(st, name)
+    key = None
     try:
         if params:
-            source.check(params)
-            key = cache_key(source, params)
-            _swr().invalidate(key)
+            key = job_for(st, source, source.check(params)).key
+            st.region.invalidate(key)
             scope = "entry"
         else:
-            bump_generation(name)
+            bump_generation(st, name)
             scope = "source"
     except CacheUnavailable as exc:
         raise Unavailable(f"memcached is needed to invalidate: {exc}") from exc
     event(log, logging.INFO, "admin", "invalidated", action="invalidate", source=name,
-          scope=scope, key=cache_key(source, params) if params else None)
+          scope=scope, key=key)
     return jsonify({"invalidated": scope, "source": name, "params": params})
 
 
 @bp.post("/api/sources/<name>/refresh")
 def refresh(name: str) -> tuple[Response, int]:
-    source, params = _source_and_params(name)
+    st = state_of()
+    source, params = _source_and_params(st, name)
     if source.kind == "composite":
         raise BadRequest("refresh the parts of a composite source one by one")
-    params = source.check(params)
-    key = cache_key(source, params)
-    fetchers = current_app.extensions[FETCHERS]
-    fetch = fetchers.fetch_http if source.kind == "http" else fetchers.fetch_python
-    swr = _swr()
-    scheduled = swr.schedule_refresh(key, lambda: fetch(source, params), source.windows,
-                                     source.name, force=True)
+    job = job_for(st, source, source.check(params))
+    scheduled = st.region.refresh_later(job)
     event(log, logging.INFO, "admin", "refresh requested", action="refresh", source=name,
-          key=key, scheduled=scheduled)
+          key=job.key, scheduled=scheduled)
     return jsonify({"scheduled": scheduled, "source": name, "params": params}), 202
 
 
 @bp.get("/")
 def page() -> Response:
-    token: str = current_app.extensions[TOKEN]
-    sources = current_app.extensions[SOURCES]
+    st = state_of()
+    token: str = st.extra["admin_token"]
+    sources = st.extra.get("sources", {})
     rows = "".join(
         f"<tr><td>{html.escape(s.name)}</td><td>{s.kind}</td>"
         f"<td>{html.escape(', '.join(s.required + s.optional))}</td>"
@@ -276,5 +269,4 @@ load();
 
 def init_app(app: Flask) -> None:
     """Enable the admin routes when SERVICE_ADMIN_TOKEN is set (environment only)."""
-    app.extensions[TOKEN] = os.environ.get("SERVICE_ADMIN_TOKEN") or None
-    app.register_blueprint(bp)
+    state_of(app).extra["admin_token"] = os.environ.get("SERVICE_ADMIN_TOKEN") or None

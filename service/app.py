@@ -1,39 +1,41 @@
-"""The application factory: load settings, then let each module wire itself in."""
+"""The application factory: load settings, let each module wire itself in, register the
+blueprints (here and nowhere else)."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 from flask import Flask
 
 from . import admin, errors, health, logs, metrics, views
 from .config import Settings, load_settings
-from .extension import SETTINGS, SWR
-
-swr = SWR()
-"""The service's own :class:`~service.extension.SWR` (pool, both tiers, refresher)."""
-cache = swr.cache
-"""The Flask-Caching object, backed by memcached through :mod:`service.backend`."""
+from .extension import SWR
 
 
-def create_app(settings: Settings | None = None) -> Flask:
-    """Build the app.
+def create_app(settings: Settings | None = None, *, clock: Callable[[], float] = time.time,
+               monotonic: Callable[[], float] | None = None) -> Flask:
+    """Build the service's app.
 
     Nothing here connects, spawns or schedules: memcached connections are made on first
     use in the worker, and the refresher is started by gunicorn's ``post_worker_init``.
 
     :param settings: already loaded settings; by default :func:`load_settings` reads the
-        file named by ``SERVICE_SETTINGS`` (or ``settings.toml``).
+        file named by ``SERVICE_SETTINGS`` (or the repository's ``settings.toml``).
+    :param clock: the wall clock of every freshness decision, and ``monotonic`` the
+        clock of ``l1_ttl``, leases and back-off (by default ``clock`` when that is
+        given, else ``time.monotonic``): tests pass one fake clock for both.
     :raises ConfigError: the settings file is unusable.
     """
     settings = settings or load_settings()
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions[SETTINGS] = settings
+    monotonic = monotonic or (clock if clock is not time.time else time.monotonic)
+    SWR().init_app(app, settings, clock=clock, monotonic=monotonic)
     logs.init_app(app)
     errors.init_app(app)
-    swr.init_app(app, settings)
-    health.init_app(app)
-    metrics.init_app(app)
     views.init_app(app)
     admin.init_app(app)
+    for bp in (health.bp, metrics.bp, views.bp, admin.bp):
+        app.register_blueprint(bp)
     return app
-

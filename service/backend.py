@@ -21,8 +21,8 @@ from typing import Any
 from flask import Flask
 from flask_caching.backends.base import BaseCache
 
-from .clients import EXTENSION, get_connection
-from .config import CacheSettings
+from .clients import borrow, pool_for
+from .config import CacheSettings, library_settings
 from .errors import CacheUnavailable, CodecError
 from .store import MISS, Store
 
@@ -38,20 +38,16 @@ class MemcachedCache(BaseCache):
 
     def __init__(self, settings: CacheSettings, default_timeout: int = 300) -> None:
         super().__init__(default_timeout=default_timeout)
-        self.store = Store(settings, get_connection)
-        self.store.prefix = f"{settings.key_prefix}.fc"
+        self.store = Store(pool_for(settings), f"{settings.key_prefix}.fc",
+                           settings.item_size_max)
 
     @classmethod
     def factory(
         cls, app: Flask, config: dict[str, Any], args: list[Any], kwargs: dict[str, Any]
     ) -> MemcachedCache:
         """Called by Flask-Caching's ``init_app`` with four arguments."""
-        state = app.extensions.get(EXTENSION)
-        if state is None:
-            raise RuntimeError(
-                "service.backend.MemcachedCache needs service.clients.init_app(app) first"
-            )
-        return cls(state["settings"], default_timeout=kwargs.get("default_timeout", 300))
+        settings = library_settings(config).cache
+        return cls(settings, default_timeout=kwargs.get("default_timeout", 300))
 
     def _ttl(self, timeout: int | timedelta | None) -> float:
         return float(self._normalize_timeout(timeout))
@@ -111,11 +107,11 @@ class MemcachedCache(BaseCache):
         mkey = self.store.key(key)
         try:
             self.store.add_counter(key, 0)
-            conn = get_connection()
-            result = conn.call(
-                conn.server_for(mkey), command,
-                lambda c: getattr(c, command)(mkey, abs(delta)),
-            )
+            with borrow(self.store._pool) as conn:
+                result = conn.call(
+                    conn.server_for(mkey), command,
+                    lambda c: getattr(c, command)(mkey, abs(delta)),
+                )
         except CacheUnavailable:
             return None
         return None if result is None else int(result)

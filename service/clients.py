@@ -218,6 +218,46 @@ class ClientPool:
             self._idle.pop().close()
 
 
+_pools: dict[CacheSettings, ClientPool] = {}
+_pools_pid = os.getpid()
+
+
+def pool_for(settings: CacheSettings) -> ClientPool:
+    """The process's pool for these settings: the Flask-Caching backend and the SWR layer
+    configured alike share one. Building it opens nothing; a forked child gets new pools
+    (the parent's sockets are the parent's)."""
+    global _pools_pid
+    if os.getpid() != _pools_pid:
+        _pools.clear()
+        _pools_pid = os.getpid()
+    pool = _pools.get(settings)
+    if pool is None or pool._closed:
+        pool = _pools[settings] = ClientPool(settings)
+    return pool
+
+
+def close_pools() -> None:
+    """Close every pool of this process (shutdown, tests)."""
+    for pool in _pools.values():
+        pool.close()
+    _pools.clear()
+
+
+@contextmanager
+def borrow(pool: ClientPool) -> Iterator[Connection]:
+    """A connection for one memcached conversation, given back right after.
+
+    This is how the service's own store talks to memcached: a greenlet holds a pooled
+    connection only while it talks, never across a wait for an origin or a lease holder,
+    so ``pool_size`` slow misses cannot starve the hits of other keys.
+    """
+    conn = pool.acquire()
+    try:
+        yield conn
+    finally:
+        pool.release(conn)
+
+
 def get_pool(app: Flask | None = None) -> ClientPool:
     """The worker's pool, built on first use (never at import time or in the master)."""
     app = app or current_app._get_current_object()  # type: ignore[attr-defined]

@@ -40,6 +40,9 @@ class CacheSettings:
     item_size_max: int = 1024 * 1024
     circuit_failures: int = 3
     circuit_reset: float = 5.0
+    default_timeout: float = 300.0
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
 
     def server_addresses(self) -> list[tuple[str, int]]:
         """``host:port`` strings as (host, port) pairs, validated at load time."""
@@ -108,6 +111,16 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     return parse_settings(data, str(p))
 
 
+def library_settings(config: Mapping[str, Any]) -> Settings:
+    """Settings for a library user (placeholder until the Flask-config merge lands)."""
+    env = os.environ.get("SERVICE_SETTINGS")
+    if env:
+        return load_settings(env)
+    servers = config.get("CACHE_MEMCACHED_SERVERS") or ["127.0.0.1:11211"]
+    prefix = config.get("CACHE_KEY_PREFIX") or "svc"
+    return Settings(cache=CacheSettings(servers=tuple(servers), key_prefix=prefix))
+
+
 def parse_settings(data: Mapping[str, Any], path: str = "<memory>") -> Settings:
     """Validate an already parsed TOML document (used by tests and by :func:`load_settings`)."""
     r = _Reader(path)
@@ -143,7 +156,8 @@ def _split_server(spec: str) -> tuple[str, int]:
 
 def _parse_cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
     d = CacheSettings()
-    r.only(t, "cache", set(CacheSettings.__dataclass_fields__))
+    r.only(t, "cache", set(CacheSettings.__dataclass_fields__)
+           - {"default_timeout", "stale_while_revalidate", "stale_if_error"})
     servers = r.get(t, "cache.servers", list, list(d.servers))
     if not servers:
         r.fail("cache.servers", "at least one memcached server as 'host:port'")

@@ -6,50 +6,50 @@ For a Flask-Caching user, adoption is a swap of one decorator::
     from service import SWR
 
     app = Flask(__name__)
-    swr = SWR(app)                      # reads settings.toml (or SERVICE_SETTINGS)
+    app.config["CACHE_MEMCACHED_SERVERS"] = ["127.0.0.1:11211"]
+    swr = SWR(app)
 
     @app.get("/report")
     @swr.cached(max_age=60, stale_while_revalidate=600, stale_if_error=3600)
     def report():
         return build_expensive_report()  # runs once per window, fleet-wide
 
+    @swr.memoize(max_age=300)
+    def user_name(user_id):
+        return lookup(user_id)           # keyed by its arguments
+
     @swr.periodic("exchange-rates", every=3600)
     def exchange_rates():
         return fetch_rates()             # recomputed hourly by one worker of the fleet
 
-    @app.get("/rates")
-    def rates():
-        return swr.value("exchange-rates")   # never waits, except on a cold cache
-
-``swr.cache`` is the Flask-Caching object over the same memcached pool, so existing
-``cache.get/set`` and ``@cache.cached`` code keeps working next to ``@swr.cached``.
-Nothing connects or spawns at import or in ``init_app``: connections are made on first
-use in the worker, and the refresher starts after fork (gunicorn's ``post_worker_init``,
-or lazily on the first background refresh).
+Settings come from the defaults, then Flask's config (Flask-Caching's keys:
+``CACHE_MEMCACHED_SERVERS``, ``CACHE_KEY_PREFIX``, ``CACHE_DEFAULT_TIMEOUT``,
+``CACHE_OPTIONS``, plus ``CACHE_STALE_WHILE_REVALIDATE`` and ``CACHE_STALE_IF_ERROR``),
+then the file named by ``SERVICE_SETTINGS`` if that is set. ``swr.cache`` is a
+Flask-Caching object over the same memcached pool (its own namespace), so existing
+``cache.get/set`` and ``@cache.cached`` code keeps working. Nothing connects or spawns in
+``init_app``: sockets open on first use in the worker, and the refresher starts after
+fork (``service.worker.post_worker_init`` in gunicorn, or lazily on first use).
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, TypeVar
 
-from flask import Flask, Response, current_app, g, has_request_context, request
+from flask import Flask, current_app, has_app_context
 from flask_caching import Cache
 
-from . import clients, codec, httpcache
-from .config import Settings, load_settings
+from .config import Settings, library_settings
+from .decorators import Options, decorate
 from .freshness import Windows
-from .keys import digest
-from .lease import Leases
-from .refresher import Refresher
-from .swr import EXTENSION, Result, SWRCache
-from .tiers import LocalTier, TwoTier
+from .loader import Job
+from .region import Result
+from .state import AppState, build, state_of
 
-P = ParamSpec("P")
+F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
-SETTINGS = "service.settings"
 
 
 class SWR:
@@ -57,129 +57,134 @@ class SWR:
 
     def __init__(self, app: Flask | None = None, settings: Settings | None = None) -> None:
         self.cache = Cache()
-        self._periodic: list[tuple[str, float, Callable[[], Any], Windows | None]] = []
+        self.app: Flask | None = None
+        self._periodic: dict[str, tuple[Callable[[], Any], float, Windows]] = {}
         if app is not None:
             self.init_app(app, settings)
 
-    def init_app(self, app: Flask, settings: Settings | None = None) -> None:
-        """Wire the pool, Flask-Caching, both tiers, leases and the refresher into ``app``.
+    def init_app(self, app: Flask, settings: Settings | None = None, *,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """Build the app's state (pool, tiers, leases, refresher) and Flask-Caching.
 
-        :param settings: by default the app's (from :func:`service.create_app`) or the
-            file named by ``SERVICE_SETTINGS``.
+        :param settings: by default :func:`service.config.library_settings` of the
+            app's config (defaults, Flask config, then ``SERVICE_SETTINGS``).
+        :param clock: wall clock for every freshness decision (a fake one in tests);
+            ``monotonic`` likewise for ``l1_ttl``, leases and back-off.
         """
-        settings = settings or app.extensions.get(SETTINGS) or load_settings()
-        app.extensions[SETTINGS] = settings
-        if clients.EXTENSION not in app.extensions:
-            clients.init_app(app, settings.cache)
-        self.cache.init_app(app, config={
-            "CACHE_TYPE": "service.backend.MemcachedCache", "CACHE_DEFAULT_TIMEOUT": 300,
-        })
-        # The memcached tier is the Flask-Caching backend's store: one pool, one codec.
-        store = app.extensions["cache"][self.cache].store
-        tiers = TwoTier(store, LocalTier(settings.cache.l1_max_entries),
-                        settings.cache.l1_ttl, time.monotonic)
-        refresher = Refresher(app, settings.refresh.concurrency, settings.refresh.backoff_max)
-        cache = SWRCache(app, tiers, Leases(store, settings.refresh.lock_lease), refresher,
-                         settings.refresh)
-        app.extensions[EXTENSION] = cache
-        app.after_request(_apply_cache_headers)
-        for name, every, fn, windows in self._periodic:
-            cache.periodic(name, every, fn, windows)
+        settings = settings or library_settings(app.config)
+        state = build(app, settings, clock, monotonic)
+        self.cache.init_app(app, config=_flask_caching_config(app, settings))
+        self.app = app
+        for name, (fn, every, windows) in self._periodic.items():
+            state.region.periodic(Job(name, fn, windows, source=name), every)
 
-    @staticmethod
-    def _swr() -> SWRCache:
-        swr: SWRCache = current_app.extensions[EXTENSION]
-        return swr
+    def state(self) -> AppState:
+        """The state of the current app, or of the app this extension was set up with."""
+        if has_app_context():
+            return state_of(current_app._get_current_object())  # type: ignore[attr-defined]
+        if self.app is None:
+            raise RuntimeError("SWR is not set up: call swr.init_app(app) first")
+        return state_of(self.app)
 
-    def get_or_fetch(self, key: str, fetch: Callable[[], Any], max_age: float,
-                     stale_while_revalidate: float = 0.0, stale_if_error: float = 0.0,
-                     source: str = "-") -> Result:
-        """The general form behind the decorators; see :meth:`SWRCache.get_or_fetch`."""
-        windows = Windows(max_age, stale_while_revalidate, stale_if_error)
-        return self._swr().get_or_fetch(key, fetch, windows, source)
+    # -- decorators ----------------------------------------------------------------------
 
-    def cached(self, max_age: float, stale_while_revalidate: float = 0.0,
-               stale_if_error: float = 0.0, key: str | None = None
-               ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-        """Cache a view or function with stale-while-revalidate semantics.
+    def cached(self, max_age: float | None = None, stale_while_revalidate: float | None = None,
+               stale_if_error: float | None = None, *, timeout: float | None = None,
+               key_prefix: str | Callable[[], str] = "view/%s", query_string: bool = True,
+               vary: tuple[str, ...] | list[str] = (), unless: Callable[..., bool] | None = None,
+               forced_update: Callable[[], bool] | None = None,
+               response_filter: Callable[[Any], bool] | None = None,
+               make_cache_key: Callable[..., str] | None = None, source_check: bool = False,
+               **ignored: Any) -> Callable[[F], F]:
+        """Cache a view (keyed by path, query and ``vary`` headers) or a function (keyed
+        by its arguments) with stale-while-revalidate semantics.
 
-        In a request, the key is the endpoint, path and sorted query string, and the
-        background refresh re-runs the view in a request context for the same URL.
-        Outside requests, the key is the function and its (JSON-encodable) arguments.
-        Responses get ``X-Cache``, ``Age``, ``Cache-Control`` and ``ETag`` headers.
+        Flask-Caching's parameters mean what they mean there (``timeout`` is
+        ``max_age``); ``hash_method``, ``cache_none`` and ``response_hit_indication`` are
+        accepted and have nothing to do here (keys are hashed with SHA-256, ``None`` is a
+        value like any other, and every answer says ``X-Cache``).
         """
-        windows = Windows(max_age, stale_while_revalidate, stale_if_error)
+        _only_known(ignored)
+        opts = Options(max_age if max_age is not None else timeout, stale_while_revalidate,
+                       stale_if_error, key_prefix, query_string, tuple(vary), unless,
+                       forced_update, response_filter, make_cache_key, None, source_check)
+        return lambda f: decorate(f, opts, self.state, function_only=False)  # type: ignore
 
-        def decorator(f: Callable[P, R]) -> Callable[P, R]:
-            name = f"{f.__module__}.{f.__qualname__}"
+    def memoize(self, max_age: float | None = None, stale_while_revalidate: float | None = None,
+                stale_if_error: float | None = None, *, timeout: float | None = None,
+                make_name: Callable[[str], str] | None = None,
+                unless: Callable[..., bool] | None = None,
+                forced_update: Callable[[], bool] | None = None,
+                response_filter: Callable[[Any], bool] | None = None,
+                source_check: bool = False, args_to_ignore: tuple[str, ...] | list[str] = (),
+                **ignored: Any) -> Callable[[F], F]:
+        """Cache a function by its arguments (inside a request too), like Flask-Caching's
+        ``memoize``, with stale-while-revalidate semantics."""
+        _only_known(ignored)
+        opts = Options(max_age if max_age is not None else timeout, stale_while_revalidate,
+                       stale_if_error, unless=unless, forced_update=forced_update,
+                       response_filter=response_filter, make_name=make_name,
+                       source_check=source_check, args_to_ignore=tuple(args_to_ignore))
+        return lambda f: decorate(f, opts, self.state, function_only=True)  # type: ignore
 
-            @functools.wraps(f)
-            def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-                app = current_app._get_current_object()  # type: ignore[attr-defined]
-                if has_request_context():
-                    path, query = request.path, request.query_string.decode("latin-1")
-                    args_key = f"{path}?{_sorted_query()}"
+    def delete_memoized(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Invalidate one call of a function decorated with :meth:`memoize` or
+        :meth:`cached` (same arguments, same key)."""
+        make_call_key = getattr(f, "make_call_key", None)
+        if make_call_key is None:
+            raise TypeError(f"{f!r} is not decorated with swr.memoize or swr.cached")
+        self.state().region.invalidate(make_call_key(*args, **kwargs))
 
-                    def context() -> Any:
-                        return app.test_request_context(path, query_string=query)
-                else:
-                    args_key = digest(codec.encode([list(args), kwargs]))
-                    context = app.app_context
-                cache_key = key or f"fn:{name}:{args_key}"
-                result = self._swr().get_or_fetch(
-                    cache_key, lambda: f(*args, **kwargs), windows, f.__name__, context)
-                if has_request_context():
-                    g.swr_result = result
-                value: R = result.value
-                return value
-
-            return wrapper
-
-        return decorator
+    # -- periodic functions ------------------------------------------------------------------
 
     def periodic(self, name: str, every: float, stale_while_revalidate: float | None = None,
                  stale_if_error: float = 86400.0) -> Callable[[Callable[[], R]], Callable[[], R]]:
-        """Register ``fn`` to be recomputed every ``every`` seconds by one worker of the
-        fleet (the seeds' deque refreshed by APScheduler, done right). Read it with
-        :meth:`value`. Registration only records it: the loop starts with the refresher,
-        in the worker."""
+        """Recompute ``fn`` every ``every`` seconds by one worker of the fleet (the seeds'
+        deque refilled by APScheduler, done right). Read it with :meth:`value`.
+        Registration only records it: the loop starts with the refresher, in the worker."""
         windows = Windows(every, every * 2 if stale_while_revalidate is None
                           else stale_while_revalidate, stale_if_error)
 
         def decorator(fn: Callable[[], R]) -> Callable[[], R]:
-            self._periodic.append((name, every, fn, windows))
+            self._periodic[name] = (fn, every, windows)
+            if self.app is not None:
+                self.state().region.periodic(Job(name, fn, windows, source=name), every)
             return fn
 
         return decorator
 
     def value(self, name: str) -> Any:
         """The latest value of a periodic function (waits only on a cold cache)."""
-        for registered, _every, fn, windows in self._periodic:
-            if registered == name:
-                assert windows is not None
-                return self._swr().get_or_fetch(name, fn, windows, name).value
-        raise KeyError(f"no periodic function named {name!r}")
+        if name not in self._periodic:
+            raise KeyError(f"no periodic function named {name!r}")
+        fn, _every, windows = self._periodic[name]
+        return self.get_or_load(name, fn, windows, source=name).value
+
+    def get_or_load(self, key: str, fetch: Callable[[], Any], windows: Windows,
+                    source: str = "-") -> Result:
+        """The general form behind the decorators: read ``key``, loading it with
+        ``fetch`` when needed (see :meth:`service.region.Region.get_or_load`)."""
+        return self.state().region.get_or_load(Job(key, fetch, windows, source=source))
 
     def invalidate(self, key: str) -> None:
-        self._swr().invalidate(key)
-
-    def start(self, app: Flask) -> None:
-        """Start the refresher in this worker (gunicorn's ``post_worker_init``)."""
-        app.extensions[EXTENSION].refresher.start()
-
-    def stop(self, app: Flask, timeout: float = 10.0) -> int:
-        """Drain the refresher (gunicorn's ``worker_exit``)."""
-        refresher: Refresher = app.extensions[EXTENSION].refresher
-        return refresher.stop(timeout)
+        self.state().region.invalidate(key)
 
 
-def _sorted_query() -> str:
-    return "&".join(f"{k}={v}" for k, v in sorted(request.args.items(multi=True)))
+def _only_known(ignored: dict[str, Any]) -> None:
+    unknown = set(ignored) - {"hash_method", "cache_none", "response_hit_indication"}
+    if unknown:
+        raise TypeError(f"unexpected decorator parameter(s): {', '.join(sorted(unknown))}")
 
 
-def _apply_cache_headers(response: Response) -> Response:
-    result: Result | None = g.pop("swr_result", None)
-    if result is None:
-        return response
-    now = current_app.extensions[EXTENSION].clock()
-    return httpcache.apply(response, request, result.entry, result.status, now)
+def _flask_caching_config(app: Flask, settings: Settings) -> dict[str, Any]:
+    """Flask-Caching's config for ``swr.cache``: the app's own ``CACHE_*`` keys, with the
+    backend and its servers and prefix taken from the settings."""
+    config = {k: v for k, v in app.config.items() if k.startswith("CACHE_")}
+    config.update({
+        "CACHE_TYPE": "service.backend.MemcachedCache",
+        "CACHE_MEMCACHED_SERVERS": list(settings.cache.servers),
+        "CACHE_KEY_PREFIX": settings.cache.key_prefix,
+    })
+    config.setdefault("CACHE_DEFAULT_TIMEOUT", int(settings.cache.default_timeout))
+    return config

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
-from .clients import get_connection, get_pool
+from .clients import borrow
 from .errors import CacheUnavailable
+from .state import state_of
 
 bp = Blueprint("health", __name__)
-SHUTTING_DOWN = "service.shutting_down"
 
 
 @bp.get("/healthz")
@@ -28,26 +28,24 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    if current_app.extensions.get(SHUTTING_DOWN):
+    state = state_of()
+    if state.shutting_down:
         return jsonify({"status": "unavailable", "reason": "shutting down"}), 503
     problems: dict[str, str] = {}
     servers: dict[str, Any] = {}
     try:
-        conn = get_connection()
+        with borrow(state.pool) as conn:
+            for server in state.pool.servers:
+                try:
+                    servers[server] = conn.call(server, "version",
+                                                lambda c: c.version().decode())
+                except CacheUnavailable as exc:
+                    problems[server] = str(exc.__cause__ or exc)
+                    servers[server] = None
     except CacheUnavailable as exc:
         return jsonify({"status": "degraded", "reason": str(exc), "tier": "in-process"}), 200
-    for server in get_pool().servers:
-        try:
-            servers[server] = conn.call(server, "version", lambda c: c.version().decode())
-        except CacheUnavailable as exc:
-            problems[server] = str(exc.__cause__ or exc)
-            servers[server] = None
     if problems:
         reason = "; ".join(f"{s}: {p}" for s, p in problems.items())
         return jsonify({"status": "degraded", "reason": f"memcached unreachable: {reason}",
                         "servers": servers}), 200
     return jsonify({"status": "ok", "servers": servers}), 200
-
-
-def init_app(app: Flask) -> None:
-    app.register_blueprint(bp)

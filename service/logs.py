@@ -73,4 +73,6 @@ def configure(log_format: str) -> None:
 
 
 def init_app(app: Flask) -> None:
-    configure(app.extensions["service.settings"].server.log_format)
+    from .state import state_of
+
+    configure(state_of(app).settings.server.log_format)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Flask, Response
+from flask import Blueprint, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -79,6 +79,3 @@ def registry() -> CollectorRegistry:
 def metrics_view() -> Response:
     return Response(generate_latest(registry()), mimetype=CONTENT_TYPE_LATEST)
 
-
-def init_app(app: Flask) -> None:
-    app.register_blueprint(bp)

@@ -114,11 +114,9 @@ class Refresher:
     def is_running(self, key: str) -> bool:
         return key in self._running
 
-    def schedule(self, key: str, job: Callable[[], bool | None], source: str = "-") -> bool:
+    def schedule(self, key: str, job: Callable[[], Any], source: str = "-") -> bool:
         """Run ``job`` for ``key`` in the background unless it is already running, backing
         off, or the pool is full. Never blocks the caller.
-
-        ``job`` returns ``False`` when it did not fetch (another worker held the lease).
 
         :return: whether a job was started.
         """
@@ -139,7 +137,7 @@ class Refresher:
         self._running[key] = greenlet
         return True
 
-    def _run(self, key: str, job: Callable[[], bool | None], source: str) -> None:
+    def _run(self, key: str, job: Callable[[], Any], source: str) -> None:
         metrics.refreshes_in_flight.inc()
         try:
             with self.app.app_context():

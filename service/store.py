@@ -17,15 +17,14 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from operator import methodcaller
 from typing import Any, Final
 
 import orjson
 
 from . import codec, metrics
-from .clients import Connection
-from .config import CacheSettings
+from .clients import ClientPool, Connection, borrow
 from .errors import CodecError
 from .keys import memcached_key
 
@@ -67,10 +66,10 @@ class Store:
         on ``flask.g``.
     """
 
-    def __init__(self, settings: CacheSettings, connection: Callable[[], Connection]) -> None:
-        self.prefix = settings.key_prefix
-        self.chunk_size = max(1024, settings.item_size_max - _ITEM_OVERHEAD)
-        self._connection = connection
+    def __init__(self, pool: ClientPool, namespace: str, item_size_max: int) -> None:
+        self.prefix = namespace
+        self.chunk_size = max(1024, item_size_max - _ITEM_OVERHEAD)
+        self._pool = pool
 
     def key(self, key: str) -> bytes:
         return memcached_key(self.prefix, key)
@@ -84,25 +83,26 @@ class Store:
     def gets(self, key: str) -> tuple[Any, bytes | None]:
         """The value and its CAS token, or ``(MISS, None)`` when absent."""
         mkey = self.key(key)
-        conn = self._connection()
-        server = conn.server_for(mkey)
-        data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
-        if data is None:
-            return MISS, None
-        return self._decode(key, data, conn), token
+        with borrow(self._pool) as conn:
+            server = conn.server_for(mkey)
+            data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
+            if data is None:
+                return MISS, None
+            return self._decode(key, data, conn), token
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values found, by key; absent or undecodable keys are left out."""
         by_mkey = {self.key(k): k for k in keys}
-        conn = self._connection()
-        found: dict[str, Any] = {}
-        for server, mkeys in conn.by_server(by_mkey).items():
-            raw: dict[bytes, bytes] = conn.call(server, "get_many", methodcaller("get_many", mkeys))
-            for mkey, data in raw.items():
-                value = self._decode(by_mkey[mkey], data, conn)
-                if value is not MISS:
-                    found[by_mkey[mkey]] = value
-        return found
+        with borrow(self._pool) as conn:
+            found: dict[str, Any] = {}
+            for server, mkeys in conn.by_server(by_mkey).items():
+                raw: dict[bytes, bytes] = conn.call(server, "get_many",
+                                                    methodcaller("get_many", mkeys))
+                for mkey, data in raw.items():
+                    value = self._decode(by_mkey[mkey], data, conn)
+                    if value is not MISS:
+                        found[by_mkey[mkey]] = value
+            return found
 
     def _decode(self, key: str, data: bytes, conn: Connection) -> Any:
         try:
@@ -120,16 +120,16 @@ class Store:
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> bool:
         mkey, data = self._prepare(key, value, ttl)
-        conn = self._connection()
-        return bool(conn.call(conn.server_for(mkey), "set",
-                              lambda c: c.set(mkey, data, expire_time(ttl))))
+        with borrow(self._pool) as conn:
+            return bool(conn.call(conn.server_for(mkey), "set",
+                                  lambda c: c.set(mkey, data, expire_time(ttl))))
 
     def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
         """Store only if absent; ``False`` when the key exists (never lies: no noreply)."""
         mkey, data = self._prepare(key, value, ttl)
-        conn = self._connection()
-        return bool(conn.call(conn.server_for(mkey), "add",
-                              lambda c: c.add(mkey, data, expire_time(ttl))))
+        with borrow(self._pool) as conn:
+            return bool(conn.call(conn.server_for(mkey), "add",
+                                  lambda c: c.add(mkey, data, expire_time(ttl))))
 
     def cas(self, key: str, value: Any, token: bytes, ttl: float | None = None) -> bool | None:
         """Store only if unchanged since ``gets`` gave ``token``.
@@ -138,10 +138,10 @@ class Store:
             is gone.
         """
         mkey, data = self._prepare(key, value, ttl)
-        conn = self._connection()
-        result = conn.call(conn.server_for(mkey), "cas",
-                           lambda c: c.cas(mkey, data, token, expire_time(ttl)))
-        return None if result is None else bool(result)
+        with borrow(self._pool) as conn:
+            result = conn.call(conn.server_for(mkey), "cas",
+                               lambda c: c.cas(mkey, data, token, expire_time(ttl)))
+            return None if result is None else bool(result)
 
     def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> list[str]:
         """Store several values; returns the keys that were not stored."""
@@ -153,8 +153,8 @@ class Store:
 
     def delete(self, key: str) -> bool:
         mkey = self.key(key)
-        conn = self._connection()
-        return bool(conn.call(conn.server_for(mkey), "delete", lambda c: c.delete(mkey)))
+        with borrow(self._pool) as conn:
+            return bool(conn.call(conn.server_for(mkey), "delete", lambda c: c.delete(mkey)))
 
     def delete_if(self, key: str, expected: Any) -> bool:
         """Delete ``key`` only while it still holds ``expected``: read, compare, then
@@ -172,33 +172,33 @@ class Store:
         if value is MISS or value != expected or token is None:
             return False
         mkey = self.key(key)
-        conn = self._connection()
-        answer = conn.call(conn.server_for(mkey), "md",
-                           methodcaller("raw_command", b"md " + mkey + b" C" + token))
-        return bool(answer == b"HD")  # EX: changed since our gets; NF: already gone
+        with borrow(self._pool) as conn:
+            answer = conn.call(conn.server_for(mkey), "md",
+                               methodcaller("raw_command", b"md " + mkey + b" C" + token))
+            return bool(answer == b"HD")  # EX: changed since our gets; NF: already gone
 
     def incr(self, key: str, delta: int = 1) -> int | None:
         """Atomically add ``delta`` to a counter created with :meth:`add_counter`."""
         mkey = self.key(key)
-        conn = self._connection()
-        result = conn.call(conn.server_for(mkey), "incr", lambda c: c.incr(mkey, delta))
-        return None if result is None else int(result)
+        with borrow(self._pool) as conn:
+            result = conn.call(conn.server_for(mkey), "incr", lambda c: c.incr(mkey, delta))
+            return None if result is None else int(result)
 
     def add_counter(self, key: str, initial: int = 0) -> bool:
         """Create a counter (memcached's ``incr`` needs plain decimal digits)."""
         mkey = self.key(key)
-        conn = self._connection()
-        return bool(conn.call(conn.server_for(mkey), "add",
-                              lambda c: c.add(mkey, str(initial).encode("ascii"), 0)))
+        with borrow(self._pool) as conn:
+            return bool(conn.call(conn.server_for(mkey), "add",
+                                  lambda c: c.add(mkey, str(initial).encode("ascii"), 0)))
 
     def get_counter(self, key: str) -> int | None:
         mkey = self.key(key)
-        conn = self._connection()
-        data = conn.call(conn.server_for(mkey), "get", lambda c: c.get(mkey))
-        try:
-            return int(data) if data is not None else None
-        except ValueError:
-            return None
+        with borrow(self._pool) as conn:
+            data = conn.call(conn.server_for(mkey), "get", lambda c: c.get(mkey))
+            try:
+                return int(data) if data is not None else None
+            except ValueError:
+                return None
 
     # -- large values --------------------------------------------------------------------
 
@@ -219,19 +219,19 @@ class Store:
         """
         chunk_set = os.urandom(8).hex()
         pieces = [data[i : i + self.chunk_size] for i in range(0, len(data), self.chunk_size)]
-        conn = self._connection()
-        # Chunks outlive the manifest slightly, so a manifest never points at evicted
-        # pieces merely because of expiry; an evicted piece still reads as a miss.
-        exp = expire_time(ttl + 60 if ttl else None)
-        for index, piece in enumerate(pieces):
-            ckey = self.key(self._chunk_key(key, chunk_set, index))
-            conn.call(conn.server_for(ckey), "set", methodcaller("set", ckey, piece, exp))
-        metrics.large_values_total.labels("chunked").inc()
-        manifest = {
-            "id": chunk_set, "n": len(pieces), "len": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
-        return codec.header(codec.KIND_CHUNKED) + orjson.dumps(manifest)
+        with borrow(self._pool) as conn:
+            # Chunks outlive the manifest slightly, so a manifest never points at evicted
+            # pieces merely because of expiry; an evicted piece still reads as a miss.
+            exp = expire_time(ttl + 60 if ttl else None)
+            for index, piece in enumerate(pieces):
+                ckey = self.key(self._chunk_key(key, chunk_set, index))
+                conn.call(conn.server_for(ckey), "set", methodcaller("set", ckey, piece, exp))
+            metrics.large_values_total.labels("chunked").inc()
+            manifest = {
+                "id": chunk_set, "n": len(pieces), "len": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+            return codec.header(codec.KIND_CHUNKED) + orjson.dumps(manifest)
 
     def _read_chunks(self, key: str, data: bytes, conn: Connection) -> bytes:
         try:

@@ -1,8 +1,11 @@
 """The ``/v1`` routes: list the sources, read one, bump a counter. Thin on purpose.
 
-Reading ``GET /v1/NAME?params`` validates the parameters against the source, reads its
-entry through :class:`~service.swr.SWRCache` (fresh, stale-while-revalidate,
-stale-if-error), and answers with ``X-Cache``, ``Age``, ``Cache-Control`` and ``ETag``.
+``GET /v1/NAME?params`` validates the parameters against the source, builds a
+:class:`~service.loader.Job` with the shared key builder, reads it through the app's
+:class:`~service.region.Region` (fresh, stale-while-revalidate, stale-if-error), and
+answers through the shared header path (:mod:`service.httpcache`). An http source's
+answer is cached only when it is cacheable by the same rule as a decorated view's
+(:mod:`service.responses`); any other answer below 500 is passed through uncached.
 """
 
 from __future__ import annotations
@@ -12,116 +15,115 @@ from typing import Any
 
 import gevent
 import orjson
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 
-from .clients import release_connection
+from . import keying
 from .entry import Entry
 from .errors import BadRequest, CacheUnavailable, NotFound, Unavailable
 from .freshness import Timing
 from .httpcache import apply
+from .loader import UNCACHEABLE, Job
+from .region import Result
+from .responses import default_status_rule
 from .sources import Fetchers, Source, build_sources
-from .swr import EXTENSION, Result, SWRCache
+from .state import AppState, state_of
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
-SOURCES = "service.sources"
-FETCHERS = "service.fetchers"
-GENERATIONS = "service.generations"
 MAX_COUNTER_NAME = 200
 
 
-def _swr() -> SWRCache:
-    cache: SWRCache = current_app.extensions[EXTENSION]
-    return cache
-
-
-def _sources() -> dict[str, Source]:
-    sources: dict[str, Source] = current_app.extensions[SOURCES]
+def _sources(state: AppState) -> dict[str, Source]:
+    sources: dict[str, Source] = state.extra["sources"]
     return sources
 
 
 @bp.get("/")
 def list_sources() -> Response:
-    return jsonify([s.describe() for s in _sources().values()])
+    return jsonify([s.describe() for s in _sources(state_of()).values()])
 
 
 @bp.get("/<name>")
 def read_source(name: str) -> Response:
-    source = _sources().get(name)
+    state = state_of()
+    source = _sources(state).get(name)
     if source is None:
-        raise NotFound(f"no source named {name!r}", sources=sorted(_sources()))
+        raise NotFound(f"no source named {name!r}", sources=sorted(_sources(state)))
     params = source.check(request.args.to_dict(flat=True))
-    result = read(source, params)
+    result = read(state, source, params)
     return apply(render(source, result.value), request, result.entry, result.status,
-                 _swr().clock())
+                 state.clock())
 
 
-def cache_key(source: Source, params: dict[str, str]) -> str:
-    """The entry's key: source, its generation (bumped to invalidate all its entries at
-    once, see :func:`bump_generation`) and the sorted parameters."""
-    generation = _generation(source.name)
-    return f"src:{source.name}:{generation}:" + orjson.dumps(sorted(params.items())).decode()
+def job_for(state: AppState, source: Source, params: dict[str, str]) -> Job:
+    """The job that reads one source entry (also used by the admin's refresh)."""
+    fetchers: Fetchers = state.extra["fetchers"]
+    fetch = fetchers.fetch_http if source.kind == "http" else fetchers.fetch_python
+    return Job(
+        key=keying.source_key(source.name, generation(state, source.name), params),
+        fetch=lambda: fetch(source, params), windows=source.windows, source=source.name,
+        params=params, storable=_storable_http if source.kind == "http" else _same,
+    )
+
+
+def _storable_http(value: Any) -> Any:
+    return value if default_status_rule(value["status"]) else UNCACHEABLE
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _generation_key(name: str) -> str:
     return f"gen\x00{name}"
 
 
-def _generation(name: str) -> int:
+def generation(state: AppState, name: str) -> int:
+    """The source's generation, part of every key of the source: bumping it invalidates
+    all of them at once (:func:`bump_generation`)."""
     # Read from memcached at most once per l1_ttl per worker: invalidating a whole source
     # reaches every worker within l1_ttl, like any other change.
-    cache: dict[str, tuple[int, float]] = current_app.extensions[GENERATIONS]
-    swr = _swr()
-    now = swr.tiers.monotonic()
+    cache: dict[str, tuple[int, float]] = state.extra.setdefault("generations", {})
+    now = state.monotonic()
     cached = cache.get(name)
-    if cached is not None and now - cached[1] < swr.tiers.l1_ttl:
+    if cached is not None and now - cached[1] < state.tiers.l1_ttl:
         return cached[0]
     try:
-        value = swr.tiers.store.get_counter(_generation_key(name)) or 0
+        value = state.store.get_counter(_generation_key(name)) or 0
     except CacheUnavailable:
         value = cached[0] if cached is not None else 0
     cache[name] = (value, now)
     return value
 
 
-def bump_generation(name: str) -> int:
+def bump_generation(state: AppState, name: str) -> int:
     """Invalidate every entry of a source, in every worker and host (within l1_ttl).
 
     :raises CacheUnavailable: memcached could not be asked.
     """
-    store = _swr().tiers.store
     key = _generation_key(name)
-    store.add_counter(key, 0)
-    value = store.incr(key) or 0
-    current_app.extensions[GENERATIONS].pop(name, None)
+    state.store.add_counter(key, 0)
+    value = state.store.incr(key) or 0
+    state.extra.setdefault("generations", {}).pop(name, None)
     return value
 
 
-def read(source: Source, params: dict[str, str]) -> Result:
+def read(state: AppState, source: Source, params: dict[str, str]) -> Result:
     """Read a source's value through the cache (composites: each part, concurrently)."""
     if source.kind == "composite":
-        return _read_composite(source, params)
-    fetchers: Fetchers = current_app.extensions[FETCHERS]
-    fetch = fetchers.fetch_http if source.kind == "http" else fetchers.fetch_python
-    return _swr().get_or_fetch(cache_key(source, params), lambda: fetch(source, params),
-                               source.windows, source.name, params=params)
+        return _read_composite(state, source, params)
+    return state.region.get_or_load(job_for(state, source, params))
 
 
-def _read_composite(source: Source, params: dict[str, str]) -> Result:
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-
+def _read_composite(state: AppState, source: Source, params: dict[str, str]) -> Result:
     def read_part(part: Source) -> Result | Exception:
-        # Each part in its own greenlet and app context (so its own memcached
-        # connection): a connection on g is never shared between greenlets.
         mine = {k: v for k, v in params.items()
                 if part.accepts_any or k in part.required or k in part.optional}
         try:
-            with app.app_context():
-                return read(part, mine)
+            return read(state, part, mine)
         except Exception as exc:  # noqa: BLE001 - re-raised in the request's greenlet
             return exc
 
     jobs = [gevent.spawn(read_part, part) for part in source.parts]
-    release_connection()  # do not hold a pooled connection while the parts run
     gevent.joinall(jobs)
     results: list[Result] = []
     for job in jobs:
@@ -131,12 +133,14 @@ def _read_composite(source: Source, params: dict[str, str]) -> Result:
     value = {p.name: _part_json(p, r.value) for p, r in zip(source.parts, results, strict=True)}
     statuses = {r.status for r in results}
     status = "MISS" if "MISS" in statuses else "STALE" if "STALE" in statuses else "HIT"
-    # Headers follow the part that goes stale first, bounded by the composite's windows.
-    first = min(results, key=lambda r: r.entry.timing.fresh_until)
-    stored_at = first.entry.timing.stored_at
-    etag = hashlib.blake2b("".join(r.entry.etag for r in results).encode(),
+    entries = [r.entry for r in results if r.entry is not None]
+    if len(entries) < len(results):
+        return Result(value, None, status)  # a part was not cacheable: nothing to validate
+    # Headers follow the part that goes stale first, with the composite's windows.
+    first = min(entries, key=lambda e: e.timing.fresh_until)
+    etag = hashlib.blake2b("".join(e.etag for e in entries).encode(),
                            digest_size=12).hexdigest()
-    entry = Entry(value, Timing(stored_at, source.windows), f'"{etag}"')
+    entry = Entry(value, Timing(first.timing.stored_at, source.windows), f'"{etag}"')
     return Result(value, entry, status)
 
 
@@ -169,7 +173,7 @@ def bump_counter(name: str) -> Response:
     """
     if len(name) > MAX_COUNTER_NAME:
         raise BadRequest(f"counter names are at most {MAX_COUNTER_NAME} characters")
-    store = _swr().tiers.store
+    store = state_of().store
     key = f"counter\x00{name}"
     try:
         value = store.incr(key)
@@ -185,8 +189,7 @@ def bump_counter(name: str) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    settings = app.extensions["service.settings"]
-    app.extensions[SOURCES] = build_sources(settings.sources, settings.path)
-    app.extensions[FETCHERS] = Fetchers(settings.refresh.fetch_timeout)
-    app.extensions[GENERATIONS] = {}
-    app.register_blueprint(bp)
+    """Build the sources of the app's settings (the app factory registers ``bp``)."""
+    state = state_of(app)
+    state.extra["sources"] = build_sources(state.settings.sources, state.settings.path)
+    state.extra["fetchers"] = Fetchers(state.settings.refresh.fetch_timeout)

@@ -1,9 +1,17 @@
 """What each gunicorn worker does when it starts serving and when it exits.
 
-Called from ``deploy/gunicorn.conf.py``: ``post_worker_init`` runs in the worker after
-gevent has patched it and the app is loaded (``post_fork`` runs too early, before the
-patch), and ``worker_exit`` runs in the worker as it shuts down. Nothing here runs in
-the master.
+These are the hooks a gunicorn config needs; ``deploy/gunicorn.conf.py`` uses them, and so
+can a library user's own config::
+
+    # gunicorn.conf.py
+    worker_class = "gevent"
+    from service.worker import post_worker_init, worker_exit  # noqa: F401
+
+``post_worker_init`` runs in the worker after gevent has patched it and the app is
+loaded (``post_fork`` runs too early, before the patch): it starts the refresher (and
+the periodic jobs) and the hub monitor. ``worker_exit`` runs in the worker as it shuts
+down: ``/readyz`` answers 503 from then on, running refreshes finish (and release their
+leases), and the niced child processes go. Nothing here runs in the master.
 """
 
 from __future__ import annotations
@@ -14,8 +22,7 @@ from typing import Any
 from flask import Flask
 
 from . import monitor
-from .health import SHUTTING_DOWN
-from .swr import EXTENSION, SWRCache
+from .state import EXTENSION, AppState
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +40,37 @@ def find_app(wsgi: Any) -> Flask | None:
 
 def started(app: Flask) -> None:
     """Start this worker's refresher (and its periodic functions) and hub monitor."""
-    cache: SWRCache | None = app.extensions.get(EXTENSION)
-    if cache is not None:
-        cache.refresher.start()
-    settings = app.extensions.get("service.settings")
-    if settings is not None:
-        monitor.start(settings.server.monitor_threshold)
+    state: AppState | None = app.extensions.get(EXTENSION)
+    if state is None:
+        return
+    state.refresher.start()
+    monitor.start(state.settings.server.monitor_threshold)
 
 
 def stopping(app: Flask, timeout: float = 10.0) -> None:
     """Drain this worker's refresher; ``/readyz`` answers 503 from now on."""
-    app.extensions[SHUTTING_DOWN] = True
-    cache: SWRCache | None = app.extensions.get(EXTENSION)
-    if cache is not None:
-        killed = cache.refresher.stop(timeout)
-        if killed:
-            log.warning("worker exit: %s refreshes did not finish in %.0fs", killed, timeout)
-    fetchers = app.extensions.get("service.fetchers")
+    state: AppState | None = app.extensions.get(EXTENSION)
+    if state is None:
+        return
+    state.shutting_down = True
+    killed = state.refresher.stop(timeout)
+    if killed:
+        log.warning("worker exit: %s refreshes did not finish in %.0fs", killed, timeout)
+    fetchers = state.extra.get("fetchers")
     if fetchers is not None:
         fetchers.close()  # the niced child processes go with their worker
+
+
+def post_worker_init(worker: Any) -> None:
+    """gunicorn hook: start the refresher in this worker, after fork and gevent's patch."""
+    app = find_app(getattr(worker, "wsgi", None))
+    if app is not None:
+        started(app)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """gunicorn hook: drain this worker's refresher as it exits."""
+    app = find_app(getattr(worker, "wsgi", None))
+    if app is not None:
+        graceful = float(getattr(getattr(server, "cfg", None), "graceful_timeout", 20) or 20)
+        stopping(app, timeout=min(10.0, graceful / 2))

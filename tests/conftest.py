@@ -38,17 +38,23 @@ def make_app() -> Iterator[Callable[..., Flask]]:
     """Build apps for given settings; their pools are closed afterwards."""
     apps: list[Flask] = []
 
-    def make(settings: Settings) -> Flask:
-        app = create_app(settings)
+    def make(settings: Settings, clock: Callable[[], float] | None = None) -> Flask:
+        app = create_app(settings, clock=clock) if clock else create_app(settings)
         app.config["TESTING"] = True
         apps.append(app)
         return app
 
     yield make
     for app in apps:
-        pool = app.extensions["service.clients"]["pool"]
-        if pool is not None:
-            pool.close()
+        stop_app(app)
+
+
+def stop_app(app: Flask) -> None:
+    """Stop what an app started in this process: its refresher and its memcached pool."""
+    state = app.extensions.get("service")
+    if state is not None:
+        state.refresher.stop(timeout=2)
+        state.pool.close()
 
 
 @pytest.fixture

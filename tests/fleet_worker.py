@@ -3,7 +3,7 @@
 ``python -m tests.fleet_worker --memcached HOST:PORT --origin URL --key KEY --greenlets N
 [--lock-lease S] [--fetch-timeout S] [--path /slow?delay=0.5] [--pool-size 4] [--gate]``
 builds the service's app against that memcached, then reads ``KEY`` from ``N`` greenlets at
-once through :meth:`SWRCache.get_or_fetch`, whose fetch GETs ``URL + --path`` and decodes
+once through :meth:`Region.get_or_load`, whose fetch GETs ``URL + --path`` and decodes
 the JSON answer. The test drives it through its standard streams:
 
 * it prints ``ready`` once the app is built, then waits for a line ``go`` on stdin, so that
@@ -36,7 +36,8 @@ from service import metrics  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.config import Settings, parse_settings  # noqa: E402
 from service.freshness import Windows  # noqa: E402
-from service.swr import EXTENSION, SWRCache  # noqa: E402
+from service.loader import Job  # noqa: E402
+from service.state import AppState, state_of  # noqa: E402
 
 WINDOWS = Windows(60, 600, 3600)
 SOURCE = "fleet"
@@ -100,7 +101,7 @@ def counters(metric: Any, label: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     app = create_app(build_settings(args))
-    cache: SWRCache = app.extensions[EXTENSION]
+    cache: AppState = state_of(app)
     stdin = StdinLines()
     url = args.origin.rstrip("/") + args.path
 
@@ -114,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def read() -> tuple[str, Any]:
         with app.app_context():
-            result = cache.get_or_fetch(args.key, fetch, WINDOWS, SOURCE)
+            result = cache.region.get_or_load(Job(args.key, fetch, WINDOWS, source=SOURCE))
         return result.status, result.value
 
     say("ready")

@@ -10,7 +10,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from service.admin import csrf_token
-from service.swr import EXTENSION
+from service.state import state_of
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached
@@ -93,7 +93,7 @@ def test_refresh_runs_in_the_background(admin_app: Flask, origin_server: Any) ->
     read(client, id="7")
     response = client.post("/admin/api/sources/items/refresh?id=7", headers=BEARER)
     assert response.status_code == 202 and response.get_json()["scheduled"] is True
-    assert admin_app.extensions[EXTENSION].refresher.join(timeout=10)
+    assert state_of(admin_app).refresher.join(timeout=10)
     assert origin_server.count("/items") == 2
     assert read(client, id="7").headers["X-Cache"] == "HIT"
 

@@ -9,8 +9,8 @@ import pytest
 from flask import Flask, jsonify, request
 
 from service import SWR
-from service.swr import EXTENSION, SWRCache
-from tests.conftest import FakeClock, settings_for
+from service.state import state_of
+from tests.conftest import FakeClock, settings_for, stop_app
 
 pytestmark = pytest.mark.memcached
 
@@ -42,19 +42,10 @@ def user_app(memcached: Any, clock: FakeClock) -> Any:
     def rates_view() -> Any:
         return swr.value("rates")
 
-    swr.init_app(app, settings_for([memcached.address], refresh={"xfetch_beta": 0.0}))
-    cache: SWRCache = app.extensions[EXTENSION]
-    cache.clock = clock
-    cache.tiers.monotonic = clock
+    swr.init_app(app, settings_for([memcached.address], refresh={"xfetch_beta": 0.0}),
+                 clock=clock, monotonic=clock)
     yield app, swr, calls, square
-    cache.refresher.stop(timeout=1)
-    close_pool(app)
-
-
-def close_pool(app: Flask) -> None:
-    pool = app.extensions["service.clients"]["pool"]
-    if pool is not None:
-        pool.close()
+    stop_app(app)
 
 
 def test_view_is_cached_per_query_with_cache_headers(user_app: Any, clock: FakeClock) -> None:
@@ -72,7 +63,7 @@ def test_view_is_cached_per_query_with_cache_headers(user_app: Any, clock: FakeC
     assert second.headers["X-Cache"] == "HIT"
     assert second.get_json() == first.get_json() == {"n": 1, "region": "eu"}
     assert second.headers["Age"] == "10"
-    assert second.headers["Cache-Control"].startswith("max-age=50,")
+    assert second.headers["Cache-Control"].startswith("max-age=60,")  # RFC 9111: with Age
     assert client.get("/report?region=us").get_json() == {"n": 2, "region": "us"}
     not_modified = client.get("/report?region=eu", headers={"If-None-Match": etag})
     assert not_modified.status_code == 304 and not_modified.data == b""
@@ -87,8 +78,9 @@ def test_stale_view_refresh_reruns_the_view_for_the_same_url(user_app: Any,
     clock.advance(61)
     stale = client.get("/report?region=eu")
     assert stale.headers["X-Cache"] == "STALE"
-    assert stale.headers["Cache-Control"].startswith("max-age=0, stale-while-revalidate=599")
-    assert app.extensions[EXTENSION].refresher.join(timeout=5)
+    assert stale.headers["Cache-Control"].startswith("max-age=60, stale-while-revalidate=600")
+    assert stale.headers["Age"] == "61"
+    assert state_of(app).refresher.join(timeout=5)
     fresh = client.get("/report?region=eu")
     assert fresh.headers["X-Cache"] == "HIT"
     assert fresh.get_json() == {"n": 2, "region": "eu"}   # re-run with the request's args
@@ -99,7 +91,7 @@ def test_plain_functions_are_cached_by_arguments(user_app: Any) -> None:
     app, _swr, calls, square = user_app
     with app.app_context():
         assert [square(3), square(3), square(4), square(x=3)] == [9, 9, 16, 9]
-    assert calls["square"] == 3     # square(x=3) is a different call signature
+    assert calls["square"] == 2     # square(x=3) is square(3): keyed by the bound arguments
 
 
 def test_periodic_value_is_computed_once_and_read_without_waiting(user_app: Any) -> None:
@@ -130,12 +122,12 @@ def test_periodic_loop_recomputes_in_one_worker_of_two(memcached: Any) -> None:
         apps.append(app)
     try:
         for app in apps:
-            app.extensions[EXTENSION].refresher.start()
+            state_of(app).refresher.start()
         assert done.wait(timeout=10)
     finally:
         for app in apps:
-            app.extensions[EXTENSION].refresher.stop(timeout=1)
-            close_pool(app)
+            state_of(app).refresher.stop(timeout=1)
+            stop_app(app)
     # One computation per 0.2 s window across both workers, not one per worker.
     assert len(computed) >= 3
     windows_seen = len(computed)

@@ -28,7 +28,8 @@ from flask import Flask
 from service import metrics
 from service.freshness import Windows
 from service.lease import lease_key
-from service.swr import EXTENSION, SWRCache
+from service.loader import Job
+from service.state import AppState, state_of
 from tests.conftest import settings_for
 from tests.servers import REPO_ROOT, OriginServer, log_tail
 
@@ -119,8 +120,8 @@ def start_worker(memcached: Any, origin_server: OriginServer,
         yield start
 
 
-def swr(app: Flask) -> SWRCache:
-    cache: SWRCache = app.extensions[EXTENSION]
+def swr(app: Flask) -> AppState:
+    cache: AppState = state_of(app)
     return cache
 
 
@@ -189,8 +190,8 @@ def test_sigkilled_holder_lease_lapses_and_another_worker_fetches(
 
     waited, contended = lease_count("waited"), lease_count("contended")
     with app.app_context():
-        result = swr(app).get_or_fetch("sigkill-key", http_json(origin_server.url + "/fast"),
-                                       W, "test")
+        result = swr(app).region.get_or_load(
+            Job("sigkill-key", http_json(origin_server.url + "/fast"), W, source="test"))
     assert result.status == "MISS"
     assert result.value == {"path": "/fast", "params": {}, "n": 1}
     # The lease was still there at first: the reader waited for it to lapse, then fetched.
@@ -228,7 +229,8 @@ def test_slow_holder_cannot_overwrite_newer_value_across_processes(
     # Another worker (this process) now gets the lease, fetches and stores a newer value.
     acquired = lease_count("acquired")
     with app.app_context():
-        newer = cache.get_or_fetch("fence-key", http_json(origin_server.url + "/new"), W, "test")
+        newer = cache.region.get_or_load(
+            Job("fence-key", http_json(origin_server.url + "/new"), W, source="test"))
     assert lease_count("acquired") == acquired + 1
     assert (newer.status, newer.value) == ("MISS", {"path": "/new", "params": {}, "n": 1})
 

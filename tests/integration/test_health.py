@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from service.clients import get_pool
+from service.state import state_of
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached
@@ -39,7 +39,7 @@ def test_readyz_is_degraded_while_memcached_is_stopped_and_ok_when_it_returns(
     memcached.restart()
     # One failure is below circuit_failures, so the circuit is still closed and the very
     # next probe reaches the restarted server: no restart of the service needed.
-    assert get_pool(app).breakers[memcached.address].state(0) == "closed"
+    assert state_of(app).pool.breakers[memcached.address].state(0) == "closed"
     again = client.get("/readyz")
     assert again.get_json()["status"] == "ok"
 

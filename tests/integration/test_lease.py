@@ -8,8 +8,8 @@ import pytest
 from flask import Flask
 
 from service.lease import lease_key
+from service.state import AppState, state_of
 from service.store import MISS
-from service.swr import EXTENSION, SWRCache
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.memcached
 def cache(memcached: Any, make_app: Any) -> Any:
     app: Flask = make_app(settings_for([memcached.address], refresh={"lock_lease": 5}))
     with app.app_context():
-        swr: SWRCache = app.extensions[EXTENSION]
+        swr: AppState = state_of(app)
         yield swr
 
 
-def test_only_one_holder_and_release_frees_it_at_once(cache: SWRCache) -> None:
+def test_only_one_holder_and_release_frees_it_at_once(cache: AppState) -> None:
     first = cache.leases.acquire("k")
     assert first is not None
     assert cache.leases.acquire("k") is None            # add() fails while it is held
@@ -34,7 +34,7 @@ def test_only_one_holder_and_release_frees_it_at_once(cache: SWRCache) -> None:
     assert cache.leases.release(second)
 
 
-def test_a_holder_whose_lease_was_taken_over_cannot_release_or_renew_it(cache: SWRCache) -> None:
+def test_a_holder_whose_lease_was_taken_over_cannot_release_or_renew_it(cache: AppState) -> None:
     old = cache.leases.acquire("k")
     assert old is not None
     cache.tiers.store.delete(lease_key("k"))            # lapsed / evicted
@@ -47,7 +47,7 @@ def test_a_holder_whose_lease_was_taken_over_cannot_release_or_renew_it(cache: S
 
 
 def test_compare_and_delete_spares_a_value_replaced_after_the_read(
-    cache: SWRCache, monkeypatch: pytest.MonkeyPatch
+    cache: AppState, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = cache.tiers.store
     store.set("x", "token-a")

@@ -13,7 +13,8 @@ from gevent import monkey
 
 from service import logs, metrics, monitor
 from service.freshness import Windows
-from service.swr import EXTENSION
+from service.loader import Job
+from service.state import state_of
 from tests.conftest import settings_for
 
 
@@ -34,8 +35,8 @@ def test_a_refresh_logs_one_event_without_the_value(memcached: Any, make_app: An
     app = make_app(settings_for([memcached.address]))
     caplog.set_level(logging.INFO, logger="service")
     with app.app_context():
-        app.extensions[EXTENSION].get_or_fetch(
-            "customer:7", lambda: {"card": "4111-1111"}, Windows(60), "billing")
+        state_of(app).region.get_or_load(
+            Job("customer:7", lambda: {"card": "4111-1111"}, Windows(60), source="billing"))
     events = [r for r in caplog.records if getattr(r, "event", None) == "refresh"]
     assert len(events) == 1
     line = logs.JSONFormatter().format(events[0])

@@ -14,11 +14,12 @@ import gevent.event
 import pytest
 from flask import Flask
 
-from service.clients import get_pool
 from service.errors import OriginError, OriginTimeout
 from service.freshness import Windows
 from service.lease import lease_key
-from service.swr import EXTENSION, SWRCache, error_key
+from service.loader import Job
+from service.negative import error_key
+from service.state import AppState, state_of
 from tests.conftest import FakeClock, settings_for
 
 pytestmark = pytest.mark.memcached
@@ -49,22 +50,19 @@ class Origin:
 @pytest.fixture
 def swr_app(memcached: Any, make_app: Callable[..., Flask], clock: FakeClock) -> Flask:
     app = make_app(settings_for([memcached.address], refresh={"xfetch_beta": 0.0,
-                                                              "fetch_timeout": 2.0}))
-    cache: SWRCache = app.extensions[EXTENSION]
-    cache.clock = clock
-    cache.tiers.monotonic = clock
-    get_pool(app).monotonic = clock               # the circuit breakers' cool-down too
+                                                              "fetch_timeout": 2.0}),
+                   clock=clock)
+    state_of(app).pool.monotonic = clock          # the circuit breakers' cool-down too
     return app
 
 
-def swr(app: Flask) -> SWRCache:
-    cache: SWRCache = app.extensions[EXTENSION]
-    return cache
+def swr(app: Flask) -> AppState:
+    return state_of(app)
 
 
 def read(app: Flask, origin: Origin, key: str = "k") -> Any:
     with app.app_context():
-        return swr(app).get_or_fetch(key, origin, W, "test")
+        return state_of(app).region.get_or_load(Job(key, origin, W, source="test"))
 
 
 def settle(app: Flask, key: str = "k") -> None:
@@ -146,7 +144,7 @@ def test_failed_cold_fetch_is_remembered_briefly(swr_app: Flask, clock: FakeCloc
 def test_a_fetch_over_fetch_timeout_is_a_504(swr_app: Flask) -> None:
     origin = Origin()
     origin.gate = gevent.event.Event()           # never set: the fetch hangs
-    with pytest.raises(OriginTimeout, match="did not answer within 2s"):
+    with pytest.raises(OriginTimeout, match="no answer within 2s"):
         read(swr_app, origin)
     origin.gate.set()
 
@@ -198,8 +196,9 @@ def test_a_holder_that_lost_its_lease_cannot_overwrite_a_newer_value(
         cache.tiers.store.delete(lease_key("k"))
         other = cache.leases.acquire("k")
         assert other is not None
-        fast_entry = cache._fetch_and_store("k", lambda: {"version": "newer"}, W, "test",
-                                            swr_app.app_context, other, None)
+        fast_entry = cache.loader._fetch_and_store(
+            Job("k", lambda: {"version": "newer"}, W, source="test"), other, None,
+            background=False)
     slow.gate.set()                               # the old holder finishes late
     holder.get(timeout=10)
     with swr_app.app_context():
@@ -213,7 +212,6 @@ def test_refreshes_of_a_failing_key_back_off(swr_app: Flask, clock: FakeClock) -
     read(swr_app, origin)
     origin.fail = RuntimeError("still down")
     cache = swr(swr_app)
-    cache.refresher.monotonic = clock
     clock.advance(61)
     read(swr_app, origin)
     settle(swr_app)

@@ -1,0 +1,145 @@
+"""The read path, in dogpile.cache's shape: key -> tiers -> decision -> serve or load.
+
+:meth:`Region.get_or_load` reads the nearest tier (:mod:`service.tiers`), asks the pure
+policy what to do (:func:`service.freshness.decide`), and then:
+
+* FRESH: answers (``HIT``); XFetch may schedule an early background refresh;
+* STALE: answers at once (``STALE``) and schedules one background refresh: nobody waits;
+* usable only on error: loads now; if that fails, answers the old copy (``STALE``);
+* nothing usable: loads and waits (``MISS``), coalesced by :class:`~service.loader.Loader`.
+
+The region knows nothing of leases, flights or connections: the loader owns those. It
+only chooses *which* entries count as done for each kind of load (the ``usable``
+predicates below) and hands background work to the :class:`~service.refresher.Refresher`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import metrics
+from .entry import Entry
+from .errors import CacheUnavailable, HTTPError
+from .freshness import Action, State, decide, state
+from .ledger import Ledger
+from .loader import Job, Loaded, Loader, Usable
+from .refresher import Refresher
+from .tiers import TwoTier
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a read answered: the value, its entry (``None`` when the value was not
+    cacheable and was computed for this caller only), and HIT / STALE / MISS."""
+
+    value: Any
+    entry: Entry | None
+    status: str
+
+
+class Region:
+    """One per app state; see the module docstring."""
+
+    def __init__(self, tiers: TwoTier, loader: Loader, refresher: Refresher, ledger: Ledger,
+                 clock: Callable[[], float], xfetch_beta: float) -> None:
+        self.tiers = tiers
+        self.loader = loader
+        self.refresher = refresher
+        self.ledger = ledger
+        self.clock = clock
+        self.xfetch_beta = xfetch_beta
+
+    # -- what counts as done, per kind of load -------------------------------------------
+
+    def servable(self, entry: Entry) -> bool:
+        """Cold miss: somebody stored an entry we may serve as it is."""
+        return state(entry.timing, self.clock()) in (State.FRESH, State.STALE)
+
+    def fresh(self, entry: Entry) -> bool:
+        """Periodic job: the entry is not due yet."""
+        return state(entry.timing, self.clock()) is State.FRESH
+
+    @staticmethod
+    def newer_than(seen: float) -> Usable:
+        """Background refresh: an entry newer than the one the reader saw landed."""
+        return lambda entry: entry.stored_at > seen
+
+    @staticmethod
+    def never(entry: Entry) -> bool:
+        """Forced refresh (the admin's button, ``forced_update``): always fetch."""
+        return False
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get_or_load(self, job: Job, force: bool = False) -> Result:
+        """Read ``job.key`` with stale-while-revalidate semantics (module docstring).
+
+        :param force: load now even if a fresh entry exists (Flask-Caching's
+            ``forced_update``).
+        :raises HTTPError: the load failed and no stale copy may be served.
+        """
+        self.ledger.seen(job)
+        if force:
+            return self._loaded(job, self.loader.load(job, self.never))
+        found = self.tiers.read(job.key)
+        decision = decide(found.entry.timing if found else None, self.clock(),
+                          self.xfetch_beta)
+        if found is not None and decision.serves_now:
+            if decision.action is Action.SERVE_AND_REFRESH:
+                self.refresh_later(job, seen=found.entry.stored_at)
+            result = "hit" if decision.state is State.FRESH else "stale"
+            metrics.requests_total.labels(job.source, result).inc()
+            return Result(found.entry.value, found.entry, result.upper())
+        try:
+            loaded = self.loader.load(job, self.servable)
+        except HTTPError:
+            if found is None or decision.action is not Action.FETCH_OR_SERVE_ON_ERROR:
+                metrics.requests_total.labels(job.source, "miss").inc()
+                raise
+            # stale-if-error: the refresh failed, the old copy is still allowed.
+            metrics.requests_total.labels(job.source, "stale").inc()
+            return Result(found.entry.value, found.entry, "STALE")
+        return self._loaded(job, loaded)
+
+    @staticmethod
+    def _loaded(job: Job, loaded: Loaded) -> Result:
+        metrics.requests_total.labels(job.source, "miss").inc()
+        return Result(loaded.value, loaded.entry, "MISS")
+
+    # -- background work -------------------------------------------------------------------
+
+    def refresh_later(self, job: Job, seen: float | None = None) -> bool:
+        """Schedule one background refresh of ``job.key`` (one worker of the fleet does it).
+
+        :param seen: ``stored_at`` of the entry the reader saw; a newer one in memcached
+            means the work is done. ``None`` forces the fetch (the admin's button).
+        :return: whether a refresh was scheduled in this worker.
+        """
+        usable = self.never if seen is None else self.newer_than(seen)
+        return self.refresher.schedule(job.key, lambda: self.loader.refresh(job, usable),
+                                       job.source)
+
+    def periodic(self, job: Job, every: float) -> None:
+        """Recompute ``job`` every ``every`` seconds, by whichever worker holds the lease."""
+
+        def run() -> float:
+            try:
+                found = self.tiers.read_shared(job.key)
+            except CacheUnavailable:
+                found = None
+            now = self.clock()
+            if found is not None and self.fresh(found.entry):
+                return max(0.05, found.entry.timing.fresh_until - now)
+            self.loader.refresh(job, self.fresh)
+            return every
+
+        self.refresher.register(job.key, every, run)
+
+    def invalidate(self, key: str) -> None:
+        """Forget ``key`` here and in memcached (other workers: within ``l1_ttl``).
+
+        :raises CacheUnavailable: memcached could not be asked (the local copy is gone).
+        """
+        self.tiers.delete(key)

@@ -1,0 +1,104 @@
+"""The application state: every per-app object of the read path, built in one place.
+
+One :class:`AppState` lives in ``app.extensions["service"]``. It owns the clock (one
+injected wall clock and one monotonic clock, shared by every piece, so a test moves time
+for all of them at once) and wires the pieces: the store of the SWR namespace over the
+worker's pool, the two tiers, leases, negative caching, the admin's ledger, the
+refresher, the loader and the region. Building it connects nothing and spawns nothing:
+sockets open on first use in the worker, and the refresher starts after fork.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, current_app
+
+from .clients import ClientPool, pool_for
+from .config import Settings
+from .lease import Leases
+from .ledger import Ledger
+from .loader import Loader, Runner
+from .negative import ErrorMemo
+from .refresher import Refresher
+from .region import Region
+from .store import Store
+from .tiers import LocalTier, TwoTier
+
+EXTENSION = "service"
+
+
+@dataclass
+class AppState:
+    """Everything one app's read path needs (see the module docstring)."""
+
+    app: Flask
+    settings: Settings
+    clock: Callable[[], float]
+    monotonic: Callable[[], float]
+    pool: ClientPool
+    store: Store
+    tiers: TwoTier
+    leases: Leases
+    errors: ErrorMemo
+    ledger: Ledger
+    refresher: Refresher
+    loader: Loader
+    region: Region
+    # Filled by the modules that use them (service.views, service.admin, service.health).
+    extra: dict[str, Any] = field(default_factory=dict)
+    shutting_down: bool = False
+
+
+def swr_namespace(settings: Settings) -> str:
+    """The memcached namespace of SWR entries, leases, counters and generations: apart
+    from the Flask-Caching backend's (``<prefix>.fc``), so no ``cache.get``/``cache.set``
+    can read or clobber an SWR entry."""
+    return f"{settings.cache.key_prefix}.swr"
+
+
+def build(app: Flask, settings: Settings, clock: Callable[[], float] = time.time,
+          monotonic: Callable[[], float] = time.monotonic) -> AppState:
+    """Build and install the state of ``app``; see the module docstring."""
+    pool = pool_for(settings.cache)
+    store = Store(pool, swr_namespace(settings), settings.cache.item_size_max)
+    tiers = TwoTier(store, LocalTier(settings.cache.l1_max_entries), settings.cache.l1_ttl,
+                    monotonic)
+    leases = Leases(store, settings.refresh.lock_lease)
+    errors = ErrorMemo(store, settings.refresh.error_ttl)
+    ledger = Ledger(max(1000, settings.cache.l1_max_entries))
+    refresher = Refresher(app, settings.refresh.concurrency, settings.refresh.backoff_max,
+                          monotonic)
+    loader = Loader(tiers, leases, errors, settings.refresh, in_app_context(app), clock,
+                    monotonic, observer=ledger)
+    region = Region(tiers, loader, refresher, ledger, clock, settings.refresh.xfetch_beta)
+    state = AppState(app, settings, clock, monotonic, pool, store, tiers, leases, errors,
+                     ledger, refresher, loader, region)
+    app.extensions[EXTENSION] = state
+    return state
+
+
+def in_app_context(app: Flask) -> Runner:
+    """A runner that calls a fetch inside a fresh app context of ``app``."""
+
+    def run(fetch: Callable[[], Any]) -> Any:
+        with app.app_context():
+            return fetch()
+
+    return run
+
+
+def state_of(app: Flask | None = None) -> AppState:
+    """The state of ``app`` (default: the current app).
+
+    :raises RuntimeError: the app was not set up with :class:`service.SWR` or
+        :func:`service.create_app`.
+    """
+    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+    state: AppState | None = app.extensions.get(EXTENSION)
+    if state is None:
+        raise RuntimeError("this Flask app has no swr-cache state: call SWR().init_app(app)")
+    return state

@@ -1,0 +1,117 @@
+"""An in-memory stand-in for :class:`service.store.Store`, on a fake clock.
+
+For unit tests of pure decisions (region, loader, waiter, fencing): the same operations
+and return values as the memcached store (``add`` fails when present, ``cas`` answers
+``None`` when the key is gone and ``False`` when it changed, items expire), with no
+sockets. It is never the proof that the system works with memcached: the integration
+suite is.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from service.errors import CacheUnavailable
+from service.store import MISS
+
+_tokens = itertools.count(1)
+
+
+class MemoryStore:
+    """Keys to ``(value, cas token, expires_at or None)``; values are deep-copied in and
+    out, as the codec would. ``down = True`` makes every call raise CacheUnavailable."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.items: dict[str, tuple[Any, bytes, float | None]] = {}
+        self.down = False
+        self.calls: list[str] = []
+
+    def key(self, key: str) -> bytes:
+        return key.encode("utf-8", "backslashreplace")
+
+    def _check(self, op: str) -> None:
+        self.calls.append(op)
+        if self.down:
+            raise CacheUnavailable(f"memory store is down ({op})")
+
+    def _live(self, key: str) -> tuple[Any, bytes, float | None] | None:
+        item = self.items.get(key)
+        if item is not None and item[2] is not None and self.clock() >= item[2]:
+            del self.items[key]
+            return None
+        return item
+
+    def _put(self, key: str, value: Any, ttl: float | None) -> None:
+        expires = self.clock() + ttl if ttl and ttl > 0 else None
+        self.items[key] = (copy.deepcopy(value), str(next(_tokens)).encode(), expires)
+
+    def gets(self, key: str) -> tuple[Any, bytes | None]:
+        self._check("gets")
+        item = self._live(key)
+        return (MISS, None) if item is None else (copy.deepcopy(item[0]), item[1])
+
+    def get(self, key: str) -> Any:
+        return self.gets(key)[0]
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        self._check("get_many")
+        out = {}
+        for key in keys:
+            item = self._live(key)
+            if item is not None:
+                out[key] = copy.deepcopy(item[0])
+        return out
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        self._check("set")
+        self._put(key, value, ttl)
+        return True
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
+        self._check("add")
+        if self._live(key) is not None:
+            return False
+        self._put(key, value, ttl)
+        return True
+
+    def cas(self, key: str, value: Any, token: bytes, ttl: float | None = None) -> bool | None:
+        self._check("cas")
+        item = self._live(key)
+        if item is None:
+            return None
+        if item[1] != token:
+            return False
+        self._put(key, value, ttl)
+        return True
+
+    def delete(self, key: str) -> bool:
+        self._check("delete")
+        return self.items.pop(key, None) is not None
+
+    def delete_if(self, key: str, expected: Any) -> bool:
+        self._check("delete_if")
+        item = self._live(key)
+        if item is None or item[0] != expected:
+            return False
+        del self.items[key]
+        return True
+
+    def add_counter(self, key: str, initial: int = 0) -> bool:
+        return self.add(key, initial)
+
+    def incr(self, key: str, delta: int = 1) -> int | None:
+        self._check("incr")
+        item = self._live(key)
+        if item is None:
+            return None
+        value = int(item[0]) + delta
+        self.items[key] = (value, str(next(_tokens)).encode(), item[2])
+        return value
+
+    def get_counter(self, key: str) -> int | None:
+        value = self.get(key)
+        return None if value is MISS else int(value)

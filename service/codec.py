@@ -1,36 +1,86 @@
-"""The versioned, safe format of every value this service writes to memcached.
+r"""The versioned, safe format of every value this service writes to memcached.
 
 memcached is shared: another app, an older release of ours, or an attacker who can reach
 port 11211 may have written the bytes we read. So a value is data, never code: it is
 decoded as JSON (orjson) or as raw bytes, never unpickled, and anything that does not
 start with our header is refused with :class:`~service.errors.CodecError`, which callers
-treat as a miss.
+treat as a miss. Decoding raises nothing else, whatever the bytes.
 
 Layout: ``MAGIC (3 bytes) | VERSION (1 byte) | KIND (1 byte) | payload``.
 
 =====  =====================================================================
 kind   payload
 =====  =====================================================================
-``b``  raw bytes
-``s``  UTF-8 text
-``j``  JSON that decodes to the value as it is
-``t``  JSON with tags for what JSON cannot say: bytes, tuples, dicts whose
-       keys are not text, big integers, non-finite floats, Flask responses
+``b``  raw bytes (``bytes``; a ``bytearray`` or ``memoryview`` comes back as bytes)
+``s``  UTF-8 text (exactly ``str``)
+``j``  JSON that decodes to the value as it is: only exact ``dict`` (text keys),
+       ``list``, ``str``, ``int`` (64-bit), finite ``float``, ``bool`` and ``None``
+``t``  JSON with tags, below, for everything else
 ``c``  a chunk manifest (see :mod:`service.store`): the value is split over items
 =====  =====================================================================
 
+A tag is a one-key object whose key is NUL and a letter; a real dict that looks like one
+is itself wrapped in ``\0d``. In the ``t`` payload:
+
+=======  ========================  ================================================
+tag      type                      payload
+=======  ========================  ================================================
+``\0t``  tuple                     [values]
+``\0b``  bytes                     base64 (a bytearray or memoryview comes back as bytes)
+``\0d``  dict, keys not all text   [[key, value], ...]
+``\0o``  OrderedDict               [[key, value], ...]
+``\0s``  set                       [values], sorted by their JSON so that equal sets
+``\0z``  frozenset                 encode alike in every process (ETags, memoize keys)
+``\0i``  int beyond 64 bits        decimal text
+``\0f``  float inf, -inf, nan      ``repr``
+``\0n``  decimal.Decimal           its text, exact; exponent and length within 4300
+``\0u``  uuid.UUID                 its text
+``\0m``  markupsafe.Markup         the markup text
+``\0D``  datetime.date             ISO 8601
+``\0T``  datetime.datetime         [naive ISO 8601, fold, tz]; tz is null, [offset in
+``\0H``  datetime.time             microseconds, name or null] for a ``datetime.timezone``,
+                                   or the key of a ``zoneinfo.ZoneInfo``
+``\0p``  datetime.timedelta        [days, seconds, microseconds]
+``\0r``  flask.Response            {status, headers, body (base64)}
+``\0c``  a dataclass               [module:qualname, {field: value}], every field
+``\0N``  a NamedTuple              [module:qualname, [values]]
+``\0e``  an Enum member            [module:qualname, member name]
+=======  ========================  ================================================
+
+Exact types are checked (``type(v) is dict``), not ``isinstance``: a ``defaultdict``, a
+``Counter``, a ``str`` subclass or an arbitrary object would come back as something else,
+so :func:`encode` refuses it and names its type instead.
+
+Why a registry. A class is named on the wire as ``module:qualname``, but decoding never
+imports a module or looks a name up from the bytes: that would let whoever can write to
+memcached choose which code runs in our workers. A name resolves only through a registry of
+classes this process has vouched for: a class is added the first time one of its values is
+encoded here, or explicitly with :func:`register` in a process that only reads. An unknown
+name is a :class:`CodecError`, i.e. a miss.
+
 A new layout gets a new VERSION; a reader that sees a version it does not know treats the
 value as a miss, so a rolling deploy never misreads an item written by the other release.
+An older release that meets a tag it does not know also treats the value as a miss.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import enum
+import functools
 import math
-from typing import Any
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
+from decimal import Decimal
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
 
 import orjson
 from flask import Response
+from markupsafe import Markup
 
 from .errors import CodecError
 
@@ -45,12 +95,18 @@ KIND_JSON = b"j"
 KIND_TAGGED = b"t"
 KIND_CHUNKED = b"c"
 
-# Tags are single-key objects whose key starts with NUL, which no JSON produced by a
-# sane program uses; a real dict that happens to look like a tag is itself wrapped.
-_T_BYTES, _T_TUPLE, _T_DICT, _T_INT, _T_FLOAT, _T_RESPONSE = (
-    "\x00b", "\x00t", "\x00d", "\x00i", "\x00f", "\x00r",
-)
 _INT_LIMIT = 2**63
+# CPython caps int <-> str conversion at 4300 digits against the same denial of service
+# (CVE-2020-10735): a hostile Decimal("1e999999999") parses cheaply, but int() or
+# f"{d:f}" of it would build a billion digits. So its text and exponent stay within this.
+_DECIMAL_LIMIT = 4300
+_US = timedelta(microseconds=1)
+_ATOMS, _TEXT, _FLOAT = {str, int, bool, type(None)}, {str}, {float}
+_SCALARS = _ATOMS | _FLOAT
+_C = TypeVar("_C", bound=type)
+
+# "module:qualname" -> (class, its tag). Filled from classes only, never from bytes read.
+_classes: dict[str, tuple[type, str]] = {}
 
 
 def header(kind: bytes) -> bytes:
@@ -58,22 +114,44 @@ def header(kind: bytes) -> bytes:
 
 
 def encode(value: Any) -> bytes:
-    """Encode a value: bytes, text, JSON-like data, tuples, or a Flask response.
+    """Encode a value of one of the types in the module docstring.
 
-    :raises CodecError: the value holds something the format cannot represent (the
+    Exact builtin JSON types take one checking pass and one ``orjson.dumps``; only a
+    value that holds something else is rebuilt with tags.
+
+    :raises CodecError: the value holds something the format cannot carry faithfully (the
         message names its type); the caller decides whether to skip caching it.
     """
-    if isinstance(value, bytes | bytearray | memoryview):
+    t = type(value)
+    if t is bytes or t is bytearray or t is memoryview:
         return header(KIND_BYTES) + bytes(value)
-    if isinstance(value, str):
-        return header(KIND_TEXT) + value.encode("utf-8", "surrogatepass")
-    tagged = [False]
-    tree = _tag(value, tagged)
+    if t is str:
+        return header(KIND_TEXT) + str.encode(value, "utf-8", "surrogatepass")
     try:
-        payload = orjson.dumps(tree)
+        if _is_plain(value):
+            try:
+                return header(KIND_JSON) + orjson.dumps(value)
+            except orjson.JSONEncodeError:
+                pass  # an int beyond 64 bits (or nesting too deep): the tagged path decides
+        return header(KIND_TAGGED) + orjson.dumps(_tag(value))
+    except RecursionError:
+        raise CodecError("cannot encode a value nested too deeply or containing itself"
+                         ) from None
     except (TypeError, orjson.JSONEncodeError) as exc:
-        raise CodecError(f"cannot encode {type(value).__name__}: {exc}") from exc
-    return header(KIND_TAGGED if tagged[0] else KIND_JSON) + payload
+        raise CodecError(f"cannot encode {_name(t)}: {exc}") from exc
+
+
+def register(cls: _C) -> _C:
+    """Let this process decode values of a dataclass, NamedTuple or Enum class.
+
+    Encoding registers a class by itself; a process that only reads (a worker serving
+    what another computed) calls this at import time, next to the class, or uses it as a
+    class decorator.
+
+    :raises CodecError: not such a class, or another class is registered under its name.
+    """
+    _register(cls)
+    return cls
 
 
 def kind_of(data: bytes) -> bytes:
@@ -92,7 +170,8 @@ def decode(data: bytes) -> Any:
     """Decode what :func:`encode` wrote.
 
     :raises CodecError: garbage, another program's bytes (a pickle, say), an unknown
-        version or kind, or a chunk manifest (which :mod:`service.store` resolves first).
+        version, kind, tag or class, or a chunk manifest (which :mod:`service.store`
+        resolves first). Never anything else, whatever the bytes.
     """
     kind = kind_of(data)
     payload = memoryview(data)[HEADER_LEN:]
@@ -105,82 +184,316 @@ def decode(data: bytes) -> Any:
             return orjson.loads(payload)
         if kind == KIND_TAGGED:
             return _untag(orjson.loads(payload))
-    except (orjson.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
-        raise CodecError(f"corrupt {kind.decode('ascii', 'replace')!r} value: {exc}") from exc
+    # Every way a payload can be malformed: bad JSON, UTF-8, base64, ISO dates or zone keys
+    # (ValueError), a tag payload of the wrong shape (TypeError, LookupError), a date,
+    # timedelta or Decimal out of range (ValueError, ArithmeticError), nesting too deep.
+    except (ValueError, TypeError, LookupError, ArithmeticError, RecursionError) as exc:
+        raise CodecError(f"corrupt {kind.decode('ascii', 'replace')!r} value: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     raise CodecError(f"unknown kind {kind!r}")
 
 
-def _tag(v: Any, tagged: list[bool]) -> Any:
-    if v is None or v is True or v is False or type(v) is str:
+# ---- encoding ------------------------------------------------------------------------
+
+def _is_plain(v: Any) -> bool:
+    """True when orjson alone writes ``v`` so that it reads back equal and same-typed.
+
+    Ints are not range-checked: orjson refuses those beyond 64 bits, and :func:`encode`
+    then takes the tagged path. The sets of types are built at C speed.
+    """
+    t = type(v)
+    if t is list:
+        items = v
+    elif t is dict:
+        if not set(map(type, v)) <= _TEXT:
+            return False
+        items = v.values()
+    else:
+        return t in _ATOMS or (t is float and v - v == 0.0)  # False for inf and nan
+    kinds = set(map(type, items))
+    if kinds <= _ATOMS:
+        return True
+    if kinds <= _SCALARS:  # only the floats need a look: are they finite?
+        floats = items if kinds == _FLOAT else [x for x in items if type(x) is float]
+        return all(map(math.isfinite, floats))
+    return all(map(_is_plain, items))
+
+
+def _tag(v: Any) -> Any:
+    t = type(v)
+    if t is str or t is bool or v is None:
         return v
-    if isinstance(v, int):
+    if t is int:
         if -_INT_LIMIT <= v < _INT_LIMIT:
-            return int(v)
-        tagged[0] = True
-        return {_T_INT: str(int(v))}
-    if isinstance(v, float):
-        if math.isfinite(v):
             return v
-        tagged[0] = True
-        return {_T_FLOAT: repr(v)}
-    if isinstance(v, str):
-        return str(v)
-    if isinstance(v, list):
-        return [_tag(x, tagged) for x in v]
-    if isinstance(v, dict):
-        if all(type(k) is str for k in v) and not (len(v) == 1 and next(iter(v))[:1] == "\x00"):
-            return {k: _tag(x, tagged) for k, x in v.items()}
-        tagged[0] = True
-        return {_T_DICT: [[_tag(k, tagged), _tag(x, tagged)] for k, x in v.items()]}
-    tagged[0] = True
-    if isinstance(v, tuple):
-        return {_T_TUPLE: [_tag(x, tagged) for x in v]}
-    if isinstance(v, bytes | bytearray | memoryview):
-        return {_T_BYTES: base64.b64encode(bytes(v)).decode("ascii")}
+        try:
+            return {"\x00i": str(v)}
+        except ValueError as exc:  # beyond CPython's int -> str limit
+            raise CodecError(f"cannot encode an int this large: {exc}") from None
+    if t is float:
+        return v if v - v == 0.0 else {"\x00f": repr(v)}
+    if t is list:
+        return [_tag(x) for x in v]
+    if t is bytearray or t is memoryview:
+        return _tag(bytes(v))
+    if t is dict:
+        if set(map(type, v)) <= _TEXT and not (len(v) == 1 and next(iter(v))[:1] == "\x00"):
+            return {k: _tag(x) for k, x in v.items()}
+        return {"\x00d": _pairs(v)}
+    encoder = _ENCODERS.get(t)
+    if encoder is not None:
+        return encoder(v)
+    if isinstance(v, enum.Enum):
+        if t.__members__.get(v.name) is not v:  # a combination of flags, say
+            raise CodecError(f"cannot encode {v!r}: not a single member of {_name(t)}")
+        return {"\x00e": [_register(t), v.name]}
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _tag_dataclass(v)
+    if isinstance(v, tuple) and _tag_of_class(t) == "\x00N":
+        if getattr(v, "__dict__", None):
+            raise CodecError(f"cannot encode {_name(t)}: it has attributes besides its fields")
+        return {"\x00N": [_register(t), [_tag(x) for x in v]]}
     if isinstance(v, Response):
+        # A response is carried as its HTTP meaning: any subclass comes back a flask.Response.
         if v.is_streamed:
             raise CodecError("cannot encode a streamed response")
-        return {_T_RESPONSE: {
-            "status": v.status_code,
-            "headers": [[k, x] for k, x in v.headers.items()],
-            "body": base64.b64encode(v.get_data()).decode("ascii"),
-        }}
-    raise CodecError(f"cannot encode a value of type {type(v).__name__}")
+        return {"\x00r": {"status": v.status_code, "headers": [list(h) for h in v.headers],
+                          "body": base64.b64encode(v.get_data()).decode("ascii")}}
+    raise CodecError(f"cannot encode a value of type {_name(t)}: only the exact types listed "
+                     "in service.codec are carried (a subclass would come back as its base)")
+
+
+def _pairs(v: dict[Any, Any]) -> list[list[Any]]:
+    return [[_tag(k), _tag(x)] for k, x in v.items()]
+
+
+def _tag_tz(tz: tzinfo | None) -> Any:
+    if tz is None:
+        return None
+    if type(tz) is timezone:
+        offset, name = tz.utcoffset(None), tz.tzname(None)
+        return [offset // _US, None if timezone(offset).tzname(None) == name else name]
+    if type(tz) is ZoneInfo and tz.key is not None:
+        return tz.key
+    raise CodecError(f"cannot encode a tzinfo of type {_name(type(tz))}: only "
+                     "datetime.timezone and zoneinfo.ZoneInfo (with a key) are carried")
+
+
+def _tag_dataclass(v: Any) -> Any:
+    cls = type(v)
+    name = _register(cls)
+    fields = dataclasses.fields(v)
+    names = {f.name for f in fields}
+    # State outside the fields would be lost, since decoding does not run __init__ (see
+    # _dataclass_from); a functools.cached_property is recomputed on use, so it may go.
+    lost = [a for a in getattr(v, "__dict__", ())
+            if a not in names and not isinstance(getattr(cls, a, None), functools.cached_property)]
+    if lost:
+        raise CodecError(f"cannot encode {_name(cls)}: attributes {lost} are not fields")
+    state = {}
+    for f in fields:
+        try:
+            state[f.name] = _tag(getattr(v, f.name))
+        except AttributeError:
+            raise CodecError(f"cannot encode {_name(cls)}: field {f.name!r} is unset") from None
+    return {"\x00c": [name, state]}
+
+
+_ENCODERS: dict[type, Callable[[Any], Any]] = {
+    tuple: lambda v: {"\x00t": [_tag(x) for x in v]},
+    bytes: lambda v: {"\x00b": base64.b64encode(v).decode("ascii")},
+    OrderedDict: lambda v: {"\x00o": _pairs(v)},
+    set: lambda v: {"\x00s": sorted(map(_tag, v), key=orjson.dumps)},
+    frozenset: lambda v: {"\x00z": sorted(map(_tag, v), key=orjson.dumps)},
+    Decimal: lambda v: {"\x00n": _check_decimal(v, str(v))},
+    uuid.UUID: lambda v: {"\x00u": str(v)},
+    Markup: lambda v: {"\x00m": str.__str__(v)},
+    date: lambda v: {"\x00D": v.isoformat()},
+    datetime: lambda v: {"\x00T": [v.replace(tzinfo=None).isoformat(), v.fold,
+                                   _tag_tz(v.tzinfo)]},
+    time: lambda v: {"\x00H": [v.replace(tzinfo=None).isoformat(), v.fold, _tag_tz(v.tzinfo)]},
+    timedelta: lambda v: {"\x00p": [v.days, v.seconds, v.microseconds]},
+}
+
+
+# ---- the class registry ----------------------------------------------------------------
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _tag_of_class(cls: Any) -> str | None:
+    """The tag for values of ``cls``, or None when it is not carried by class."""
+    if not isinstance(cls, type):
+        return None
+    if issubclass(cls, enum.Enum):
+        return "\x00e"
+    if dataclasses.is_dataclass(cls):
+        # Rebuilt with object.__new__, which a builtin base or a custom __new__ rules out.
+        return "\x00c" if cls.__new__ is object.__new__ else None
+    fields = getattr(cls, "_fields", None)
+    if issubclass(cls, tuple) and type(fields) is tuple and set(map(type, fields)) <= _TEXT:
+        return "\x00N"
+    return None
+
+
+def _register(cls: type) -> str:
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    known = _classes.get(name)
+    if known is not None and known[0] is cls:
+        return name
+    if known is not None:
+        raise CodecError(f"{name} is already registered for another class of that name")
+    tag = _tag_of_class(cls)
+    if tag is None:
+        raise CodecError(f"cannot register {cls!r}: only dataclasses (with object's "
+                         "__new__), NamedTuples and Enums are carried by class")
+    _classes[name] = (cls, tag)
+    return name
+
+
+def _lookup(name: Any, tag: str) -> Any:
+    """The registered class ``name`` names. Never imports, never resolves anything else."""
+    known = _classes.get(_want(str, name))
+    if known is None:
+        short = name[:200].rpartition(":")[2] or "TheClass"
+        raise CodecError(f"cannot decode a value of class {name[:200]!r}: it is not "
+                         f"registered in this process; call service.codec.register({short}) "
+                         "where the class is defined")
+    if known[1] != tag:
+        raise ValueError(f"{name} is not the kind of class its tag says")
+    return known[0]
+
+
+# ---- decoding --------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _want(kind: type[_T], v: Any) -> _T:
+    if type(v) is not kind:  # exact: True is not an int here
+        raise TypeError(f"expected {kind.__name__}, got {type(v).__name__}")
+    return v
 
 
 def _untag(v: Any) -> Any:
-    if isinstance(v, list):
+    if type(v) is list:
         return [_untag(x) for x in v]
-    if not isinstance(v, dict):
+    if type(v) is not dict:
         return v
     if len(v) == 1:
         (tag, inner), = v.items()
         if tag[:1] == "\x00":
-            return _untag_one(tag, inner)
+            decoder = _DECODERS.get(tag)
+            if decoder is None:
+                raise ValueError(f"unknown tag {tag[:20]!r}")
+            return decoder(inner)
     return {k: _untag(x) for k, x in v.items()}
 
 
-def _untag_one(tag: str, inner: Any) -> Any:
-    if tag == _T_TUPLE:
-        return tuple(_untag(x) for x in inner)
-    if tag == _T_BYTES:
-        return base64.b64decode(inner, validate=True)
-    if tag == _T_DICT:
-        return {_hashable(_untag(k)): _untag(x) for k, x in inner}
-    if tag == _T_INT:
-        return int(inner)
-    if tag == _T_FLOAT:
-        return float(inner)
-    if tag == _T_RESPONSE:
-        response = Response(base64.b64decode(inner["body"], validate=True), inner["status"])
-        response.headers.clear()
-        for k, x in inner["headers"]:
-            response.headers.add(str(k), str(x))
-        return response
-    raise ValueError(f"unknown tag {tag!r}")
+def _check_decimal(d: Decimal | None, text: str) -> str:
+    exponent = 0 if d is None else d.as_tuple().exponent
+    if len(text) > _DECIMAL_LIMIT + 20 or (
+            type(exponent) is int and not -_DECIMAL_LIMIT <= exponent <= _DECIMAL_LIMIT):
+        raise CodecError(f"a Decimal beyond {_DECIMAL_LIMIT} digits or exponent")
+    return text
 
 
-def _hashable(k: Any) -> Any:
-    if isinstance(k, list | dict):
-        raise TypeError("a dict key decoded to an unhashable value")
-    return k
+def _decimal_from(inner: Any) -> Decimal:
+    text = _check_decimal(None, _want(str, inner))  # the length first: parsing stays cheap
+    d = Decimal(text)
+    _check_decimal(d, text)
+    return d
+
+
+def _tz_from(v: Any) -> tzinfo | None:
+    if v is None:
+        return None
+    if type(v) is str:
+        try:
+            # A zone key is data: ZoneInfo accepts only a relative path under TZPATH.
+            return ZoneInfo(v)
+        except OSError as exc:
+            raise ValueError(f"unreadable time zone {v[:50]!r}") from exc
+    offset, name = _want(list, v)
+    delta = timedelta(microseconds=_want(int, offset))
+    return timezone(delta) if name is None else timezone(delta, _want(str, name))
+
+
+def _clock_from(cls: type[datetime] | type[time], inner: Any) -> Any:
+    iso, fold, tz = _want(list, inner)
+    naive = cls.fromisoformat(_want(str, iso))
+    return naive.replace(tzinfo=_tz_from(tz), fold=_want(int, fold))
+
+
+def _timedelta_from(inner: Any) -> timedelta:
+    days, seconds, microseconds = _want(list, inner)
+    return timedelta(_want(int, days), _want(int, seconds), _want(int, microseconds))
+
+
+def _dataclass_from(inner: Any) -> Any:
+    name, state = _want(list, inner)
+    cls = _lookup(name, "\x00c")
+    fields = dataclasses.fields(cls)
+    if type(state) is not dict or set(state) != {f.name for f in fields}:
+        raise ValueError(f"stored fields do not match {_name(cls)}'s (another release?)")
+    # Rebuilt without __init__ or __post_init__: a cache read must not repeat what the
+    # constructor does (I/O, counting, registering), and decoding runs no user code. So
+    # every field is stored, init=False ones too: they hold what __post_init__ computed
+    # when the value was made, and rerunning it is exactly what we avoid. object.__setattr__
+    # fills frozen and slotted dataclasses alike. The price: the constructor's validation
+    # is not re-run on what memcached hands back.
+    obj = object.__new__(cls)
+    for f in fields:
+        object.__setattr__(obj, f.name, _untag(state[f.name]))
+    return obj
+
+
+def _namedtuple_from(inner: Any) -> Any:
+    name, values = _want(list, inner)
+    cls = _lookup(name, "\x00N")
+    if len(_want(list, values)) != len(cls._fields):
+        raise ValueError(f"stored fields do not match {_name(cls)}'s (another release?)")
+    return tuple.__new__(cls, [_untag(x) for x in values])  # no user __new__ or _make
+
+
+def _enum_from(inner: Any) -> Any:
+    name, member = _want(list, inner)
+    return _lookup(name, "\x00e").__members__[_want(str, member)]
+
+
+def _response_from(inner: Any) -> Response:
+    body, status = _want(dict, inner)["body"], inner["status"]
+    response = Response(base64.b64decode(_want(str, body), validate=True), _want(int, status))
+    response.headers.clear()
+    for pair in _want(list, inner["headers"]):
+        k, x = _want(list, pair)
+        response.headers.add(_want(str, k), _want(str, x))
+    return response
+
+
+def _pairs_from(inner: Any) -> list[tuple[Any, Any]]:
+    return [(_untag(k), _untag(x)) for k, x in (_want(list, p) for p in _want(list, inner))]
+
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "\x00t": lambda v: tuple(_untag(x) for x in _want(list, v)),
+    "\x00b": lambda v: base64.b64decode(_want(str, v), validate=True),
+    "\x00d": lambda v: dict(_pairs_from(v)),
+    "\x00o": lambda v: OrderedDict(_pairs_from(v)),
+    "\x00s": lambda v: {_untag(x) for x in _want(list, v)},
+    "\x00z": lambda v: frozenset(_untag(x) for x in _want(list, v)),
+    "\x00i": lambda v: int(_want(str, v)),
+    "\x00f": lambda v: float(_want(str, v)),
+    "\x00n": _decimal_from,
+    "\x00u": lambda v: uuid.UUID(_want(str, v)),
+    "\x00m": lambda v: Markup(_want(str, v)),
+    "\x00D": lambda v: date.fromisoformat(_want(str, v)),
+    "\x00T": lambda v: _clock_from(datetime, v),
+    "\x00H": lambda v: _clock_from(time, v),
+    "\x00p": _timedelta_from,
+    "\x00r": _response_from,
+    "\x00c": _dataclass_from,
+    "\x00N": _namedtuple_from,
+    "\x00e": _enum_from,
+}

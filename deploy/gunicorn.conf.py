@@ -75,21 +75,20 @@ def child_exit(server, worker):
 
 
 # -- per-worker start and stop ----------------------------------------------------------------
+# post_worker_init runs in the worker after gevent patched it and the app was loaded: the
+# right moment to start per-worker greenlets and threads (post_fork runs before the
+# patch). worker_exit runs in the worker as it exits: running refreshes finish and release
+# their leases, then the process pool stops. A library user's own gunicorn config imports
+# the same two hooks (see the README). They are imported inside the functions: this file is
+# evaluated in the master, which must not import the app's modules (urllib3 imports ssl
+# before gevent patches the worker).
 def post_worker_init(worker):
-    # After gevent patched this worker and the app was loaded: the right moment to start
-    # per-worker greenlets and threads (post_fork runs before the patch).
-    from service.worker import find_app, started
+    from service.worker import post_worker_init as start
 
-    app = find_app(worker.wsgi)
-    if app is not None:
-        started(app)
+    start(worker)
 
 
 def worker_exit(server, worker):
-    # In the worker, as it exits: drain the refresher (running refreshes finish and
-    # release their leases), then stop the process pool.
-    from service.worker import find_app, stopping
+    from service.worker import worker_exit as drain
 
-    app = find_app(getattr(worker, "wsgi", None))
-    if app is not None:
-        stopping(app, timeout=min(10.0, graceful_timeout / 2))
+    drain(server, worker)

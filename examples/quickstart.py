@@ -1,7 +1,8 @@
 """A Flask-Caching user's app moved to stale-while-revalidate: the README's example.
 
 Run it:  gunicorn -c deploy/gunicorn.conf.py examples.quickstart:app
-(with a memcached on 127.0.0.1:11211, or set SERVICE_SETTINGS to your settings file).
+It needs no settings file: the memcached servers come from Flask's config, here from the
+environment (FLASK_CACHE_MEMCACHED_SERVERS='["10.0.0.5:11211"]'), 127.0.0.1:11211 by default.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from flask import Flask, jsonify, request
 from service import SWR
 
 app = Flask(__name__)
+app.config["CACHE_MEMCACHED_SERVERS"] = ["127.0.0.1:11211"]
+app.config.from_prefixed_env()   # FLASK_CACHE_MEMCACHED_SERVERS, FLASK_CACHE_KEY_PREFIX...
 swr = SWR()
 
 
@@ -30,6 +33,17 @@ def build_report(region: str) -> dict[str, object]:
 def report():  # type: ignore[no-untyped-def]
     # Runs once per window for the whole fleet; readers of a stale entry get it at once.
     return jsonify(build_report(request.args.get("region", "eu")))
+
+
+@swr.memoize(max_age=300, stale_while_revalidate=3600)
+def user_name(user_id: int) -> str:
+    # Keyed by its arguments, inside a request too: user_name(1) and user_name(2) differ.
+    return f"user-{user_id}"
+
+
+@app.get("/users/<int:user_id>")
+def user(user_id: int):  # type: ignore[no-untyped-def]
+    return jsonify(name=user_name(user_id))
 
 
 @swr.periodic("exchange-rates", every=3600)
@@ -50,4 +64,4 @@ def legacy() -> str:
     return f"cached at {time.time()}"
 
 
-swr.init_app(app)   # settings.toml, or the file named by SERVICE_SETTINGS
+swr.init_app(app)   # defaults, then app.config, then SERVICE_SETTINGS if it is set

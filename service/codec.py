@@ -51,12 +51,10 @@ Exact types are checked (``type(v) is dict``), not ``isinstance``: a ``defaultdi
 ``Counter``, a ``str`` subclass or an arbitrary object would come back as something else,
 so :func:`encode` refuses it and names its type instead.
 
-Why a registry. A class is named on the wire as ``module:qualname``, but decoding never
-imports a module or looks a name up from the bytes: that would let whoever can write to
-memcached choose which code runs in our workers. A name resolves only through a registry of
-classes this process has vouched for: a class is added the first time one of its values is
-encoded here, or explicitly with :func:`register` in a process that only reads. An unknown
-name is a :class:`CodecError`, i.e. a miss.
+A class is named on the wire as ``module:qualname`` and resolves only through the registry
+in :mod:`service.classes`, never by importing: that module says why, and how a class gets
+registered (its :func:`~service.classes.register` is re-exported here). An unknown name is a
+:class:`CodecError`, i.e. a miss.
 
 A new layout gets a new VERSION; a reader that sees a version it does not know treats the
 value as a miss, so a rolling deploy never misreads an item written by the other release.
@@ -68,7 +66,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import enum
-import functools
 import math
 import uuid
 from collections import OrderedDict
@@ -82,6 +79,8 @@ import orjson
 from flask import Response
 from markupsafe import Markup
 
+from . import classes
+from .classes import register as register  # public API, re-exported
 from .errors import CodecError
 
 MAGIC = b"\x00sw"
@@ -103,10 +102,6 @@ _DECIMAL_LIMIT = 4300
 _US = timedelta(microseconds=1)
 _ATOMS, _TEXT, _FLOAT = {str, int, bool, type(None)}, {str}, {float}
 _SCALARS = _ATOMS | _FLOAT
-_C = TypeVar("_C", bound=type)
-
-# "module:qualname" -> (class, its tag). Filled from classes only, never from bytes read.
-_classes: dict[str, tuple[type, str]] = {}
 
 
 def header(kind: bytes) -> bytes:
@@ -138,20 +133,7 @@ def encode(value: Any) -> bytes:
         raise CodecError("cannot encode a value nested too deeply or containing itself"
                          ) from None
     except (TypeError, orjson.JSONEncodeError) as exc:
-        raise CodecError(f"cannot encode {_name(t)}: {exc}") from exc
-
-
-def register(cls: _C) -> _C:
-    """Let this process decode values of a dataclass, NamedTuple or Enum class.
-
-    Encoding registers a class by itself; a process that only reads (a worker serving
-    what another computed) calls this at import time, next to the class, or uses it as a
-    class decorator.
-
-    :raises CodecError: not such a class, or another class is registered under its name.
-    """
-    _register(cls)
-    return cls
+        raise CodecError(f"cannot encode {classes.name_of(t)}: {exc}") from exc
 
 
 def kind_of(data: bytes) -> bytes:
@@ -243,24 +225,22 @@ def _tag(v: Any) -> Any:
     encoder = _ENCODERS.get(t)
     if encoder is not None:
         return encoder(v)
+    # Values carried by class: their class is registered in service.classes as they go.
     if isinstance(v, enum.Enum):
-        if t.__members__.get(v.name) is not v:  # a combination of flags, say
-            raise CodecError(f"cannot encode {v!r}: not a single member of {_name(t)}")
-        return {"\x00e": [_register(t), v.name]}
+        return classes.tag_enum(v)
     if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return _tag_dataclass(v)
-    if isinstance(v, tuple) and _tag_of_class(t) == "\x00N":
-        if getattr(v, "__dict__", None):
-            raise CodecError(f"cannot encode {_name(t)}: it has attributes besides its fields")
-        return {"\x00N": [_register(t), [_tag(x) for x in v]]}
+        return classes.tag_dataclass(v, _tag)
+    if isinstance(v, tuple) and classes.tag_of_class(t) == "\x00N":
+        return classes.tag_namedtuple(v, _tag)
     if isinstance(v, Response):
         # A response is carried as its HTTP meaning: any subclass comes back a flask.Response.
         if v.is_streamed:
             raise CodecError("cannot encode a streamed response")
         return {"\x00r": {"status": v.status_code, "headers": [list(h) for h in v.headers],
                           "body": base64.b64encode(v.get_data()).decode("ascii")}}
-    raise CodecError(f"cannot encode a value of type {_name(t)}: only the exact types listed "
-                     "in service.codec are carried (a subclass would come back as its base)")
+    raise CodecError(f"cannot encode a value of type {classes.name_of(t)}: only the exact "
+                     "types listed in service.codec are carried (a subclass would come back "
+                     "as its base)")
 
 
 def _pairs(v: dict[Any, Any]) -> list[list[Any]]:
@@ -275,28 +255,8 @@ def _tag_tz(tz: tzinfo | None) -> Any:
         return [offset // _US, None if timezone(offset).tzname(None) == name else name]
     if type(tz) is ZoneInfo and tz.key is not None:
         return tz.key
-    raise CodecError(f"cannot encode a tzinfo of type {_name(type(tz))}: only "
+    raise CodecError(f"cannot encode a tzinfo of type {classes.name_of(type(tz))}: only "
                      "datetime.timezone and zoneinfo.ZoneInfo (with a key) are carried")
-
-
-def _tag_dataclass(v: Any) -> Any:
-    cls = type(v)
-    name = _register(cls)
-    fields = dataclasses.fields(v)
-    names = {f.name for f in fields}
-    # State outside the fields would be lost, since decoding does not run __init__ (see
-    # _dataclass_from); a functools.cached_property is recomputed on use, so it may go.
-    lost = [a for a in getattr(v, "__dict__", ())
-            if a not in names and not isinstance(getattr(cls, a, None), functools.cached_property)]
-    if lost:
-        raise CodecError(f"cannot encode {_name(cls)}: attributes {lost} are not fields")
-    state = {}
-    for f in fields:
-        try:
-            state[f.name] = _tag(getattr(v, f.name))
-        except AttributeError:
-            raise CodecError(f"cannot encode {_name(cls)}: field {f.name!r} is unset") from None
-    return {"\x00c": [name, state]}
 
 
 _ENCODERS: dict[type, Callable[[Any], Any]] = {
@@ -314,55 +274,6 @@ _ENCODERS: dict[type, Callable[[Any], Any]] = {
     time: lambda v: {"\x00H": [v.replace(tzinfo=None).isoformat(), v.fold, _tag_tz(v.tzinfo)]},
     timedelta: lambda v: {"\x00p": [v.days, v.seconds, v.microseconds]},
 }
-
-
-# ---- the class registry ----------------------------------------------------------------
-
-def _name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _tag_of_class(cls: Any) -> str | None:
-    """The tag for values of ``cls``, or None when it is not carried by class."""
-    if not isinstance(cls, type):
-        return None
-    if issubclass(cls, enum.Enum):
-        return "\x00e"
-    if dataclasses.is_dataclass(cls):
-        # Rebuilt with object.__new__, which a builtin base or a custom __new__ rules out.
-        return "\x00c" if cls.__new__ is object.__new__ else None
-    fields = getattr(cls, "_fields", None)
-    if issubclass(cls, tuple) and type(fields) is tuple and set(map(type, fields)) <= _TEXT:
-        return "\x00N"
-    return None
-
-
-def _register(cls: type) -> str:
-    name = f"{cls.__module__}:{cls.__qualname__}"
-    known = _classes.get(name)
-    if known is not None and known[0] is cls:
-        return name
-    if known is not None:
-        raise CodecError(f"{name} is already registered for another class of that name")
-    tag = _tag_of_class(cls)
-    if tag is None:
-        raise CodecError(f"cannot register {cls!r}: only dataclasses (with object's "
-                         "__new__), NamedTuples and Enums are carried by class")
-    _classes[name] = (cls, tag)
-    return name
-
-
-def _lookup(name: Any, tag: str) -> Any:
-    """The registered class ``name`` names. Never imports, never resolves anything else."""
-    known = _classes.get(_want(str, name))
-    if known is None:
-        short = name[:200].rpartition(":")[2] or "TheClass"
-        raise CodecError(f"cannot decode a value of class {name[:200]!r}: it is not "
-                         f"registered in this process; call service.codec.register({short}) "
-                         "where the class is defined")
-    if known[1] != tag:
-        raise ValueError(f"{name} is not the kind of class its tag says")
-    return known[0]
 
 
 # ---- decoding --------------------------------------------------------------------------
@@ -431,37 +342,6 @@ def _timedelta_from(inner: Any) -> timedelta:
     return timedelta(_want(int, days), _want(int, seconds), _want(int, microseconds))
 
 
-def _dataclass_from(inner: Any) -> Any:
-    name, state = _want(list, inner)
-    cls = _lookup(name, "\x00c")
-    fields = dataclasses.fields(cls)
-    if type(state) is not dict or set(state) != {f.name for f in fields}:
-        raise ValueError(f"stored fields do not match {_name(cls)}'s (another release?)")
-    # Rebuilt without __init__ or __post_init__: a cache read must not repeat what the
-    # constructor does (I/O, counting, registering), and decoding runs no user code. So
-    # every field is stored, init=False ones too: they hold what __post_init__ computed
-    # when the value was made, and rerunning it is exactly what we avoid. object.__setattr__
-    # fills frozen and slotted dataclasses alike. The price: the constructor's validation
-    # is not re-run on what memcached hands back.
-    obj = object.__new__(cls)
-    for f in fields:
-        object.__setattr__(obj, f.name, _untag(state[f.name]))
-    return obj
-
-
-def _namedtuple_from(inner: Any) -> Any:
-    name, values = _want(list, inner)
-    cls = _lookup(name, "\x00N")
-    if len(_want(list, values)) != len(cls._fields):
-        raise ValueError(f"stored fields do not match {_name(cls)}'s (another release?)")
-    return tuple.__new__(cls, [_untag(x) for x in values])  # no user __new__ or _make
-
-
-def _enum_from(inner: Any) -> Any:
-    name, member = _want(list, inner)
-    return _lookup(name, "\x00e").__members__[_want(str, member)]
-
-
 def _response_from(inner: Any) -> Response:
     body, status = _want(dict, inner)["body"], inner["status"]
     response = Response(base64.b64decode(_want(str, body), validate=True), _want(int, status))
@@ -493,7 +373,7 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "\x00H": lambda v: _clock_from(time, v),
     "\x00p": _timedelta_from,
     "\x00r": _response_from,
-    "\x00c": _dataclass_from,
-    "\x00N": _namedtuple_from,
-    "\x00e": _enum_from,
+    "\x00c": lambda v: classes.dataclass_from(v, _untag),
+    "\x00N": lambda v: classes.namedtuple_from(v, _untag),
+    "\x00e": classes.enum_from,
 }

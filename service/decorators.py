@@ -45,8 +45,9 @@ from flask import (
 )
 
 from . import httpcache, keying
+from .fetching import Runner
 from .freshness import Windows
-from .loader import UNCACHEABLE, Job, Runner
+from .loader import UNCACHEABLE, Job
 from .region import Result
 from .responses import ResponseFilter, cacheable, freeze, thaw
 from .state import AppState

@@ -31,17 +31,14 @@ from . import codec, metrics
 from .config import RefreshSettings
 from .entry import Entry
 from .errors import CacheUnavailable, CodecError, HTTPError, OriginError, OriginTimeout
-from .lease import Lease, Leases, lease_key, renew_every
+from .fetching import Fetcher, Runner
+from .lease import Lease, Leases, lease_key
 from .logs import event
 from .negative import ErrorMemo, error_key, from_record
 from .tiers import Found, TwoTier
 from .waiting import GiveUp, Raise, Serve, TakeOver, Wait, next_step, poll_delays
 
 log = logging.getLogger(__name__)
-
-Runner = Callable[[Callable[[], Any]], Any]
-"""Runs a fetch inside the context it needs (an app context, the caller's request...)."""
-
 
 class _Uncacheable:
     __slots__ = ()
@@ -129,6 +126,7 @@ class Loader:
         self.clock = clock
         self.monotonic = monotonic
         self.observer = observer
+        self.fetcher = Fetcher(leases, settings.fetch_timeout)
         self._flights: dict[str, _Flight] = {}
 
     # -- entry points ------------------------------------------------------------------
@@ -275,15 +273,11 @@ class Loader:
     def _fetch_and_store(self, job: Job, lease: Lease | None, found: Found | None,
                          background: bool) -> Loaded:
         """Fetch (renewing the lease meanwhile), store fenced, then release the lease."""
-        renewer = gevent.spawn(self._renew_while_fetching, lease) if lease else None
         started = self.monotonic()
         outcome, detail = "ok", None
         try:
-            try:
-                raw = self._run_fetch(job, background)
-            finally:
-                if renewer is not None:
-                    renewer.kill(block=True)
+            run = (job.background if background else None) or job.run or self.default_run
+            raw = self.fetcher.run(job.fetch, run, job.source, job.wrap_errors, lease)
             elapsed = self.monotonic() - started
             metrics.refresh_seconds.labels(job.source).observe(elapsed)
             entry = self._entry_for(job, raw, elapsed)
@@ -327,50 +321,6 @@ class Loader:
         except CodecError as exc:
             log.warning("%s: not cached, the value cannot be stored: %s", job.source, exc)
             return None
-
-    def _run_fetch(self, job: Job, background: bool) -> Any:
-        """Run ``job.fetch`` in its own greenlet, bounded by ``fetch_timeout``.
-
-        A greenlet of its own, not ``gevent.Timeout`` around the call: the timeout is
-        enforced from outside, so a fetch that swallows exceptions cannot outlive it, and
-        the lease renewer keeps running beside it.
-        """
-        run = (job.background if background else None) or job.run or self.default_run
-        timeout = self.settings.fetch_timeout
-
-        def body() -> tuple[bool, Any]:
-            # Failures are returned, not raised, so gevent does not print every origin
-            # error as a crashed greenlet; the caller logs and counts them.
-            try:
-                return True, run(job.fetch)
-            except Exception as exc:  # noqa: BLE001 - handed to the caller as a value
-                return False, exc
-
-        fetcher = gevent.spawn(body)
-        try:
-            fetcher.join(timeout=timeout)
-        finally:
-            if not fetcher.ready():
-                fetcher.kill(block=False)  # our own caller was killed, or the timeout
-        if not fetcher.ready():
-            raise OriginTimeout(f"{job.source}: no answer within {timeout:g}s")
-        if not fetcher.successful():
-            raise OriginError(f"{job.source}: the fetch was interrupted")
-        ok, value = fetcher.value
-        if ok:
-            return value
-        if isinstance(value, HTTPError) or not job.wrap_errors:
-            raise value
-        raise OriginError(f"{job.source}: {type(value).__name__}: {value}") from value
-
-    def _renew_while_fetching(self, lease: Lease) -> None:
-        while True:
-            gevent.sleep(renew_every(self.leases.lock_lease))
-            try:
-                if not self.leases.renew(lease):
-                    return  # lost: the fenced write protects any newer value
-            except CacheUnavailable:
-                pass  # try again at the next interval; the lease may still hold
 
     def _store(self, job: Job, entry: Entry, cas: bytes | None) -> None:
         try:

@@ -19,9 +19,10 @@ from flask import Flask, current_app
 
 from .clients import ClientPool, pool_for
 from .config import Settings
+from .fetching import Runner
 from .lease import Leases
 from .ledger import Ledger
-from .loader import Loader, Runner
+from .loader import Loader
 from .negative import ErrorMemo
 from .refresher import Refresher
 from .region import Region

@@ -5,7 +5,17 @@ can a library user's own config::
 
     # gunicorn.conf.py
     worker_class = "gevent"
-    from service.worker import post_worker_init, worker_exit  # noqa: F401
+
+    def post_worker_init(worker):
+        from service.worker import post_worker_init
+        post_worker_init(worker)
+
+    def worker_exit(server, worker):
+        from service.worker import worker_exit
+        worker_exit(server, worker)
+
+(imported inside the hooks: the config file is evaluated in the master, which should not
+import the app's modules before gevent patches the workers).
 
 ``post_worker_init`` runs in the worker after gevent has patched it and the app is
 loaded (``post_fork`` runs too early, before the patch): it starts the refresher (and

@@ -6,11 +6,19 @@ for the windows and the refresher's own join for background work.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import datetime
+import decimal
+import enum
+import functools
+import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from flask import Flask, abort, g, jsonify, make_response, request, session
+from markupsafe import Markup
 
 from service import SWR
 from service.state import state_of
@@ -297,3 +305,50 @@ def test_memoize_works_outside_an_app_context(memcached: Any) -> None:
             assert slow(1) == {"x": 1, "n": 1}
     finally:
         stop_app(app)
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Point(NamedTuple):
+    x: int
+    y: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Invoice:
+    number: str
+    total: decimal.Decimal
+
+
+def test_values_come_back_as_their_own_types_through_memcached(memcached: Any) -> None:
+    value = {
+        "when": datetime.datetime(2026, 11, 29, 12, 0, tzinfo=datetime.UTC),
+        "day": datetime.date(2026, 11, 29), "amount": decimal.Decimal("10.10"),
+        "id": uuid.UUID(int=7), "html": Markup("<b>x</b>"),
+        "ordered": collections.OrderedDict(b=1, a=2), "point": Point(1, 2),
+        "color": Color.RED, "tags": {"a", "b"}, "pair": (1, 2),
+        "invoice": Invoice("A-1", decimal.Decimal("3.50")),
+    }
+    apps = []
+    for name in ("writer", "reader"):   # the reader's in-process tier starts empty
+        app = Flask(name)
+        swr = SWR()
+
+        @swr.memoize(max_age=60, args_to_ignore=["computing"])
+        def load(computing: str = name) -> dict[str, Any]:
+            assert computing == "writer", "the reader must get the writer's entry"
+            return value
+
+        swr.init_app(app, settings_for([memcached.address]))
+        apps.append((app, functools.partial(load)))
+    try:
+        assert apps[0][1]() == value
+        got = apps[1][1]()                  # same function name, same key: from memcached
+        assert got == value
+        assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in value.items()}
+        assert got["when"].tzinfo is datetime.UTC
+    finally:
+        for app, _load in apps:
+            stop_app(app)

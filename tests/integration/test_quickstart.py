@@ -17,9 +17,10 @@ pytestmark = pytest.mark.memcached
 def test_quickstart_app_serves_swr_periodic_and_plain_caching(
     memcached: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = tmp_path / "settings.toml"
-    settings.write_text(f'[cache]\nservers = ["{memcached.address}"]\n')
-    monkeypatch.setenv("SERVICE_SETTINGS", str(settings))
+    # As a user would run it: no settings file at all, the servers from Flask's config.
+    monkeypatch.delenv("SERVICE_SETTINGS", raising=False)
+    monkeypatch.setenv("FLASK_CACHE_MEMCACHED_SERVERS", f'["{memcached.address}"]')
+    monkeypatch.chdir(tmp_path)
     sys.modules.pop("examples.quickstart", None)
     module = importlib.import_module("examples.quickstart")
     client = module.app.test_client()
@@ -31,6 +32,8 @@ def test_quickstart_app_serves_swr_periodic_and_plain_caching(
         assert first.get_json()["region"] == "us"
         assert client.get("/rates").get_json() == client.get("/rates").get_json()
         assert client.get("/legacy").data == client.get("/legacy").data
+        assert client.get("/users/1").get_json() == {"name": "user-1"}
+        assert client.get("/users/2").get_json() == {"name": "user-2"}
     finally:
         stop_app(module.app)
         sys.modules.pop("examples.quickstart", None)

@@ -3,12 +3,12 @@
 # system packages they need (memcached; wrk for `make bench`) are there.
 
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
-RUNDIR := .run
+RUNDIR ?= .run
 MEMCACHED_ADDR ?= 127.0.0.1:11211
 
-.PHONY: venv run test lint bench sysdeps-test sysdeps-bench memcached-up clean
+.PHONY: venv run test lint bench sysdeps-test sysdeps-bench memcached-up stop clean
 
 # ---- shared set-up (idempotent: re-runs only when pyproject.toml changes) -------------
 venv: $(VENV)/.installed
@@ -42,35 +42,23 @@ sysdeps-bench:
 	$(call need_pkg,memcached,memcached)
 	$(call need_pkg,wrk,wrk)
 
-# ---- make run -------------------------------------------------------------------------
-# Starts a local memcached on $(MEMCACHED_ADDR) when the binary exists and nothing listens
-# there; without one, the service still runs on its in-process tier, and says so.
-memcached-up: venv
-	@if $(BIN)/python -m service.probe $(MEMCACHED_ADDR); then \
-	  echo ">>> memcached answers on $(MEMCACHED_ADDR)"; \
-	else \
-	  if ! command -v memcached >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo ">>> installing memcached with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached >/dev/null || true; \
-	  fi; \
-	  if command -v memcached >/dev/null 2>&1; then \
-	    mkdir -p $(RUNDIR); \
-	    echo ">>> starting memcached on $(MEMCACHED_ADDR) (pid file $(RUNDIR)/memcached.pid)"; \
-	    memcached -d -u "$$(id -un)" -l $(firstword $(subst :, ,$(MEMCACHED_ADDR))) \
-	      -p $(lastword $(subst :, ,$(MEMCACHED_ADDR))) -U 0 -m 64 -c 4096 \
-	      -P $(abspath $(RUNDIR))/memcached.pid; \
-	    $(BIN)/python -m service.probe --wait 5 $(MEMCACHED_ADDR) || echo "!!! memcached did not come up"; \
-	  else \
-	    echo "!!!"; \
-	    echo "!!! NO MEMCACHED on $(MEMCACHED_ADDR) and none installed."; \
-	    echo "!!! Running on the IN-PROCESS TIER ONLY: workers do not share entries, leases"; \
-	    echo "!!! and counters are per worker. Install it: sudo apt-get install memcached"; \
-	    echo "!!!"; \
-	  fi; \
-	fi
+# ---- make run / make stop ----------------------------------------------------------------
+# deploy/run-local.sh does the process work (see its header). `make run` starts a local
+# memcached on $(MEMCACHED_ADDR) when the binary exists and nothing listens there (it says
+# so when it uses one it did not start), then gunicorn in the foreground; Ctrl-C stops
+# gunicorn and the memcached it started. `make stop` (from another terminal) stops what
+# `make run` started, found through the pid files in $(RUNDIR), and nothing else.
+RUN_LOCAL = MEMCACHED_ADDR='$(MEMCACHED_ADDR)' RUNDIR='$(RUNDIR)' BIN='$(BIN)' \
+	bash deploy/run-local.sh
 
-run: venv memcached-up
-	$(BIN)/gunicorn -c deploy/gunicorn.conf.py wsgi:app
+memcached-up: venv
+	@$(RUN_LOCAL) up
+
+run: venv
+	@$(RUN_LOCAL) run
+
+stop:
+	@$(RUN_LOCAL) stop
 
 # ---- make test ------------------------------------------------------------------------
 test: $(VENV)/.installed-dev sysdeps-test
@@ -84,5 +72,6 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev sysdeps-bench
 	$(BIN)/python -m bench
 
-clean:
+# Stops what `make run` started first: deleting its pid files would orphan the processes.
+clean: stop
 	rm -rf $(VENV) $(RUNDIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,176 @@
+"""The two log formats: ``json`` and ``text`` carry the same fields, one line per record."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from service import logs
+
+STANDARD = ("ts", "level", "logger", "pid", "msg")
+
+
+def a_record() -> logging.LogRecord:
+    """One record with every kind of extra field and an exception."""
+    record = logging.LogRecord("service.swr", logging.ERROR, __file__, 1, "fetch failed", None,
+                               None)
+    extras = {
+        "event": "refresh",
+        "source": "primes",
+        "key": logs.key_hash("primes:limit=10"),
+        "outcome": "error",
+        "seconds": 1.6654,
+        "status": 502,
+        "leased": True,
+        "fenced": False,
+        "holder": None,
+        "detail": 'upstream said "no way"\nand C:\\tmp = full',
+        "empty": "",
+        "params": {"id": "7 8", "q": "a=b"},
+        "servers": ["127.0.0.1:11211", "10.0.0.2:11211"],
+        "odd": "line\u2028separator\ttab",
+    }
+    for name, value in extras.items():
+        setattr(record, name, value)
+    try:
+        raise ValueError("origin answered 502")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    return record
+
+
+def parse_text(line: str) -> dict[str, str]:
+    """Read a text line back: ts LEVEL logger [pid] message name=value ... (logfmt values)."""
+    ts, level, logger, pid, rest = line.split(" ", 4)
+    fields = {"ts": ts, "level": level, "logger": logger, "pid": pid.strip("[]")}
+    # The message runs up to the first " name=" (the test's message has no "=").
+    cut = rest.index("=")
+    msg_end = rest.rindex(" ", 0, cut)
+    fields["msg"] = rest[:msg_end]
+    pos = msg_end + 1
+    while pos < len(rest):
+        eq = rest.index("=", pos)
+        name = rest[pos:eq]
+        pos = eq + 1
+        if rest[pos] == '"':
+            end = pos + 1
+            while rest[end] != '"':
+                end += 2 if rest[end] == "\\" else 1
+            # The escapes are JSON's, so JSON reads them back.
+            value = json.loads(rest[pos:end + 1])
+            pos = end + 2
+        else:
+            end = rest.find(" ", pos)
+            end = len(rest) if end < 0 else end
+            value = rest[pos:end]
+            pos = end + 1
+        fields[name] = value
+    return fields
+
+
+def as_text(value: object) -> str:
+    """What a JSON value reads as in the text format."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def test_text_and_json_carry_the_same_fields_for_the_same_record() -> None:
+    record = a_record()
+    data = json.loads(logs.JSONFormatter().format(record))
+    text = parse_text(logs.TextFormatter().format(record))
+
+    assert set(text) == set(data)
+    assert {"event", "source", "key", "detail", "params", "exc"} <= set(data)
+    for name in set(data) - set(STANDARD):
+        assert text[name] == as_text(data[name]), name
+    assert text["level"] == data["level"].upper() and text["ts"] == data["ts"]
+    assert text["logger"] == data["logger"] and text["pid"] == str(data["pid"])
+    assert text["msg"] == data["msg"] == "fetch failed"
+    assert "ValueError: origin answered 502" in text["exc"]
+    assert text["exc"] == data["exc"]
+
+
+def test_a_text_record_is_one_line_whatever_its_message_fields_and_traceback() -> None:
+    record = a_record()
+    record.msg = "two\nlines"
+    line = logs.TextFormatter().format(record)
+    assert len(line.splitlines()) == 1 and "\n" not in line
+    assert line.split(" ", 4)[4].startswith("two\\nlines event=refresh ")
+
+
+def test_text_values_are_bare_when_plain_and_quoted_otherwise() -> None:
+    line = logs.TextFormatter().format(a_record())
+    for piece in (
+        " event=refresh ", " source=primes ", " seconds=1.6654 ", " status=502 ",
+        " leased=true ", " fenced=false ", " holder=null ", ' empty="" ',
+        ' detail="upstream said \\"no way\\"\\nand C:\\\\tmp = full" ',
+        ' params="{\\"id\\":\\"7 8\\",\\"q\\":\\"a=b\\"}" ',
+        ' odd="line\\u2028separator\\ttab" ',
+        ' exc="Traceback (most recent call last):\\n',
+    ):
+        assert piece in line, piece
+
+
+def test_an_event_reads_the_same_in_both_formats_and_its_key_is_hashed() -> None:
+    logger = logging.getLogger("tests.unit.test_logs")
+    out = {"json": io.StringIO(), "text": io.StringIO()}
+    handlers = []
+    for name, formatter in (("json", logs.JSONFormatter()), ("text", logs.TextFormatter())):
+        handler = logging.StreamHandler(out[name])
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+        handlers.append(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logs.event(logger, logging.INFO, "refresh", "fetched", source="primes",
+                   key="user:42 secret-token", outcome="ok", seconds=0.25, leased=True)
+    finally:
+        for handler in handlers:
+            logger.removeHandler(handler)
+    data = json.loads(out["json"].getvalue())
+    text = parse_text(out["text"].getvalue().rstrip("\n"))
+    expected = {"event": "refresh", "source": "primes", "outcome": "ok", "seconds": "0.25",
+                "leased": "true", "key": logs.key_hash("user:42 secret-token")}
+    assert {name: text[name] for name in expected} == expected
+    assert {name: as_text(data[name]) for name in expected} == expected
+    assert "secret" not in out["text"].getvalue() + out["json"].getvalue()
+
+
+@pytest.fixture
+def service_logger() -> Iterator[logging.Logger]:
+    """The ``service`` logger without handlers, restored afterwards."""
+    logger = logging.getLogger("service")
+    saved, level = logger.handlers[:], logger.level
+    logger.handlers.clear()
+    try:
+        yield logger
+    finally:
+        logger.handlers[:] = saved
+        logger.setLevel(level)
+
+
+@pytest.mark.parametrize(("log_format", "formatter"),
+                         [("text", logs.TextFormatter), ("json", logs.JSONFormatter)])
+def test_configure_installs_the_formatter_of_the_setting(
+    service_logger: logging.Logger, log_format: str, formatter: type[logging.Formatter],
+) -> None:
+    logs.configure(log_format)
+    assert len(service_logger.handlers) == 1
+    assert type(service_logger.handlers[0].formatter) is formatter
+
+
+def test_configure_leaves_a_logger_the_host_app_configured_alone(
+    service_logger: logging.Logger,
+) -> None:
+    mine = logging.NullHandler()
+    service_logger.addHandler(mine)
+    logs.configure("text")
+    assert service_logger.handlers == [mine]

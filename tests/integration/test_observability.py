@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import gevent
+import gevent.events
 import pytest
 from gevent import monkey
 
@@ -65,3 +66,76 @@ def test_a_blocked_hub_is_counted_and_logged_with_its_stack(
     blocked = [r for r in caplog.records if getattr(r, "event", None) == "hub_blocked"]
     assert blocked
     assert "test_a_blocked_hub_is_counted" in blocked[0].stack
+
+
+# -- the hub monitor keeps the frame that blocked ---------------------------------------------
+
+
+def blocked_stack(depth: int) -> list[str]:
+    """``traceback.format_stack`` entries, outermost first, ``depth`` distinct frames deep;
+    the last one is the call that blocks the hub."""
+    frames = [f'  File "/srv/app/layer{n}.py", line {n + 1}, in layer_{n}\n    layer_{n + 1}()\n'
+              for n in range(depth - 1)]
+    frames.append('  File "/srv/app/report.py", line 42, in innermost_blocking_call\n'
+                  '    asyncio.run(fan_out())\n')
+    return frames
+
+
+def gevent_report(stack: list[str], info_lines: int = 500) -> list[str]:
+    """A report shaped like gevent's (``_tracer.did_block_hub_report``): heading, the hub
+    thread's stack outermost-first as one element, then a long ``Info:`` section."""
+    return [
+        "=" * 80,
+        "\n2026-01-01T12:00:00Z : Greenlet <Greenlet \"handler\"> appears to be blocked",
+        "    Reported by <GreenletTracer>",
+        "Blocked Stack (for thread id 0x7f00):",
+        "".join(stack),
+        "Info:",
+        *[f"Thread 0x{n:x} (worker {n})\n  File \"x.py\", line {n}, in idle" for n in
+          range(info_lines)],
+    ]
+
+
+def test_the_logged_stack_keeps_the_innermost_frames_of_a_long_report(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stack = blocked_stack(300)
+    assert len("".join(stack)) > 2 * monitor.STACK_MAX_CHARS   # really a long report
+    caplog.set_level(logging.WARNING, logger="service")
+    before = metrics.hub_blocked_total._value.get()
+
+    monitor.on_event(gevent.events.EventLoopBlocked(
+        "<Greenlet handler>", 0.5, gevent_report(stack)))
+
+    assert metrics.hub_blocked_total._value.get() == before + 1
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "hub_blocked"]
+    logged: str = record.stack
+    lines = logged.splitlines()
+    assert lines[0] == "Blocked Stack (for thread id 0x7f00):"
+    assert lines[1].startswith("  ... ") and "outer frames cut" in lines[1]
+    assert lines[2].startswith("  File ")           # cut at a frame boundary
+    # The frame that blocked, and the one that called it, are there; the outermost are not.
+    assert "in innermost_blocking_call" in lines[-2] and "asyncio.run" in lines[-1]
+    assert "in layer_298" in logged
+    assert "in layer_0\n" not in logged and "in layer_200\n" not in logged
+    assert "Info:" not in logged and "Thread 0x" not in logged
+    assert len(lines) <= monitor.STACK_MAX_LINES + 2
+    assert len(logged) <= monitor.STACK_MAX_CHARS + 200
+    assert record.greenlet == "<Greenlet handler>"
+
+
+def test_a_short_stack_is_logged_whole_and_a_report_of_another_shape_keeps_its_tail() -> None:
+    stack = blocked_stack(3)
+    whole = monitor.blocking_stack(gevent_report(stack))
+    assert whole == "Blocked Stack (for thread id 0x7f00):\n" + "".join(stack).rstrip("\n")
+    assert "cut" not in whole
+
+    plain = [f"line {n}" for n in range(1000)]
+    tail = monitor.blocking_stack(plain, max_lines=10, max_chars=8000).splitlines()
+    assert tail == ["  ... 990 line(s) of outer frames cut ...",
+                    *[f"line {n}" for n in range(990, 1000)]]
+    by_size = monitor.blocking_stack(plain, max_lines=60, max_chars=40).splitlines()
+    assert by_size[-1] == "line 999" and sum(len(x) + 1 for x in by_size[1:]) <= 40
+    huge = monitor.blocking_stack("x" * 20000 + "END", max_chars=100)
+    assert huge.endswith("END") and len(huge.splitlines()[-1]) == 100
+

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    generate_latest,
 )
 from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client.exposition import choose_encoder
 
 bp = Blueprint("metrics", __name__)
 
@@ -77,5 +76,13 @@ def registry() -> CollectorRegistry:
 
 @bp.get("/metrics")
 def metrics_view() -> Response:
-    return Response(generate_latest(registry()), mimetype=CONTENT_TYPE_LATEST)
+    """The metrics in the format the scraper asks for, with that format's exact Content-Type.
+
+    ``choose_encoder`` is prometheus_client's own negotiation (OpenMetrics when the
+    ``Accept`` header asks for it, else the text format 0.0.4) and returns a complete
+    Content-Type, charset included. It is passed as ``content_type``: given as ``mimetype``,
+    Flask would append a second ``; charset=utf-8``.
+    """
+    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return Response(encode(registry()), content_type=content_type)
 

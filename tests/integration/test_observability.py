@@ -139,3 +139,23 @@ def test_a_short_stack_is_logged_whole_and_a_report_of_another_shape_keeps_its_t
     huge = monitor.blocking_stack("x" * 20000 + "END", max_chars=100)
     assert huge.endswith("END") and len(huge.splitlines()[-1]) == 100
 
+
+# -- /metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_content_type_is_exact_with_one_charset(make_app: Any) -> None:
+    app = make_app(settings_for(["127.0.0.1:1"]))
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert b"# TYPE cache_requests_total counter" in response.data
+
+
+def test_metrics_answers_openmetrics_when_asked_with_its_own_content_type(make_app: Any) -> None:
+    app = make_app(settings_for(["127.0.0.1:1"]))
+    response = app.test_client().get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+    content_type = response.headers["Content-Type"]
+    assert content_type.startswith("application/openmetrics-text; version=")
+    assert content_type.count("charset=utf-8") == 1
+    assert response.data.endswith(b"# EOF\n")

@@ -33,7 +33,7 @@ HOST=${MEMCACHED_ADDR%:*}
 PORT=${MEMCACHED_ADDR##*:}
 
 say() { printf '>>> %s\n' "$*"; }
-shout() { printf '!!! %s\n' "$*"; }
+shout() { printf '!!!%s\n' "${*:+ $*}"; }
 
 # ---- processes ------------------------------------------------------------------------------
 
@@ -102,6 +102,11 @@ terminate() {
 stop_one() {
   local name=$1 pidfile=$2 check=$3 seconds=$4 pid
   [ -e "$pidfile" ] || return 1
+  if [ ! -r /proc/self/cmdline ]; then
+    # Without /proc nothing can be checked: keep the pid file rather than orphan the process.
+    shout "cannot check pid $(read_pid "$pidfile") of $pidfile without /proc: stop it by hand"
+    return 2
+  fi
   pid=$(read_pid "$pidfile")
   if [ -z "$pid" ] || ! "$check" "$pid"; then
     # A pid that is gone: it exited (make run's own clean-up may just have stopped it).
@@ -176,11 +181,11 @@ memcached_up() {
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached >/dev/null
   fi
   if ! command -v memcached >/dev/null 2>&1; then
-    shout ""
+    shout
     shout "NO MEMCACHED on $MEMCACHED_ADDR and none installed."
     shout "Running on the IN-PROCESS TIER ONLY: workers do not share entries, leases"
     shout "and counters are per worker. Install it: sudo apt-get install memcached"
-    shout ""
+    shout
     return
   fi
   say "starting memcached on $MEMCACHED_ADDR (pid file $MEMCACHED_PIDFILE)"

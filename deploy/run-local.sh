@@ -226,6 +226,20 @@ forward() {
   kill "-$1" "$GUNICORN_PID" 2>/dev/null
 }
 
+# daemonized: GUNICORN_CMD_ARGS has --daemon (or -D), so the process that exited was only
+# the launcher; true once the detached master has written our pid file (up to 10 s).
+daemonized() {
+  local pid ticks=100
+  case " ${GUNICORN_CMD_ARGS:-} " in *" --daemon "* | *" -D "*) ;; *) return 1 ;; esac
+  while [ "$ticks" -gt 0 ]; do
+    pid=$(read_pid "$GUNICORN_PIDFILE")
+    if [ -n "$pid" ] && is_ours_gunicorn "$pid"; then return 0; fi
+    ticks=$((ticks - 1))
+    sleep 0.1
+  done
+  return 1
+}
+
 cmd_run() {
   local pid status
   mkdir -p "$RUNDIR_ABS"
@@ -261,6 +275,10 @@ cmd_run() {
   done
   wait "$GUNICORN_PID"
   status=$?
+  if [ "$status" = 0 ] && daemonized; then
+    say "gunicorn detached (pid $(read_pid "$GUNICORN_PIDFILE")): make stop stops it and the memcached make run started"
+    STARTED_MEMCACHED=0
+  fi
   exit "$status"
 }
 

@@ -347,3 +347,24 @@ def test_make_clean_stops_the_processes_before_deleting_their_pid_files(
     assert not project.rundir.exists() and not throwaway_venv.exists()
     assert not (project.root / ".ruff_cache").exists()
     assert (project.venv / "bin").is_dir()    # the real one is untouched
+
+
+def test_a_daemonized_gunicorn_keeps_its_memcached_until_make_stop(project: Project) -> None:
+    project.env["GUNICORN_CMD_ARGS"] += " --daemon"
+    with open(project.run_log, "ab") as log:
+        launcher = subprocess.run(project.make_argv("run"), env=project.env, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=READY_TIMEOUT, check=False)
+    assert launcher.returncode == 0, project.run_output()
+    gunicorn_pid = project.pid_from("gunicorn.pid")
+    memcached_pid = project.pid_from("memcached.pid")
+    wait_until(lambda: http_get(project.url + "/healthz", timeout=2.0)[0] == 200
+               if alive(gunicorn_pid) else False, READY_TIMEOUT, "the daemonized gunicorn")
+    assert f"gunicorn detached (pid {gunicorn_pid})" in project.run_output()
+    assert alive(memcached_pid) and memcached_answers(project.memcached_addr)
+
+    stop = project.make("stop")
+
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert f"stopping gunicorn (pid {gunicorn_pid})" in stop.stdout
+    assert f"stopping memcached (pid {memcached_pid})" in stop.stdout
+    assert not alive(gunicorn_pid) and not alive(memcached_pid)

@@ -3,7 +3,7 @@
 Flask-Caching's own memcached backends never pick pymemcache and pickle every value.
 This one is loaded through ``CACHE_TYPE = "service.backend.MemcachedCache"``: Flask-Caching
 calls ``factory(app, config, args, kwargs)`` and we build the backend over the pool that
-:func:`service.clients.init_app` installed. Values use the safe codec, keys of any content
+:func:`service.clients.init_app` configured. Values use the safe codec, keys of any content
 are hashed into legal ones, and ``cache.get/set/add/delete/get_many/set_many`` as well as
 ``@cache.cached`` and ``@cache.memoize`` work unchanged.
 
@@ -21,7 +21,7 @@ from typing import Any
 from flask import Flask
 from flask_caching.backends.base import BaseCache
 
-from .clients import EXTENSION, get_connection
+from .clients import EXTENSION, get_connection, pool_for
 from .config import CacheSettings
 from .errors import CacheUnavailable, CodecError
 from .store import MISS, Store
@@ -38,8 +38,8 @@ class MemcachedCache(BaseCache):
 
     def __init__(self, settings: CacheSettings, default_timeout: int = 300) -> None:
         super().__init__(default_timeout=default_timeout)
-        self.store = Store(settings, get_connection)
-        self.store.prefix = f"{settings.key_prefix}.fc"
+        self.store = Store(pool_for(settings), f"{settings.key_prefix}.fc",
+                           settings.item_size_max)
 
     @classmethod
     def factory(

@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify
 
-from .clients import get_connection, get_pool
+from .clients import borrow, get_pool
 from .errors import CacheUnavailable
 
 bp = Blueprint("health", __name__)
@@ -32,16 +32,18 @@ def readyz() -> tuple[Response, int]:
         return jsonify({"status": "unavailable", "reason": "shutting down"}), 503
     problems: dict[str, str] = {}
     servers: dict[str, Any] = {}
+    pool = get_pool()
     try:
-        conn = get_connection()
-    except CacheUnavailable as exc:
+        with borrow(pool) as conn:
+            for server in pool.servers:
+                try:
+                    servers[server] = conn.call(server, "version",
+                                                lambda c: c.version().decode())
+                except CacheUnavailable as exc:
+                    problems[server] = str(exc.__cause__ or exc)
+                    servers[server] = None
+    except CacheUnavailable as exc:  # no pooled connection freed up in time
         return jsonify({"status": "degraded", "reason": str(exc), "tier": "in-process"}), 200
-    for server in get_pool().servers:
-        try:
-            servers[server] = conn.call(server, "version", lambda c: c.version().decode())
-        except CacheUnavailable as exc:
-            problems[server] = str(exc.__cause__ or exc)
-            servers[server] = None
     if problems:
         reason = "; ".join(f"{s}: {p}" for s, p in problems.items())
         return jsonify({"status": "degraded", "reason": f"memcached unreachable: {reason}",

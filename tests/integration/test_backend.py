@@ -88,8 +88,7 @@ def test_a_pickle_exploit_in_memcached_never_runs_and_reads_as_a_miss(
     payload = pickle.dumps(Exploit(marker))
     # Written raw, as another app or an attacker on port 11211 could, with pymemcache's
     # pickle flag, under the exact key the service reads.
-    prefix = get_settings_prefix(app)
-    memcached.raw_set(memcached_key(prefix, "victim"), payload, flags=1)
+    memcached.raw_set(memcached_key(namespace_of(app), "victim"), payload, flags=1)
     with app.app_context():
         assert cache.get("victim") is None
         assert cache.get_many("victim") == [None]
@@ -97,9 +96,9 @@ def test_a_pickle_exploit_in_memcached_never_runs_and_reads_as_a_miss(
     assert not marker.exists()
 
 
-def get_settings_prefix(app: Flask) -> str:
+def namespace_of(app: Flask) -> str:
     with app.app_context():
-        return str(cache.cache.store.prefix)
+        return str(cache.cache.store.namespace)
 
 
 def test_values_larger_than_an_item_are_split_and_served(memcached: Any, make_app: Any) -> None:

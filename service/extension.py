@@ -39,6 +39,7 @@ from flask import Flask, Response, current_app, g, has_request_context, request
 from flask_caching import Cache
 
 from . import clients, codec, httpcache
+from .backend import flask_caching_config
 from .config import Settings, load_settings
 from .freshness import Windows
 from .keys import digest
@@ -71,9 +72,7 @@ class SWR:
         app.extensions[SETTINGS] = settings
         if clients.EXTENSION not in app.extensions:
             clients.init_app(app, settings.cache)
-        self.cache.init_app(app, config={
-            "CACHE_TYPE": "service.backend.MemcachedCache", "CACHE_DEFAULT_TIMEOUT": 300,
-        })
+        self.cache.init_app(app, config=flask_caching_config(settings.cache))
         # The memcached tier is the Flask-Caching backend's store: one pool, one codec.
         store = app.extensions["cache"][self.cache].store
         tiers = TwoTier(store, LocalTier(settings.cache.l1_max_entries),

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from service.backend import flask_caching_config
 from service.config import (
     FLASK_CONFIG,
     CacheSettings,
@@ -173,3 +174,12 @@ def test_a_bad_service_settings_file_names_the_file(
     monkeypatch.setenv("SERVICE_SETTINGS", str(tmp_path / "missing.toml"))
     with pytest.raises(ConfigError, match="cannot read settings file"):
         library_settings({})
+
+
+def test_flask_caching_config_round_trips() -> None:
+    settings = parse_settings({"cache": {
+        "servers": ["a:1", "b:2"], "key_prefix": "p", "pool_size": 7, "l1_ttl": 0.5,
+        "default_timeout": 0, "stale_while_revalidate": 30, "stale_if_error": 60}}).cache
+    config = flask_caching_config(settings)
+    assert config["CACHE_TYPE"] == "service.backend.MemcachedCache"
+    assert settings_from_flask(config).cache == settings

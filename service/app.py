@@ -12,6 +12,12 @@ from . import admin, errors, health, logs, metrics, views
 from .config import Settings, load_settings
 from .extension import SWR
 
+swr = SWR()
+"""The service's own :class:`~service.extension.SWR`; its state lives in each app."""
+cache = swr.cache
+"""The service's Flask-Caching object (``service.backend.MemcachedCache``, namespace
+``<prefix>.fc``), for the service's own code and python sources."""
+
 
 def create_app(settings: Settings | None = None, *, clock: Callable[[], float] = time.time,
                monotonic: Callable[[], float] | None = None) -> Flask:
@@ -31,7 +37,7 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     monotonic = monotonic or (clock if clock is not time.time else time.monotonic)
-    SWR().init_app(app, settings, clock=clock, monotonic=monotonic)
+    swr.init_app(app, settings, clock=clock, monotonic=monotonic)
     logs.init_app(app)
     errors.init_app(app)
     views.init_app(app)

@@ -2,42 +2,77 @@
 
 Flask-Caching's own memcached backends never pick pymemcache and pickle every value.
 This one is loaded through ``CACHE_TYPE = "service.backend.MemcachedCache"``: Flask-Caching
-calls ``factory(app, config, args, kwargs)`` and we build the backend over the pool that
-:func:`service.clients.init_app` installed. Values use the safe codec, keys of any content
-are hashed into legal ones, and ``cache.get/set/add/delete/get_many/set_many`` as well as
-``@cache.cached`` and ``@cache.memoize`` work unchanged.
+calls ``factory(app, config, args, kwargs)``, and the backend is built from that config
+alone (``CACHE_MEMCACHED_SERVERS``, ``CACHE_KEY_PREFIX``, ``CACHE_DEFAULT_TIMEOUT``,
+``CACHE_OPTIONS``; see :func:`service.config.settings_from_flask`), with no other extension
+initialised first. Two ``Cache`` objects with different prefixes never see each other's
+keys; with the same servers and timeouts they share one connection pool.
 
-Flask-Caching's contract is "a cache failure is a miss", so memcached being down makes
-``get`` return ``None`` and ``set`` return ``False`` (logged and counted by the
-connection) rather than raising into the view.
+It honours cachelib's ``BaseCache`` contract with or without an app context (a CLI
+command or a worker thread caches like a view): the return values of every method,
+``timeout`` 0 = forever and negative = already expired, ``timedelta`` timeouts, keys of
+any content (hashed, never truncated), and counters that are ordinary values (``set("n",
+5); inc("n") == 6 == get("n")``). Values use the safe codec: a value it cannot represent
+is logged and not cached (``set`` returns ``False``); nothing is ever pickled.
+
+Flask-Caching's contract is "a cache failure is a miss": memcached down, slow or refusing
+makes ``get`` return ``None`` and ``set`` ``False`` (logged and counted where the
+connection fails) rather than raising into the view.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from datetime import timedelta
 from typing import Any
 
 from flask import Flask
 from flask_caching.backends.base import BaseCache
 
-from .clients import borrow, pool_for
-from .config import CacheSettings, library_settings
+from .clients import pool_for
+from .config import POOL_OPTIONS, CacheSettings, settings_from_flask
 from .errors import CacheUnavailable, CodecError
 from .store import MISS, Store
 
 log = logging.getLogger(__name__)
+Timeout = int | timedelta | None
+
+
+def flask_caching_config(cache: CacheSettings) -> dict[str, Any]:
+    """The Flask-Caching config that builds this backend over ``cache``:
+    ``Cache(config=flask_caching_config(settings.cache))``. The round trip through
+    :func:`service.config.settings_from_flask` gives the same settings back."""
+    return {
+        "CACHE_TYPE": "service.backend.MemcachedCache",
+        "CACHE_MEMCACHED_SERVERS": list(cache.servers),
+        "CACHE_KEY_PREFIX": cache.key_prefix,
+        "CACHE_DEFAULT_TIMEOUT": cache.default_timeout,
+        "CACHE_STALE_WHILE_REVALIDATE": cache.stale_while_revalidate,
+        "CACHE_STALE_IF_ERROR": cache.stale_if_error,
+        "CACHE_OPTIONS": {name: getattr(cache, name) for name in POOL_OPTIONS},
+    }
 
 
 class MemcachedCache(BaseCache):
     """Flask-Caching backend; see the module docstring.
 
-    :param settings: the ``[cache]`` settings; ``key_prefix`` namespaces the keys,
-        with ``:fc`` appended so view caches never collide with the service's entries.
+    :param settings: the ``[cache]`` settings. Keys live in the namespace
+        ``f"{key_prefix}.fc"``, apart from the stale-while-revalidate entries
+        (``.swr``) of the same prefix.
+    :param default_timeout: by default ``settings.default_timeout``.
+    :param ignore_delete_many_errors: Flask-Caching's ``CACHE_IGNORE_ERRORS``; see
+        :meth:`delete_many`.
     """
 
-    def __init__(self, settings: CacheSettings, default_timeout: int = 300) -> None:
-        super().__init__(default_timeout=default_timeout)
+    def __init__(self, settings: CacheSettings, default_timeout: Timeout = None,
+                 ignore_delete_many_errors: bool = False) -> None:
+        if default_timeout is None:
+            default_timeout = settings.default_timeout
+        if isinstance(default_timeout, timedelta):
+            default_timeout = math.ceil(default_timeout.total_seconds())
+        super().__init__(default_timeout, ignore_delete_many_errors)
+        self.settings = settings
         self.store = Store(pool_for(settings), f"{settings.key_prefix}.fc",
                            settings.item_size_max)
 
@@ -45,12 +80,19 @@ class MemcachedCache(BaseCache):
     def factory(
         cls, app: Flask, config: dict[str, Any], args: list[Any], kwargs: dict[str, Any]
     ) -> MemcachedCache:
-        """Called by Flask-Caching's ``init_app`` with four arguments."""
-        settings = library_settings(config).cache
-        return cls(settings, default_timeout=kwargs.get("default_timeout", 300))
+        """Called by Flask-Caching's ``init_app`` with four arguments.
 
-    def _ttl(self, timeout: int | timedelta | None) -> float:
-        return float(self._normalize_timeout(timeout))
+        :param config: the app's config merged with the ``Cache`` object's own.
+        :param kwargs: ``default_timeout`` (``CACHE_DEFAULT_TIMEOUT``, or the one in
+            ``CACHE_OPTIONS``, as Flask-Caching resolved it), ``ignore_delete_many_errors``
+            and the ``CACHE_OPTIONS``, which ``config`` holds too.
+        :raises ConfigError: a bad ``CACHE_*`` value, named as in the Flask config.
+        """
+        settings = settings_from_flask(config).cache
+        return cls(settings, default_timeout=kwargs.get("default_timeout"),
+                   ignore_delete_many_errors=bool(kwargs.get("ignore_delete_many_errors")))
+
+    # -- reads ---------------------------------------------------------------------------
 
     def get(self, key: str) -> Any:
         try:
@@ -72,55 +114,83 @@ class MemcachedCache(BaseCache):
         except CacheUnavailable:
             return False
 
-    def set(self, key: str, value: Any, timeout: int | timedelta | None = None) -> bool:
-        return self._write(self.store.set, key, value, timeout)
+    # -- writes --------------------------------------------------------------------------
 
-    def add(self, key: str, value: Any, timeout: int | timedelta | None = None) -> bool:
-        return self._write(self.store.add, key, value, timeout)
-
-    def set_many(
-        self, mapping: dict[str, Any], timeout: int | timedelta | None = None
-    ) -> list[Any]:
-        return [k for k, v in mapping.items() if not self.set(k, v, timeout)]
-
-    def _write(self, op: Any, key: str, value: Any, timeout: int | timedelta | None) -> bool:
+    def set(self, key: str, value: Any, timeout: Timeout = None) -> bool:
         try:
-            return bool(op(key, value, self._ttl(timeout)))
+            return self.store.set(key, value, self._normalize_timeout(timeout))
         except CodecError as exc:
-            log.warning("not cached: %s", exc)
-            return False
+            log.warning("not cached under %r: %s", key, exc)
         except CacheUnavailable:
-            return False
+            pass
+        return False
+
+    def add(self, key: str, value: Any, timeout: Timeout = None) -> bool:
+        try:
+            return self.store.add(key, value, self._normalize_timeout(timeout))
+        except CodecError as exc:
+            log.warning("not cached under %r: %s", key, exc)
+        except CacheUnavailable:
+            pass
+        return False
+
+    def set_many(self, mapping: dict[str, Any], timeout: Timeout = None) -> list[Any]:
+        """The keys stored (a value the codec refuses is logged and left out)."""
+        try:
+            return self.store.set_many(mapping, self._normalize_timeout(timeout))
+        except CacheUnavailable:
+            return []
 
     def delete(self, key: str) -> bool:
+        """``True`` if the key existed; ``False`` if absent, or memcached failed."""
         try:
             return self.store.delete(key)
         except CacheUnavailable:
             return False
 
     def delete_many(self, *keys: str) -> list[Any]:
-        return [k for k in keys if self.delete(k)]
+        """The keys absent after the call (deleted, or not there), as cachelib counts them.
+
+        memcached either deletes a key or answers that it is absent, so there is never a
+        key that "still exists" for ``ignore_delete_many_errors`` to raise about. Keys
+        memcached could not be asked about are left out of the result, not raised.
+        """
+        done: list[str] = []
+        try:
+            for key in keys:
+                self.store.delete(key)
+                done.append(key)
+        except CacheUnavailable:
+            pass
+        return done
+
+    # -- counters ------------------------------------------------------------------------
 
     def inc(self, key: str, delta: int = 1) -> int | None:
-        """Atomic across workers and hosts; the counter is created at 0 if absent."""
-        command = "incr" if delta >= 0 else "decr"
-        mkey = self.store.key(key)
+        """Add ``delta``; atomic across workers and hosts.
+
+        A missing key starts from 0 (and lives ``default_timeout``); the result can go
+        below zero; the value is an ordinary one for :meth:`get`/:meth:`set`.
+
+        :return: the new value, or ``None`` when memcached failed or the value under
+            ``key`` is not an integer (logged).
+        """
         try:
-            self.store.add_counter(key, 0)
-            with borrow(self.store._pool) as conn:
-                result = conn.call(
-                    conn.server_for(mkey), command,
-                    lambda c: getattr(c, command)(mkey, abs(delta)),
-                )
+            return self.store.increment(key, delta, self.default_timeout)
         except CacheUnavailable:
             return None
-        return None if result is None else int(result)
 
     def dec(self, key: str, delta: int = 1) -> int | None:
+        """Subtract ``delta``; see :meth:`inc`."""
         return self.inc(key, -delta)
 
     def clear(self) -> bool:
-        """Not supported: memcached is shared, and ``flush_all`` would empty every
-        namespace on it. Use :meth:`delete`, or change ``key_prefix``."""
-        log.warning("MemcachedCache.clear() is not supported on a shared memcached")
+        """Refused: memcached is shared, and ``flush_all`` would empty every namespace on
+        the server (other apps', the service's entries, leases, counters)."""
+        log.warning(
+            "MemcachedCache.clear() refused: memcached is shared and flush_all would empty "
+            "every namespace on %s, not just %r. Delete keys with delete()/delete_many(), "
+            "or move to a new namespace by changing CACHE_KEY_PREFIX.",
+            ", ".join(self.settings.servers), self.store.namespace,
+        )
         return False

@@ -1,4 +1,4 @@
-"""memcached connections: a bounded per-worker pool, checked out onto ``flask.g``.
+"""memcached connections: a bounded per-process pool, lent out one conversation at a time.
 
 Why a pool and not one global client: a pymemcache ``Client`` is one socket and one
 protocol stream; two greenlets using it at once interleave their commands and read each
@@ -11,10 +11,21 @@ keys included) onto the others. Here a full pool makes the caller wait, bounded 
 ``pool_timeout``; a dead server keeps its keys (they read as misses and the in-process
 tier answers) and a per-server circuit breaker stops us waiting on it for every call.
 
-Within a request, :func:`get_connection` checks a connection out the first time it is
-needed, keeps it on ``g``, and ``teardown_appcontext`` gives it back, also when the view
-raised. A connection whose call failed is closed and discarded, never handed back.
-Nothing here connects at import time: the pool is built on first use, in the worker.
+Two ways to hold a connection:
+
+- :func:`borrow` (what :class:`~service.store.Store` uses): for one memcached
+  conversation, then straight back. It needs no app context, so a CLI command, a worker
+  thread or a background greenlet caches exactly like a view, and a greenlet that then
+  waits (for a lease holder, for the origin) holds no slot meanwhile.
+- :func:`get_connection` (for a user's own views): checked out on the first use in a
+  request, kept on ``flask.g``, given back by ``teardown_appcontext``, also when the view
+  raised. :func:`release_connection` gives it back earlier.
+
+Either way a connection whose call failed is closed and discarded, never handed back.
+:func:`pool_for` keeps one pool per configuration per process, so the Flask-Caching backend
+and the stale-while-revalidate layer share sockets. Nothing connects at import time or in
+``init_app``: sockets are opened on first use, in the worker, and a forked child never
+uses its parent's.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ class Connection:
         self._clients: dict[str, Client] = {}
         self.broken = False
         self.owner: Any = None
+        self.generation = pool.generation
 
     def server_for(self, key: bytes) -> str:
         return self._pool.server_for(key)
@@ -69,8 +81,8 @@ class Connection:
         :raises CacheUnavailable: the call failed; this connection is now broken.
         """
         if self.owner is not None and self.owner is not getcurrent():
-            # A connection on g belongs to the greenlet that checked it out; a child
-            # greenlet must push its own app context (and so get its own connection).
+            # A connection belongs to the greenlet that checked it out; another greenlet
+            # must borrow its own (or, for the one on g, push its own app context).
             raise RuntimeError("a memcached connection was used by a second greenlet")
         breaker = self._pool.breakers[server]
         now = self._pool.monotonic()
@@ -128,11 +140,11 @@ def _error_kind(exc: BaseException) -> str:
 
 
 class ClientPool:
-    """At most ``pool_size`` connections per worker; callers wait for a free one.
+    """At most ``pool_size`` connections per process; callers wait for a free one.
 
-    Created lazily by :func:`get_pool` in the process that uses it. If the process forks
-    after the pool was built, the child drops the parent's idle sockets instead of
-    sharing them.
+    Usually obtained through :func:`pool_for`. Sockets are opened lazily, on a
+    connection's first command. The pool knows the process that built it: in a child
+    forked after that (gunicorn with ``preload_app``), the first checkout starts afresh.
     """
 
     def __init__(self, settings: CacheSettings) -> None:
@@ -140,18 +152,31 @@ class ClientPool:
         self.servers = list(settings.servers)
         self._addresses = dict(zip(self.servers, settings.server_addresses(), strict=True))
         self._hash = RendezvousHash(nodes=list(self.servers))
+        self.monotonic: Callable[[], float] = time.monotonic  # replaced by a fake in tests
+        self.closed = False
+        self.generation = 0
+        self._start()
+
+    def _start(self) -> None:
         self.breakers = {
-            s: CircuitBreaker(settings.circuit_failures, settings.circuit_reset)
+            s: CircuitBreaker(self.settings.circuit_failures, self.settings.circuit_reset)
             for s in self.servers
         }
         # gevent's semaphore: waiting for a slot yields to other greenlets instead of
         # blocking the worker, and a bounded wait replaces PooledClient's "pool full" error.
-        self._slots = gevent.lock.BoundedSemaphore(settings.pool_size)
+        self._slots = gevent.lock.BoundedSemaphore(self.settings.pool_size)
         self._idle: list[Connection] = []
         self._pid = os.getpid()
         self.in_use = 0
-        self._closed = False
-        self.monotonic: Callable[[], float] = time.monotonic  # replaced by a fake in tests
+
+    def _after_fork(self) -> None:
+        # Everything inherited belongs to the parent: its sockets (closing our copy of a
+        # descriptor leaves the parent's connection alone; sharing it would interleave
+        # two processes' commands), its slot count, its view of failing servers.
+        for conn in self._idle:
+            conn.close()
+        self.generation += 1
+        self._start()
 
     def server_for(self, key: bytes) -> str:
         if len(self.servers) == 1:
@@ -174,11 +199,12 @@ class ClientPool:
     def acquire(self) -> Connection:
         """Check a connection out, waiting at most ``pool_timeout`` for a free slot.
 
+        Prefer :func:`borrow`, which always gives it back.
+
         :raises PoolTimeout: every connection stayed busy for the whole wait.
         """
         if os.getpid() != self._pid:
-            self._idle.clear()  # sockets inherited through fork belong to the parent
-            self._pid = os.getpid()
+            self._after_fork()
         if not self._slots.acquire(timeout=self.settings.pool_timeout):
             metrics.memcached_errors_total.labels("pool_timeout").inc()
             raise PoolTimeout(
@@ -194,7 +220,10 @@ class ClientPool:
     def release(self, conn: Connection) -> None:
         """Give a connection back; a broken one is closed and replaced later."""
         conn.owner = None
-        if conn.broken or self._closed:
+        if conn.generation != self.generation:
+            conn.close()  # checked out before a fork: its slot belonged to the parent
+            return
+        if conn.broken or self.closed:
             conn.close()
         else:
             self._idle.append(conn)
@@ -202,54 +231,27 @@ class ClientPool:
         metrics.pool_in_use.dec()
         self._slots.release()
 
-    @contextmanager
-    def connection(self) -> Iterator[Connection]:
-        """A connection for the duration of a ``with`` block (outside requests)."""
-        conn = self.acquire()
-        try:
-            yield conn
-        finally:
-            self.release(conn)
-
     def close(self) -> None:
-        """Close idle connections; those still checked out are closed on release."""
-        self._closed = True
+        """Close idle connections; those still checked out are closed on release.
+
+        A closed pool still lends connections (opened per call, never kept), so a
+        :class:`~service.store.Store` built on it keeps working; :func:`pool_for`
+        replaces it for new users.
+        """
+        self.closed = True
         while self._idle:
             self._idle.pop().close()
 
 
-_pools: dict[CacheSettings, ClientPool] = {}
-_pools_pid = os.getpid()
-
-
-def pool_for(settings: CacheSettings) -> ClientPool:
-    """The process's pool for these settings: the Flask-Caching backend and the SWR layer
-    configured alike share one. Building it opens nothing; a forked child gets new pools
-    (the parent's sockets are the parent's)."""
-    global _pools_pid
-    if os.getpid() != _pools_pid:
-        _pools.clear()
-        _pools_pid = os.getpid()
-    pool = _pools.get(settings)
-    if pool is None or pool._closed:
-        pool = _pools[settings] = ClientPool(settings)
-    return pool
-
-
-def close_pools() -> None:
-    """Close every pool of this process (shutdown, tests)."""
-    for pool in _pools.values():
-        pool.close()
-    _pools.clear()
-
-
 @contextmanager
 def borrow(pool: ClientPool) -> Iterator[Connection]:
-    """A connection for one memcached conversation, given back right after.
+    """A connection for one memcached conversation, given back when the block ends.
 
-    This is how the service's own store talks to memcached: a greenlet holds a pooled
-    connection only while it talks, never across a wait for an origin or a lease holder,
-    so ``pool_size`` slow misses cannot starve the hits of other keys.
+    A connection whose call failed (or was interrupted: a greenlet killed, a timeout
+    raised into it) is closed instead of reused. Do not nest two borrows from one pool in
+    one greenlet: with every slot taken, the inner one would wait for itself.
+
+    :raises PoolTimeout: no connection freed up within ``pool_timeout``.
     """
     conn = pool.acquire()
     try:
@@ -258,18 +260,48 @@ def borrow(pool: ClientPool) -> Iterator[Connection]:
         pool.release(conn)
 
 
+_pools: dict[tuple[Any, ...], ClientPool] = {}
+
+
+def pool_for(settings: CacheSettings) -> ClientPool:
+    """This process's pool for the servers, timeouts and sizes in ``settings``.
+
+    Every user configured alike (the Flask-Caching backend, the SWR tiers, leases,
+    counters, the readiness probe) shares one pool, so ``pool_size`` bounds the process's
+    connections per server. The key prefix and the in-process tier do not matter here.
+    A pool keeps working across fork (see :class:`ClientPool`); a closed one is replaced.
+    """
+    key = (settings.servers, settings.connect_timeout, settings.timeout, settings.pool_size,
+           settings.pool_timeout, settings.circuit_failures, settings.circuit_reset)
+    pool = _pools.get(key)
+    if pool is None or pool.closed:
+        # No yield between the look-up and the store: greenlets cannot race here.
+        pool = _pools[key] = ClientPool(settings)
+    return pool
+
+
+def close_pools() -> None:
+    """Close and forget every pool of this process (at shutdown, and between tests)."""
+    while _pools:
+        _pools.popitem()[1].close()
+
+
 def get_pool(app: Flask | None = None) -> ClientPool:
-    """The worker's pool, built on first use (never at import time or in the master)."""
+    """The pool of ``app`` (by default the current one), as configured by :func:`init_app`."""
     app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     state: dict[str, Any] = app.extensions[EXTENSION]
-    pool: ClientPool | None = state.get("pool")
-    if pool is None:
-        pool = state["pool"] = ClientPool(state["settings"])
+    pool: ClientPool = state["pool"]
+    if pool.closed:
+        pool = state["pool"] = pool_for(state["settings"])
     return pool
 
 
 def get_connection() -> Connection:
-    """The connection of the current app context, checked out on first use."""
+    """The connection of the current app context, checked out on first use.
+
+    For a user's own views that talk to memcached directly; it stays checked out until
+    the app context ends (or :func:`release_connection`).
+    """
     conn: Connection | None = g.get("_memcached")
     if conn is None:
         conn = get_pool().acquire()
@@ -280,9 +312,8 @@ def get_connection() -> Connection:
 def release_connection() -> None:
     """Give the current context's connection back before a long wait.
 
-    A greenlet that waits (for another greenlet's fetch, for the lease holder, for the
-    origin) must not sit on a pooled connection meanwhile: with ``pool_size`` such
-    waiters the pool is empty and the lease holder cannot even renew its lease. The
+    A greenlet that waits (for another greenlet's fetch, for the origin) must not sit on
+    a pooled connection meanwhile: with ``pool_size`` such waiters the pool is empty. The
     next :func:`get_connection` checks one out again.
     """
     conn: Connection | None = g.pop("_memcached", None)
@@ -296,5 +327,6 @@ def _release_connection(exc: BaseException | None) -> None:
 
 
 def init_app(app: Flask, settings: CacheSettings) -> None:
-    app.extensions[EXTENSION] = {"settings": settings, "pool": None}
+    """Give ``app`` its pool (no socket is opened) and the per-request checkout."""
+    app.extensions[EXTENSION] = {"settings": settings, "pool": pool_for(settings)}
     app.teardown_appcontext(_release_connection)

@@ -1,30 +1,39 @@
-"""Typed, frozen settings read from ``settings.toml``: the one place that validates them.
+"""Typed, frozen settings: the one place that reads and validates them.
 
-The file is chosen by ``SERVICE_SETTINGS`` or defaults to ``settings.toml`` at the
-repository root. Anything wrong (a key we do not know, a wrong type, an impossible value,
-TOML that does not parse) raises :class:`~service.errors.ConfigError` with the file, the
-key and what was expected, so start-up stops with a message an operator can act on.
+The service reads ``settings.toml`` (:func:`load_settings`); a library user's app gets the
+defaults, then its Flask config, then the ``SERVICE_SETTINGS`` file if set
+(:func:`library_settings`). Anything wrong raises :class:`ConfigError` naming the file (or
+``<Flask config>``), the key and what was expected, so start-up stops with a message an
+operator can act on. Nothing else of the service is imported here, so the Flask-Caching
+backend, a gunicorn config or a CLI can read settings without building the app.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "settings.toml"
+REPOSITORY = Path(__file__).resolve().parent.parent
+DEFAULT_PATH = REPOSITORY / "settings.toml"
+FLASK_CONFIG = "<Flask config>"
 SOURCE_KINDS = ("http", "python", "composite")
 EXECUTORS = ("thread", "process")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 _TARGET_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ConfigError(Exception):
+    """The settings cannot be used; start-up stops. The message names the file (or
+    ``<Flask config>``) and the key. Re-exported by :mod:`service.errors`."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,8 @@ class CacheSettings:
     item_size_max: int = 1024 * 1024
     circuit_failures: int = 3
     circuit_reset: float = 5.0
-    default_timeout: float = 300.0
+    # Used when a caller gives none: Flask-Caching's timeout, the decorators' RFC 5861 windows.
+    default_timeout: int = 300
     stale_while_revalidate: float = 0.0
     stale_if_error: float = 0.0
 
@@ -87,38 +97,132 @@ class Settings:
     sources: Mapping[str, SourceSettings] = field(default_factory=dict)
 
 
-def settings_path() -> Path:
-    """The file named by ``SERVICE_SETTINGS``, else ``settings.toml`` at the repo root."""
-    env = os.environ.get("SERVICE_SETTINGS")
-    return Path(env) if env else DEFAULT_PATH
-
-
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read and validate a settings file.
+    """Read and validate the service's settings file.
 
-    :param path: the TOML file; by default :func:`settings_path`.
+    :param path: the TOML file; by default the one named by ``SERVICE_SETTINGS``, else the
+        repository's ``settings.toml``, else the defaults (installed in site-packages,
+        there is no repository, and a ``settings.toml`` there would be somebody else's).
     :raises ConfigError: the file is missing, does not parse, or holds a bad value.
     """
-    p = Path(path) if path is not None else settings_path()
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read settings file: {exc.strerror or exc}") from exc
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
-    return parse_settings(data, str(p))
+    path = path or os.environ.get("SERVICE_SETTINGS") or None
+    if path is None and (REPOSITORY / "pyproject.toml").is_file() and DEFAULT_PATH.is_file():
+        path = DEFAULT_PATH
+    return Settings() if path is None else parse_settings(_read_toml(Path(path)), str(path))
 
 
-def library_settings(config: Mapping[str, Any]) -> Settings:
-    """Settings for a library user (placeholder until the Flask-config merge lands)."""
+def library_settings(app_config: Mapping[str, Any]) -> Settings:
+    """Defaults, then ``app_config`` (:func:`settings_from_flask`), then the file named by
+    ``SERVICE_SETTINGS`` if set: an operator's override, key by key.
+
+    :raises ConfigError: a bad Flask value (named as in Flask) or a bad file.
+    """
+    data = _flask_document(app_config, FLASK_CONFIG)
     env = os.environ.get("SERVICE_SETTINGS")
-    if env:
-        return load_settings(env)
-    servers = config.get("CACHE_MEMCACHED_SERVERS") or ["127.0.0.1:11211"]
-    prefix = config.get("CACHE_KEY_PREFIX") or "svc"
-    return Settings(cache=CacheSettings(servers=tuple(servers), key_prefix=prefix))
+    if not env:
+        return parse_settings(data, FLASK_CONFIG)
+    document = _read_toml(Path(env))
+    for name, table in document.items():
+        if isinstance(table, Mapping) and isinstance(data.get(name), Mapping):
+            data[name] = {**data[name], **table}
+        else:
+            data[name] = table
+    return parse_settings(data, env)
+
+
+def settings_from_flask(config: Mapping[str, Any], path: str = FLASK_CONFIG) -> Settings:
+    """Settings from Flask-Caching's keys over the defaults; other keys are ignored.
+
+    ``CACHE_MEMCACHED_SERVERS`` is a list of ``"host:port"`` (no port: 11211) or one
+    comma-separated string; ``CACHE_KEY_PREFIX`` any string (see :func:`namespace_for`);
+    ``CACHE_DEFAULT_TIMEOUT`` whole seconds or a ``timedelta``, 0 = forever;
+    ``CACHE_STALE_WHILE_REVALIDATE`` and ``CACHE_STALE_IF_ERROR`` seconds >= 0;
+    ``CACHE_OPTIONS`` a dict of the ``[cache]`` keys in ``POOL_OPTIONS`` plus the
+    ``BaseCache`` arguments Flask-Caching passes through it (``default_timeout``,
+    ``ignore_delete_many_errors``).
+
+    :raises ConfigError: a wrong type or value, or an unknown ``CACHE_OPTIONS`` name; the
+        message names the Flask key, e.g. ``[CACHE_OPTIONS.pool_size]``.
+    """
+    return parse_settings(_flask_document(config, path), path)
+
+
+def namespace_for(prefix: str) -> str:
+    """A legal key namespace for any ``CACHE_KEY_PREFIX``.
+
+    1-32 letters, digits, ``.``, ``-`` or ``_`` are kept as they are. Any other prefix
+    (``"myapp:"``, ``""``, long, non-ASCII) becomes its legal characters (at most 16), ``-``
+    and 10 hex digits of its SHA-256: deterministic, so every worker and host agrees.
+    """
+    if _PREFIX_RE.match(prefix):
+        return prefix
+    readable = re.sub(r"[^A-Za-z0-9_.-]", "", prefix)[:16]
+    digest = hashlib.sha256(prefix.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{readable}-{digest}"
+
+
+POOL_OPTIONS = ("pool_size", "connect_timeout", "timeout", "pool_timeout", "item_size_max",
+                 "circuit_failures", "circuit_reset", "l1_max_entries", "l1_ttl")
+_BASECACHE_OPTIONS = ("default_timeout", "ignore_delete_many_errors")
+_FLASK_KEYS = {"servers": "CACHE_MEMCACHED_SERVERS", "key_prefix": "CACHE_KEY_PREFIX",
+               "default_timeout": "CACHE_DEFAULT_TIMEOUT",
+               "stale_while_revalidate": "CACHE_STALE_WHILE_REVALIDATE",
+               "stale_if_error": "CACHE_STALE_IF_ERROR"}
+
+
+def _flask_name(key: str) -> str:
+    leaf = key.removeprefix("cache.")
+    return _FLASK_KEYS.get(leaf) or f"CACHE_OPTIONS.{leaf}"
+
+
+def _flask_document(config: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """Flask-Caching's keys as a validated ``{"cache": {...}}`` settings document."""
+    r = _Reader(path, rename=_flask_name)
+    table: dict[str, Any] = {}
+    servers = config.get("CACHE_MEMCACHED_SERVERS")
+    if isinstance(servers, str):
+        servers = [s.strip() for s in servers.split(",") if s.strip()]
+    if isinstance(servers, list | tuple):  # "host" alone means memcached's port
+        table["servers"] = [f"{s}:11211" if isinstance(s, str) and ":" not in s else s
+                            for s in servers]
+    elif servers is not None:
+        r.fail("cache.servers", "a list of 'host:port', or one comma-separated string", servers)
+    prefix = config.get("CACHE_KEY_PREFIX")
+    if prefix is not None:
+        if not isinstance(prefix, str):
+            r.fail("cache.key_prefix", "a string", prefix)
+        table["key_prefix"] = namespace_for(prefix)
+    for name in ("default_timeout", "stale_while_revalidate", "stale_if_error"):
+        if config.get(_FLASK_KEYS[name]) is not None:
+            table[name] = config[_FLASK_KEYS[name]]
+    options = config.get("CACHE_OPTIONS") or {}
+    if not isinstance(options, Mapping):
+        _Reader(path).fail("CACHE_OPTIONS", "a dict of options", options)
+    allowed = POOL_OPTIONS + _BASECACHE_OPTIONS
+    for name, value in options.items():
+        if name not in allowed:
+            _Reader(path).fail(f"CACHE_OPTIONS.{name}",
+                               f"a known option; allowed: {', '.join(allowed)}", "unknown option")
+        if name != "ignore_delete_many_errors":
+            table[name] = value
+    for name, value in table.items():
+        if isinstance(value, timedelta):
+            # Flask-Caching rounds a timedelta timeout up to whole seconds.
+            seconds = value.total_seconds()
+            table[name] = math.ceil(seconds) if name == "default_timeout" else seconds
+    _parse_cache(r, table)  # fail here, naming the Flask key, not later with a TOML name
+    return {"cache": table}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read settings file: {exc.strerror or exc}") from exc
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 
 def parse_settings(data: Mapping[str, Any], path: str = "<memory>") -> Settings:
@@ -139,8 +243,7 @@ def parse_settings(data: Mapping[str, Any], path: str = "<memory>") -> Settings:
     for src in sources.values():
         for part in src.parts:
             if part not in sources:
-                r.fail(f"sources.{src.name}.parts",
-                       f"names of configured sources ({part!r} is not)")
+                r.fail(f"sources.{src.name}.parts", f"configured sources ({part!r} is not)")
             if sources[part].kind == "composite":
                 r.fail(f"sources.{src.name}.parts",
                        f"non-composite sources ({part!r} is composite)")
@@ -156,8 +259,7 @@ def _split_server(spec: str) -> tuple[str, int]:
 
 def _parse_cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
     d = CacheSettings()
-    r.only(t, "cache", set(CacheSettings.__dataclass_fields__)
-           - {"default_timeout", "stale_while_revalidate", "stale_if_error"})
+    r.only(t, "cache", set(CacheSettings.__dataclass_fields__))
     servers = r.get(t, "cache.servers", list, list(d.servers))
     if not servers:
         r.fail("cache.servers", "at least one memcached server as 'host:port'")
@@ -171,32 +273,26 @@ def _parse_cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
     prefix = r.get(t, "cache.key_prefix", str, d.key_prefix)
     if not _PREFIX_RE.match(prefix):
         r.fail("cache.key_prefix", "1-32 characters of letters, digits, '.', '-' or '_'")
-    return CacheSettings(
-        servers=tuple(servers),
-        key_prefix=prefix,
-        l1_max_entries=r.integer(t, "cache.l1_max_entries", d.l1_max_entries, minimum=0),
-        l1_ttl=r.duration(t, "cache.l1_ttl", d.l1_ttl),
-        connect_timeout=r.duration(t, "cache.connect_timeout", d.connect_timeout, positive=True),
-        timeout=r.duration(t, "cache.timeout", d.timeout, positive=True),
-        pool_size=r.integer(t, "cache.pool_size", d.pool_size, minimum=1),
-        pool_timeout=r.duration(t, "cache.pool_timeout", d.pool_timeout, positive=True),
-        item_size_max=r.integer(t, "cache.item_size_max", d.item_size_max, minimum=1024),
-        circuit_failures=r.integer(t, "cache.circuit_failures", d.circuit_failures, minimum=1),
-        circuit_reset=r.duration(t, "cache.circuit_reset", d.circuit_reset, positive=True),
-    )
+    numbers: dict[str, Any] = {}
+    for name, minimum in (("l1_max_entries", 0), ("pool_size", 1), ("item_size_max", 1024),
+                          ("circuit_failures", 1), ("default_timeout", 0)):
+        numbers[name] = r.integer(t, f"cache.{name}", getattr(d, name), minimum=minimum)
+    for name, positive in (("l1_ttl", False), ("connect_timeout", True), ("timeout", True),
+                           ("pool_timeout", True), ("circuit_reset", True),
+                           ("stale_while_revalidate", False), ("stale_if_error", False)):
+        numbers[name] = r.duration(t, f"cache.{name}", getattr(d, name), positive=positive)
+    return CacheSettings(servers=tuple(servers), key_prefix=prefix, **numbers)
 
 
 def _parse_refresh(r: _Reader, t: Mapping[str, Any]) -> RefreshSettings:
     d = RefreshSettings()
     r.only(t, "refresh", set(RefreshSettings.__dataclass_fields__))
-    return RefreshSettings(
-        concurrency=r.integer(t, "refresh.concurrency", d.concurrency, minimum=1),
-        lock_lease=r.duration(t, "refresh.lock_lease", d.lock_lease, positive=True),
-        fetch_timeout=r.duration(t, "refresh.fetch_timeout", d.fetch_timeout, positive=True),
-        error_ttl=r.duration(t, "refresh.error_ttl", d.error_ttl),
-        backoff_max=r.duration(t, "refresh.backoff_max", d.backoff_max, positive=True),
-        xfetch_beta=r.duration(t, "refresh.xfetch_beta", d.xfetch_beta),
-    )
+    durations = {name: r.duration(t, f"refresh.{name}", getattr(d, name), positive=positive)
+                 for name, positive in (("lock_lease", True), ("fetch_timeout", True),
+                                        ("error_ttl", False), ("backoff_max", True),
+                                        ("xfetch_beta", False))}
+    concurrency = r.integer(t, "refresh.concurrency", d.concurrency, minimum=1)
+    return RefreshSettings(concurrency=concurrency, **durations)
 
 
 def _parse_server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
@@ -205,12 +301,8 @@ def _parse_server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
     fmt = r.get(t, "server.log_format", str, d.log_format)
     if fmt not in ("json", "text"):
         r.fail("server.log_format", "'json' or 'text'")
-    return ServerSettings(
-        monitor_threshold=r.duration(
-            t, "server.monitor_threshold", d.monitor_threshold, positive=True
-        ),
-        log_format=fmt,
-    )
+    threshold = r.duration(t, "server.monitor_threshold", d.monitor_threshold, positive=True)
+    return ServerSettings(monitor_threshold=threshold, log_format=fmt)
 
 
 _KIND_KEYS = {"http": {"url"}, "python": {"target", "executor"}, "composite": {"parts"}}
@@ -232,8 +324,7 @@ def _parse_source(r: _Reader, name: str, t: Mapping[str, Any]) -> SourceSettings
     if "max_age" not in t:
         r.fail(f"{where}.max_age", "a duration in seconds (required)")
     url = target = None
-    executor = "thread"
-    parts: tuple[str, ...] = ()
+    executor, parts = "thread", ()
     if kind == "http":
         url = r.get(t, f"{where}.url", str, None)
         if not url or not url.startswith(("http://", "https://")):
@@ -253,12 +344,7 @@ def _parse_source(r: _Reader, name: str, t: Mapping[str, Any]) -> SourceSettings
             r.fail(f"{where}.parts", "other sources (a composite cannot contain itself)")
         parts = tuple(raw_parts)
     return SourceSettings(
-        name=name,
-        kind=kind,
-        url=url,
-        target=target,
-        executor=executor,
-        parts=parts,
+        name=name, kind=kind, url=url, target=target, executor=executor, parts=parts,
         max_age=r.duration(t, f"{where}.max_age", 0.0, positive=True),
         stale_while_revalidate=r.duration(t, f"{where}.stale_while_revalidate", 0.0),
         stale_if_error=r.duration(t, f"{where}.stale_if_error", 0.0),
@@ -268,12 +354,13 @@ def _parse_source(r: _Reader, name: str, t: Mapping[str, Any]) -> SourceSettings
 class _Reader:
     """Typed look-ups that raise :class:`ConfigError` naming the file and the key."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, rename: Callable[[str], str] = str) -> None:
         self.path = path
+        self.rename = rename  # the key as the user wrote it (a Flask key for Flask config)
 
     def fail(self, key: str, expected: str, got: Any = None) -> Any:
         got_text = f", got {got!r}" if got is not None else ""
-        raise ConfigError(f"{self.path}: [{key}] expected {expected}{got_text}")
+        raise ConfigError(f"{self.path}: [{self.rename(key)}] expected {expected}{got_text}")
 
     def only(self, t: Mapping[str, Any], where: str, allowed: set[str]) -> None:
         for key in t:
@@ -284,10 +371,7 @@ class _Reader:
 
     def table(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
         value = data.get(key, {})
-        if not isinstance(value, Mapping):
-            self.fail(key, "a table", value)
-        table: Mapping[str, Any] = value
-        return table
+        return value if isinstance(value, Mapping) else self.fail(key, "a table", value)
 
     def get(self, t: Mapping[str, Any], key: str, typ: type, default: Any) -> Any:
         leaf = key.rsplit(".", 1)[-1]
@@ -304,9 +388,8 @@ class _Reader:
             self.fail(key, f"an integer >= {minimum}", value)
         return value
 
-    def duration(
-        self, t: Mapping[str, Any], key: str, default: float, positive: bool = False
-    ) -> float:
+    def duration(self, t: Mapping[str, Any], key: str, default: float,
+                 positive: bool = False) -> float:
         leaf = key.rsplit(".", 1)[-1]
         value = t.get(leaf, default)
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -2,8 +2,10 @@
 
 The tree, so that callers can catch exactly what they mean::
 
+    ConfigError                      the settings are unusable; start-up stops
+                                     (defined in service.config, which imports nothing
+                                     of the service; re-exported here)
     ServiceError
-    ├── ConfigError                  settings.toml is unusable; start-up stops
     ├── CacheUnavailable             memcached could not be used for this call
     │   ├── PoolTimeout              no pooled connection freed up in time
     │   └── CircuitOpen              the server failed recently; not asked again yet
@@ -17,6 +19,10 @@ The tree, so that callers can catch exactly what they mean::
         │                            a counter, shutting down)
         └── OriginTimeout     504    the origin did not answer in time
 
+``ConfigError`` stands apart from ``ServiceError``: it is raised before the service exists
+(by ``create_app``, the Flask-Caching backend's factory, a gunicorn config, a CLI), and
+nothing that serves requests catches it.
+
 Only :class:`HTTPError` reaches a client as itself. Everything else that escapes a view
 is a bug, logged with its traceback and answered as a JSON 500.
 """
@@ -29,18 +35,13 @@ from typing import Any
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from .config import ConfigError as ConfigError
+
 log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
     """Base class of every error raised by this package."""
-
-
-class ConfigError(ServiceError):
-    """The settings file cannot be used.
-
-    The message always names the file and, when there is one, the key.
-    """
 
 
 class CacheUnavailable(ServiceError):

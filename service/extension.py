@@ -41,6 +41,8 @@ from typing import Any, TypeVar
 from flask import Flask, current_app, has_app_context
 from flask_caching import Cache
 
+from . import clients
+from .backend import flask_caching_config
 from .config import Settings, library_settings
 from .decorators import Options, decorate
 from .freshness import Windows
@@ -74,7 +76,9 @@ class SWR:
         """
         settings = settings or library_settings(app.config)
         state = build(app, settings, clock, monotonic)
-        self.cache.init_app(app, config=_flask_caching_config(app, settings))
+        # flask.g checkout for the app's own code (clients.get_connection), same pool.
+        clients.init_app(app, settings.cache)
+        self.cache.init_app(app, config=flask_caching_config(settings.cache))
         self.app = app
         for name, (fn, every, windows) in self._periodic.items():
             state.region.periodic(Job(name, fn, windows, source=name), every)
@@ -175,16 +179,3 @@ def _only_known(ignored: dict[str, Any]) -> None:
     unknown = set(ignored) - {"hash_method", "cache_none", "response_hit_indication"}
     if unknown:
         raise TypeError(f"unexpected decorator parameter(s): {', '.join(sorted(unknown))}")
-
-
-def _flask_caching_config(app: Flask, settings: Settings) -> dict[str, Any]:
-    """Flask-Caching's config for ``swr.cache``: the app's own ``CACHE_*`` keys, with the
-    backend and its servers and prefix taken from the settings."""
-    config = {k: v for k, v in app.config.items() if k.startswith("CACHE_")}
-    config.update({
-        "CACHE_TYPE": "service.backend.MemcachedCache",
-        "CACHE_MEMCACHED_SERVERS": list(settings.cache.servers),
-        "CACHE_KEY_PREFIX": settings.cache.key_prefix,
-    })
-    config.setdefault("CACHE_DEFAULT_TIMEOUT", int(settings.cache.default_timeout))
-    return config

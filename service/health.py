@@ -39,10 +39,10 @@ def readyz() -> tuple[Response, int]:
                 try:
                     servers[server] = conn.call(server, "version",
                                                 lambda c: c.version().decode())
-                except CacheUnavailable as exc:
+                except CacheUnavailable as exc:  # no pooled connection freed up in time
                     problems[server] = str(exc.__cause__ or exc)
                     servers[server] = None
-    except CacheUnavailable as exc:
+    except CacheUnavailable as exc:  # no pooled connection freed up in time
         return jsonify({"status": "degraded", "reason": str(exc), "tier": "in-process"}), 200
     if problems:
         reason = "; ".join(f"{s}: {p}" for s, p in problems.items())

@@ -1,9 +1,15 @@
 """The memcached store: logical keys and Python values in, legal keys and safe bytes out.
 
 This is the thin adapter every higher layer uses (the Flask-Caching backend, the
-two-tier cache, leases, counters). It maps keys with :mod:`service.keys`, encodes values
-with :mod:`service.codec`, splits values larger than memcached's item size over several
-items, and talks through a pooled :class:`~service.clients.Connection`.
+two-tier cache, leases, counters), each with a :class:`Store` of its own namespace. It
+maps keys with :mod:`service.keys`, encodes values with :mod:`service.codec`, splits values
+larger than memcached's item size over several items, and borrows a pooled connection
+(:func:`service.clients.borrow`) for each operation only: a store needs no app context and
+holds no connection between calls.
+
+Non-negative integers below 2**64 are stored as bare ASCII digits, which is what
+memcached's ``incr``/``decr`` work on, so a counter and a value written by ``set`` are the
+same item; bare digits read back as an ``int``.
 
 Failures of memcached itself surface as :class:`~service.errors.CacheUnavailable` (raised
 by the connection, the one error boundary); a value that does not decode is a miss,
@@ -16,6 +22,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterable, Mapping
 from operator import methodcaller
@@ -47,32 +54,57 @@ MISS: Final = _Miss()
 _THIRTY_DAYS = 30 * 24 * 3600
 # Room for the item header, key and flags inside memcached's item size limit.
 _ITEM_OVERHEAD = 512
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_COUNTER_MAX = 2**64 - 1
+# Rounds of read-compute-CAS before increment() gives up on a key that keeps changing.
+_CAS_ATTEMPTS = 16
 
 
 def expire_time(ttl: float | None) -> int:
-    """memcached's ``exptime`` for a TTL in seconds: 0 means never, and anything over
-    30 days must be sent as an absolute Unix time (memcached's rule)."""
-    if not ttl or ttl <= 0:
+    """memcached's ``exptime`` for a TTL in seconds.
+
+    ``None`` or 0 means never; a negative TTL means already expired (memcached stores
+    the item and never returns it, like a cachelib backend given a negative timeout);
+    anything over 30 days must be sent as an absolute Unix time (memcached's rule).
+    """
+    if not ttl:
         return 0
+    if ttl < 0:
+        return -1
     seconds = math.ceil(ttl)
     return seconds if seconds <= _THIRTY_DAYS else int(time.time()) + seconds
+
+
+def _is_counter(value: Any) -> bool:
+    return type(value) is int and 0 <= value <= _COUNTER_MAX
+
+
+def _counter_bytes(data: bytes) -> bytes | None:
+    # memcached's decr shortens a number in place and pads it with spaces ("10" -> "9 ").
+    digits = data.rstrip(b" ")
+    return digits if digits.isdigit() and len(digits) <= 20 else None
 
 
 class Store:
     """Typed memcached operations for one namespace.
 
-    :param settings: the ``[cache]`` settings (prefix, item size).
-    :param connection: returns the connection to use now; in a request that is the one
-        on ``flask.g``.
+    :param pool: the pool to borrow connections from (:func:`service.clients.pool_for`).
+    :param namespace: this user's key space, e.g. ``"svc.swr"``; letters, digits, ``.``,
+        ``-``, ``_``. Two stores with different namespaces never see each other's keys.
+    :param item_size_max: memcached's item size limit (its ``-I``); larger values are split.
+    :raises ValueError: an illegal namespace.
     """
 
     def __init__(self, pool: ClientPool, namespace: str, item_size_max: int) -> None:
-        self.prefix = namespace
+        if not _NAMESPACE_RE.match(namespace):
+            raise ValueError(f"namespace {namespace!r}: use 1-64 of A-Z a-z 0-9 . - _")
+        self.pool = pool
+        self.namespace = namespace
         self.chunk_size = max(1024, item_size_max - _ITEM_OVERHEAD)
-        self._pool = pool
 
     def key(self, key: str) -> bytes:
-        return memcached_key(self.prefix, key)
+        """The memcached key of ``key`` in this namespace."""
+        return memcached_key(self.namespace, key)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -82,19 +114,21 @@ class Store:
 
     def gets(self, key: str) -> tuple[Any, bytes | None]:
         """The value and its CAS token, or ``(MISS, None)`` when absent."""
+        with borrow(self.pool) as conn:
+            return self._gets(conn, key)
+
+    def _gets(self, conn: Connection, key: str) -> tuple[Any, bytes | None]:
         mkey = self.key(key)
-        with borrow(self._pool) as conn:
-            server = conn.server_for(mkey)
-            data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
-            if data is None:
-                return MISS, None
-            return self._decode(key, data, conn), token
+        data, token = conn.call(conn.server_for(mkey), "gets", lambda c: c.gets(mkey))
+        if data is None:
+            return MISS, None
+        return self._decode(key, data, conn), token
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values found, by key; absent or undecodable keys are left out."""
         by_mkey = {self.key(k): k for k in keys}
-        with borrow(self._pool) as conn:
-            found: dict[str, Any] = {}
+        found: dict[str, Any] = {}
+        with borrow(self.pool) as conn:
             for server, mkeys in conn.by_server(by_mkey).items():
                 raw: dict[bytes, bytes] = conn.call(server, "get_many",
                                                     methodcaller("get_many", mkeys))
@@ -102,10 +136,15 @@ class Store:
                     value = self._decode(by_mkey[mkey], data, conn)
                     if value is not MISS:
                         found[by_mkey[mkey]] = value
-            return found
+        return found
 
     def _decode(self, key: str, data: bytes, conn: Connection) -> Any:
         try:
+            if data[:1].isdigit():
+                digits = _counter_bytes(data)
+                if digits is None:
+                    raise CodecError("digits followed by something else")
+                return int(digits)
             if codec.kind_of(data) == codec.KIND_CHUNKED:
                 data = self._read_chunks(key, data, conn)
             return codec.decode(data)
@@ -119,15 +158,24 @@ class Store:
     # -- writes --------------------------------------------------------------------------
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> bool:
-        mkey, data = self._prepare(key, value, ttl)
-        with borrow(self._pool) as conn:
+        """Store ``value``; ``ttl`` as in :func:`expire_time`.
+
+        :raises CodecError: the codec cannot represent the value (nothing was written).
+        """
+        data = self._encode(value)
+        with borrow(self.pool) as conn:
+            mkey, data = self._prepare(conn, key, data, ttl)
             return bool(conn.call(conn.server_for(mkey), "set",
                                   lambda c: c.set(mkey, data, expire_time(ttl))))
 
     def add(self, key: str, value: Any, ttl: float | None = None) -> bool:
-        """Store only if absent; ``False`` when the key exists (never lies: no noreply)."""
-        mkey, data = self._prepare(key, value, ttl)
-        with borrow(self._pool) as conn:
+        """Store only if absent; ``False`` when the key exists (never lies: no noreply).
+
+        :raises CodecError: the codec cannot represent the value.
+        """
+        data = self._encode(value)
+        with borrow(self.pool) as conn:
+            mkey, data = self._prepare(conn, key, data, ttl)
             return bool(conn.call(conn.server_for(mkey), "add",
                                   lambda c: c.add(mkey, data, expire_time(ttl))))
 
@@ -136,25 +184,52 @@ class Store:
 
         :return: ``True`` stored, ``False`` someone wrote in between, ``None`` the key
             is gone.
+        :raises CodecError: the codec cannot represent the value.
         """
-        mkey, data = self._prepare(key, value, ttl)
-        with borrow(self._pool) as conn:
-            result = conn.call(conn.server_for(mkey), "cas",
-                               lambda c: c.cas(mkey, data, token, expire_time(ttl)))
-            return None if result is None else bool(result)
+        data = self._encode(value)
+        with borrow(self.pool) as conn:
+            return self._cas(conn, key, data, token, ttl)
+
+    def _cas(self, conn: Connection, key: str, data: bytes, token: bytes,
+             ttl: float | None) -> bool | None:
+        mkey, data = self._prepare(conn, key, data, ttl)
+        result = conn.call(conn.server_for(mkey), "cas",
+                           lambda c: c.cas(mkey, data, token, expire_time(ttl)))
+        return None if result is None else bool(result)
 
     def set_many(self, mapping: Mapping[str, Any], ttl: float | None = None) -> list[str]:
-        """Store several values; returns the keys that were not stored."""
-        failed = []
+        """Store several values, one round trip per server; returns the keys stored.
+
+        A value the codec refuses is logged and left out (the others are stored).
+        """
+        encoded: dict[str, bytes] = {}
         for key, value in mapping.items():
-            if not self.set(key, value, ttl):
-                failed.append(key)
-        return failed
+            try:
+                encoded[key] = self._encode(value)
+            except CodecError as exc:
+                log.warning("not stored under %s: %s", self.key(key).decode(), exc)
+        stored: set[bytes] = set()
+        with borrow(self.pool) as conn:
+            items = dict(self._prepare(conn, key, data, ttl) for key, data in encoded.items())
+            for server, mkeys in conn.by_server(items).items():
+                failed = conn.call(server, "set_many", methodcaller(
+                    "set_many", {k: items[k] for k in mkeys}, expire_time(ttl)))
+                stored.update(set(mkeys) - set(failed))
+        return [key for key in encoded if self.key(key) in stored]
 
     def delete(self, key: str) -> bool:
+        """``True`` if the key existed and is now gone, ``False`` if it was absent."""
+        with borrow(self.pool) as conn:
+            return self._delete(conn, key)
+
+    def _delete(self, conn: Connection, key: str) -> bool:
         mkey = self.key(key)
-        with borrow(self._pool) as conn:
-            return bool(conn.call(conn.server_for(mkey), "delete", lambda c: c.delete(mkey)))
+        return bool(conn.call(conn.server_for(mkey), "delete", lambda c: c.delete(mkey)))
+
+    def delete_many(self, keys: Iterable[str]) -> list[str]:
+        """Delete several keys; returns those that existed."""
+        with borrow(self.pool) as conn:
+            return [key for key in keys if self._delete(conn, key)]
 
     def delete_if(self, key: str, expected: Any) -> bool:
         """Delete ``key`` only while it still holds ``expected``: read, compare, then
@@ -172,66 +247,132 @@ class Store:
         if value is MISS or value != expected or token is None:
             return False
         mkey = self.key(key)
-        with borrow(self._pool) as conn:
+        with borrow(self.pool) as conn:
             answer = conn.call(conn.server_for(mkey), "md",
                                methodcaller("raw_command", b"md " + mkey + b" C" + token))
-            return bool(answer == b"HD")  # EX: changed since our gets; NF: already gone
+        return bool(answer == b"HD")  # EX: changed since our gets; NF: already gone
+
+    # -- counters ------------------------------------------------------------------------
 
     def incr(self, key: str, delta: int = 1) -> int | None:
-        """Atomically add ``delta`` to a counter created with :meth:`add_counter`."""
+        """memcached's atomic ``incr`` on a counter; ``None`` when the key is absent."""
+        return self._arith("incr", key, delta)
+
+    def decr(self, key: str, delta: int = 1) -> int | None:
+        """memcached's atomic ``decr``: it stops at 0, never below (see :meth:`increment`
+        for exact arithmetic); ``None`` when the key is absent."""
+        return self._arith("decr", key, delta)
+
+    def _arith(self, command: str, key: str, delta: int) -> int | None:
         mkey = self.key(key)
-        with borrow(self._pool) as conn:
-            result = conn.call(conn.server_for(mkey), "incr", lambda c: c.incr(mkey, delta))
-            return None if result is None else int(result)
+        with borrow(self.pool) as conn:
+            result = conn.call(conn.server_for(mkey), command,
+                               methodcaller(command, mkey, delta))
+        return None if result is None else int(result)
 
     def add_counter(self, key: str, initial: int = 0) -> bool:
-        """Create a counter (memcached's ``incr`` needs plain decimal digits)."""
-        mkey = self.key(key)
-        with borrow(self._pool) as conn:
-            return bool(conn.call(conn.server_for(mkey), "add",
-                                  lambda c: c.add(mkey, str(initial).encode("ascii"), 0)))
+        """Create a counter that never expires; ``False`` when the key exists."""
+        if not _is_counter(initial):
+            raise ValueError(f"a counter starts at 0..2**64-1, not {initial!r}")
+        return self.add(key, initial)
 
     def get_counter(self, key: str) -> int | None:
+        """The counter's value; ``None`` when absent or not an integer."""
+        value = self.get(key)
+        return value if type(value) is int else None
+
+    def increment(self, key: str, delta: int, ttl: float | None = None) -> int | None:
+        """Add ``delta`` (negative too) to the integer under ``key``, exactly.
+
+        A missing key starts from 0 and is created with ``ttl``. A non-negative counter
+        grows with memcached's atomic ``incr`` (its expiry is kept). What ``incr``/``decr``
+        cannot do exactly (going below 0, a negative value, a result past 2**64-1) is a
+        ``gets``/``cas`` loop: read, compute, write only if nobody wrote in between, else
+        read again; such a write sets the expiry to ``ttl``.
+
+        :return: the new value; ``None`` (logged) when the value is not an integer, or
+            the key kept changing for :data:`_CAS_ATTEMPTS` rounds.
+        """
         mkey = self.key(key)
-        with borrow(self._pool) as conn:
-            data = conn.call(conn.server_for(mkey), "get", lambda c: c.get(mkey))
-            try:
-                return int(data) if data is not None else None
-            except ValueError:
-                return None
+        with borrow(self.pool) as conn:
+            server = conn.server_for(mkey)
+            for _ in range(_CAS_ATTEMPTS):
+                data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
+                if data is None:
+                    if self._add_raw(conn, mkey, delta, ttl):
+                        return delta
+                    continue  # somebody created it meanwhile: start over from theirs
+                value = self._decode(key, data, conn)
+                if value is not MISS and type(value) is not int:
+                    log.warning("increment: %s holds a %s, not an integer",
+                                mkey.decode(), type(value).__name__)
+                    return None
+                new = (value if isinstance(value, int) else 0) + delta
+                if delta >= 0 and _counter_bytes(data) is not None and new <= _COUNTER_MAX:
+                    result = conn.call(server, "incr", lambda c: c.incr(mkey, delta))
+                    if result is not None:
+                        return int(result)
+                    continue  # deleted or expired since our gets
+                if self._cas(conn, key, self._encode(new), token, ttl):
+                    return new
+        log.warning("increment: %s kept changing; gave up after %d attempts",
+                    mkey.decode(), _CAS_ATTEMPTS)
+        return None
 
-    # -- large values --------------------------------------------------------------------
+    def _add_raw(self, conn: Connection, mkey: bytes, value: int, ttl: float | None) -> bool:
+        data = self._encode(value)
+        return bool(conn.call(conn.server_for(mkey), "add",
+                              lambda c: c.add(mkey, data, expire_time(ttl))))
 
-    def _prepare(self, key: str, value: Any, ttl: float | None) -> tuple[bytes, bytes]:
-        data = codec.encode(value)
+    # -- encoding and large values -------------------------------------------------------
+
+    @staticmethod
+    def _encode(value: Any) -> bytes:
+        """Bare digits for a counter-shaped int, else the codec's format.
+
+        :raises CodecError: the codec refuses the value.
+        """
+        if _is_counter(value):
+            return str(value).encode("ascii")
+        return codec.encode(value)
+
+    def _prepare(self, conn: Connection, key: str, data: bytes,
+                 ttl: float | None) -> tuple[bytes, bytes]:
+        """The memcached key and the bytes to store under it (a manifest for a large value,
+        whose chunks this writes first)."""
         if len(data) > self.chunk_size:
-            data = self._write_chunks(key, data, ttl)
+            if expire_time(ttl) < 0:
+                # Stored already expired: nobody can read it, so write no chunks; a small
+                # item still replaces (and so hides) the previous value, as set() should.
+                data = codec.header(codec.KIND_BYTES)
+            else:
+                data = self._write_chunks(conn, key, data, ttl)
         return self.key(key), data
 
     def _chunk_key(self, key: str, chunk_set: str, index: int) -> str:
         return f"{key}\x00chunk\x00{chunk_set}\x00{index}"
 
-    def _write_chunks(self, key: str, data: bytes, ttl: float | None) -> bytes:
+    def _write_chunks(self, conn: Connection, key: str, data: bytes, ttl: float | None) -> bytes:
         """Write the pieces of a large value and return the manifest to store under key.
 
         The chunk set has a random id, so two writers of one key never mix pieces; the
         manifest is written last (by the caller), so a reader never sees a partial set.
+        Pieces of a replaced or deleted value are left to expire or be evicted.
         """
         chunk_set = os.urandom(8).hex()
         pieces = [data[i : i + self.chunk_size] for i in range(0, len(data), self.chunk_size)]
-        with borrow(self._pool) as conn:
-            # Chunks outlive the manifest slightly, so a manifest never points at evicted
-            # pieces merely because of expiry; an evicted piece still reads as a miss.
-            exp = expire_time(ttl + 60 if ttl else None)
-            for index, piece in enumerate(pieces):
-                ckey = self.key(self._chunk_key(key, chunk_set, index))
-                conn.call(conn.server_for(ckey), "set", methodcaller("set", ckey, piece, exp))
-            metrics.large_values_total.labels("chunked").inc()
-            manifest = {
-                "id": chunk_set, "n": len(pieces), "len": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-            return codec.header(codec.KIND_CHUNKED) + orjson.dumps(manifest)
+        # Chunks outlive the manifest slightly, so a manifest never points at evicted
+        # pieces merely because of expiry; an evicted piece still reads as a miss.
+        exp = expire_time(ttl + 60 if ttl else None)
+        for index, piece in enumerate(pieces):
+            ckey = self.key(self._chunk_key(key, chunk_set, index))
+            conn.call(conn.server_for(ckey), "set", methodcaller("set", ckey, piece, exp))
+        metrics.large_values_total.labels("chunked").inc()
+        manifest = {
+            "id": chunk_set, "n": len(pieces), "len": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        return codec.header(codec.KIND_CHUNKED) + orjson.dumps(manifest)
 
     def _read_chunks(self, key: str, data: bytes, conn: Connection) -> bytes:
         try:

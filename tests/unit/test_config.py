@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import load_settings, parse_settings, settings_path
-from service.errors import ConfigError
+from service import config, errors
+from service.config import ConfigError, Settings, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,16 +26,39 @@ def test_shipped_settings_load_with_every_spec_key() -> None:
     assert (s.cache.connect_timeout, s.cache.timeout) == (0.25, 0.25)
     assert (s.refresh.concurrency, s.refresh.lock_lease, s.refresh.fetch_timeout) == (16, 30, 20)
     assert s.sources["primes"].kind == "python"
+    assert (s.cache.default_timeout, s.cache.stale_while_revalidate,
+            s.cache.stale_if_error) == (300, 0, 0)
 
 
 def test_service_settings_env_selects_the_file(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, '[cache]\nservers = ["10.0.0.1:11211", "10.0.0.2:11212"]\n')
     monkeypatch.setenv("SERVICE_SETTINGS", str(path))
-    assert settings_path() == path
     s = load_settings()
     assert s.cache.server_addresses() == [("10.0.0.1", 11211), ("10.0.0.2", 11212)]
     assert s.path == str(path)
+
+
+def test_without_the_repository_the_defaults_apply(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Installed in site-packages: the package's parent is no repository, and a stray
+    # settings.toml there belongs to somebody else.
+    monkeypatch.delenv("SERVICE_SETTINGS", raising=False)
+    write(tmp_path, "[cache\nthis is not ours")
+    monkeypatch.setattr(config, "REPOSITORY", tmp_path)
+    monkeypatch.setattr(config, "DEFAULT_PATH", tmp_path / "settings.toml")
+    assert load_settings() == Settings()
+
+
+def test_the_repository_file_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SERVICE_SETTINGS", raising=False)
+    assert load_settings().path == str(ROOT / "settings.toml")
+
+
+def test_config_error_is_importable_from_errors_and_config_imports_nothing_of_ours() -> None:
+    assert errors.ConfigError is ConfigError
+    source = Path(config.__file__).read_text()
+    assert "from ." not in source and "import service" not in source
 
 
 def test_settings_are_frozen() -> None:
@@ -61,6 +84,10 @@ def test_settings_are_frozen() -> None:
         ("[cache]\nservers = [\"h:99999\"]\n", "cache.servers", "host:port"),
         ("[cache]\nservers = \"h:1\"\n", "cache.servers", "a list"),
         ("[cache]\nkey_prefix = \"has space\"\n", "cache.key_prefix", "letters"),
+        ("[cache]\ndefault_timeout = -1\n", "cache.default_timeout", ">= 0"),
+        ("[cache]\ndefault_timeout = 1.5\n", "cache.default_timeout", "a int"),
+        ("[cache]\nstale_while_revalidate = -1\n", "cache.stale_while_revalidate", ">= 0"),
+        ("[cache]\nstale_if_error = \"1h\"\n", "cache.stale_if_error", "seconds"),
         ("[sources.x]\nkind = \"ftp\"\nmax_age = 1\n", "sources.x.kind", "one of"),
         ("[sources.x]\nkind = \"http\"\n", "sources.x.max_age", "required"),
         ("[sources.x]\nkind = \"http\"\nmax_age = 1\n", "sources.x.url", "URL"),

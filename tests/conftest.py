@@ -17,16 +17,21 @@ from flask import Flask  # noqa: E402
 from service import create_app  # noqa: E402
 from service.config import Settings, parse_settings  # noqa: E402
 
-# memcached, memcached_factory, origin_server, gunicorn_factory: real processes.
+# memcached, memcached_factory, key_prefix, origin_server, gunicorn_factory: real processes.
 pytest_plugins = ["tests.servers"]
 
 
 def settings_for(servers: list[str], **sections: dict[str, Any]) -> Settings:
-    """Settings for tests: the given memcached servers and short, test-friendly timeouts."""
+    """Settings for tests: the given memcached servers, the running test's own key prefix
+    (the ``key_prefix`` fixture) and short, test-friendly timeouts."""
+    # Imported here, not at the top: tests.servers is loaded as a plugin (pytest_plugins),
+    # which must come first for pytest to rewrite its asserts.
+    from tests.servers import current_key_prefix
+
     data: dict[str, Any] = {
-        "cache": {"servers": servers, "key_prefix": "test", "connect_timeout": 0.5,
-                  "timeout": 0.5, "pool_size": 4, "pool_timeout": 2.0,
-                  "circuit_reset": 0.2},
+        "cache": {"servers": servers, "key_prefix": current_key_prefix(),
+                  "connect_timeout": 0.5, "timeout": 0.5, "pool_size": 4,
+                  "pool_timeout": 2.0, "circuit_reset": 0.2},
     }
     for name, table in sections.items():
         data.setdefault(name, {}).update(table)

@@ -16,10 +16,13 @@ the conftest patched them first).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
+import itertools
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -476,6 +479,39 @@ def memcached_factory(tmp_path: Path) -> Iterator[MemcachedFactory]:
         yield start
 
 
+# --------------------------------------------------------------------------------------------
+# One key namespace per test
+# --------------------------------------------------------------------------------------------
+
+KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_key_prefix_serial = itertools.count(1)
+_current_key_prefix = "test"
+
+
+def current_key_prefix() -> str:
+    """The running test's key prefix (see the ``key_prefix`` fixture); ``"test"`` outside one."""
+    return _current_key_prefix
+
+
+@pytest.fixture(autouse=True)
+def key_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A ``[cache] key_prefix`` of this test's own: ``t<serial>-<hash of the node id>``.
+
+    Every test gets one (``tests.conftest.settings_for`` uses it), so tests sharing a
+    memcached never read each other's keys; the serial keeps it unique even when a test runs
+    twice in one session, the hash says which test wrote a key.
+    """
+    global _current_key_prefix
+    digest = hashlib.sha1(request.node.nodeid.encode("utf-8")).hexdigest()[:8]
+    prefix = f"t{next(_key_prefix_serial)}-{digest}"
+    assert KEY_PREFIX_PATTERN.match(prefix), prefix
+    _current_key_prefix = prefix
+    try:
+        yield prefix
+    finally:
+        _current_key_prefix = "test"
+
+
 @pytest.fixture
 def memcached(memcached_factory: MemcachedFactory) -> MemcachedProcess:
     """One running memcached with default settings."""
@@ -798,11 +834,13 @@ __all__ = [
     "MemcachedProcess",
     "OriginServer",
     "child_pids",
+    "current_key_prefix",
     "free_port",
     "gunicorn_binary",
     "gunicorn_factory",
     "http_get",
     "http_request",
+    "key_prefix",
     "log_tail",
     "memcached",
     "memcached_binary",

@@ -16,12 +16,12 @@ import pytest
 pytestmark = [pytest.mark.memcached, pytest.mark.gunicorn]
 
 
-def settings_file(tmp_path: Path, memcached: Any, origin: Any) -> Path:
+def settings_file(tmp_path: Path, memcached: Any, origin: Any, key_prefix: str) -> Path:
     path = tmp_path / "settings.toml"
     path.write_text(f"""
 [cache]
 servers = ["{memcached.address}"]
-key_prefix = "e2e"
+key_prefix = "{key_prefix}"
 l1_ttl = 0.2
 pool_size = 16
 
@@ -70,8 +70,10 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, memcached: Any, origin_server: Any, gunicorn_factory: Any) -> Any:
-    server = gunicorn_factory(settings_file(tmp_path, memcached, origin_server), workers=4)
+def fleet(tmp_path: Path, memcached: Any, origin_server: Any, gunicorn_factory: Any,
+          key_prefix: str) -> Any:
+    server = gunicorn_factory(settings_file(tmp_path, memcached, origin_server, key_prefix),
+                              workers=4)
     assert len(server.worker_pids()) == 4
     return server
 

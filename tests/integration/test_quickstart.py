@@ -13,10 +13,11 @@ pytestmark = pytest.mark.memcached
 
 
 def test_quickstart_app_serves_swr_periodic_and_plain_caching(
-    memcached: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    memcached: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_prefix: str
 ) -> None:
     settings = tmp_path / "settings.toml"
-    settings.write_text(f'[cache]\nservers = ["{memcached.address}"]\n')
+    settings.write_text(
+        f'[cache]\nservers = ["{memcached.address}"]\nkey_prefix = "{key_prefix}"\n')
     monkeypatch.setenv("SERVICE_SETTINGS", str(settings))
     sys.modules.pop("examples.quickstart", None)
     module = importlib.import_module("examples.quickstart")

@@ -18,6 +18,7 @@ from tests.conftest import settings_for
 pytestmark = pytest.mark.memcached
 
 
+@pytest.mark.private_memcached
 def test_the_flask_caching_api_works_on_memcached(app: Flask, memcached: Any) -> None:
     with app.app_context():
         assert cache.get("missing") is None
@@ -102,6 +103,7 @@ def get_settings_prefix(app: Flask) -> str:
         return str(cache.cache.store.prefix)
 
 
+@pytest.mark.private_memcached
 def test_values_larger_than_an_item_are_split_and_served(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address]))
     big = os.urandom(3 * 1024 * 1024 + 17)
@@ -111,6 +113,7 @@ def test_values_larger_than_an_item_are_split_and_served(memcached: Any, make_ap
         assert int(memcached.stats()["curr_items"]) >= 4   # manifest + 4 chunks of <1 MiB
 
 
+@pytest.mark.private_memcached
 def test_a_missing_chunk_reads_as_a_miss_not_a_crash(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address], cache={"item_size_max": 4096}))
     with app.app_context():
@@ -125,6 +128,7 @@ def test_a_missing_chunk_reads_as_a_miss_not_a_crash(memcached: Any, make_app: A
         assert cache.get("big") is None
 
 
+@pytest.mark.private_memcached
 def test_memcached_down_is_a_miss_not_an_error(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address]))
     memcached.stop()

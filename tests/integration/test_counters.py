@@ -121,6 +121,7 @@ def test_counter_name_too_long_is_a_400(memcached: Any,
     assert set(response.get_json()) >= {"error", "detail"}
 
 
+@pytest.mark.private_memcached
 def test_counter_without_memcached_is_a_503_not_a_500(memcached: Any,
                                                        make_app: Callable[..., Flask]) -> None:
     client = make_app(settings_for([memcached.address])).test_client()

@@ -92,6 +92,7 @@ def test_a_full_pool_gives_up_after_pool_timeout(memcached: Any, make_app: Any) 
         pool.release(c)
 
 
+@pytest.mark.private_memcached
 def test_a_connection_whose_call_failed_is_discarded(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address], cache={"timeout": 0.2}))
     pool = get_pool(app)

@@ -35,6 +35,7 @@ def _version_reply(address: tuple[str, int], timeout: float) -> bytes:
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_raw_set_get_roundtrip(memcached: MemcachedProcess) -> None:
     assert memcached.is_running()
     assert memcached.address == f"127.0.0.1:{memcached.port}"
@@ -50,6 +51,7 @@ def test_memcached_raw_set_get_roundtrip(memcached: MemcachedProcess) -> None:
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_flush_empties_the_cache(memcached: MemcachedProcess) -> None:
     memcached.raw_set(b"a", b"1")
     memcached.flush()
@@ -86,6 +88,7 @@ def test_memcached_factory_starts_independent_servers(
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_freeze_and_thaw(memcached: MemcachedProcess) -> None:
     address = (memcached.host, memcached.port)
     memcached.freeze()
@@ -100,6 +103,7 @@ def test_memcached_freeze_and_thaw(memcached: MemcachedProcess) -> None:
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_stop_terminates_a_frozen_process(memcached: MemcachedProcess) -> None:
     memcached.freeze()
     code = memcached.stop()
@@ -110,6 +114,7 @@ def test_memcached_stop_terminates_a_frozen_process(memcached: MemcachedProcess)
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_restart_same_port_empty_cache(memcached: MemcachedProcess) -> None:
     port, old_pid = memcached.port, memcached.pid
     memcached.raw_set(b"k", b"v")
@@ -122,6 +127,7 @@ def test_memcached_restart_same_port_empty_cache(memcached: MemcachedProcess) ->
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_kill_refuses_connections(memcached: MemcachedProcess) -> None:
     code = memcached.kill()
     assert code == -signal.SIGKILL

@@ -10,7 +10,7 @@ from flask import Flask, jsonify, request
 
 from service import SWR
 from service.swr import EXTENSION, SWRCache
-from tests.conftest import FakeClock, settings_for
+from tests.conftest import FakeClock, settings_for, stop_app
 
 pytestmark = pytest.mark.memcached
 
@@ -47,14 +47,7 @@ def user_app(memcached: Any, clock: FakeClock) -> Any:
     cache.clock = clock
     cache.tiers.monotonic = clock
     yield app, swr, calls, square
-    cache.refresher.stop(timeout=1)
-    close_pool(app)
-
-
-def close_pool(app: Flask) -> None:
-    pool = app.extensions["service.clients"]["pool"]
-    if pool is not None:
-        pool.close()
+    stop_app(app)
 
 
 def test_view_is_cached_per_query_with_cache_headers(user_app: Any, clock: FakeClock) -> None:
@@ -134,8 +127,7 @@ def test_periodic_loop_recomputes_in_one_worker_of_two(memcached: Any) -> None:
         assert done.wait(timeout=10)
     finally:
         for app in apps:
-            app.extensions[EXTENSION].refresher.stop(timeout=1)
-            close_pool(app)
+            stop_app(app)
     # One computation per 0.2 s window across both workers, not one per worker.
     assert len(computed) >= 3
     windows_seen = len(computed)

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import stop_app
+
 pytestmark = pytest.mark.memcached
 
 
@@ -31,7 +33,5 @@ def test_quickstart_app_serves_swr_periodic_and_plain_caching(
         assert client.get("/rates").get_json() == client.get("/rates").get_json()
         assert client.get("/legacy").data == client.get("/legacy").data
     finally:
-        pool = module.app.extensions["service.clients"]["pool"]
-        if pool is not None:
-            pool.close()
+        stop_app(module.app)
         sys.modules.pop("examples.quickstart", None)

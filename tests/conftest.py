@@ -68,6 +68,17 @@ def stop_app(app: Flask) -> None:
         clients["pool"].close()
 
 
+def stop_hub_monitor() -> None:
+    """Stop the hub's blocking monitor thread (``service.monitor.start``) and its greenlet
+    tracer, so a test that started one leaves no thread behind."""
+    hub = gevent.get_hub()
+    thread = hub.periodic_monitoring_thread
+    if thread is not None:
+        thread.kill()
+        hub.periodic_monitoring_thread = None
+    gevent.config.monitor_thread = False
+
+
 @pytest.fixture
 def make_app() -> Iterator[Callable[..., Flask]]:
     """Build apps for given settings; each is stopped afterwards (:func:`stop_app`)."""

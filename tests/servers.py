@@ -1,11 +1,13 @@
 """Real-process test fixtures: memcached, an HTTP origin and gunicorn.
 
 Every server here is a real process on a free loopback port, with its output in a log file
-under the test's ``tmp_path``. Starting waits on an observable readiness probe (a socket that
-answers), with bounded total time; stopping sends a signal and then ``wait()``s the process so
-no zombie, open pipe or ``ResourceWarning`` is left behind. Fixture factories register every
-process they start on a :class:`contextlib.ExitStack`, so teardown stops whatever a test left
-running, even when the test failed half-way.
+under the test's ``tmp_path`` (under the session's temporary directory for the session's
+memcached and for the origins, which are started one test ahead). Starting waits on an
+observable readiness probe (a socket that answers), with bounded total time; stopping sends a
+signal and then ``wait()``s the process so no zombie, open pipe or ``ResourceWarning`` is left
+behind. Fixture factories register every process they start on a
+:class:`contextlib.ExitStack`, so teardown stops whatever a test left running, even when the
+test failed half-way.
 
 memcached is the exception to "one process per test": ``memcached`` is one server for the whole
 session, shared safely because every test gets a key prefix of its own (``key_prefix``) and sees
@@ -724,8 +726,22 @@ class OriginServer:
         raise AssertionError("unreachable")
 
     def _start_once(self) -> None:
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> OriginServer:
+        """Start the process without waiting for it: :meth:`wait_ready` does that."""
         argv = [sys.executable, "-m", "tests.origin", "--port", str(self.port)]
         self.proc = _spawn(argv, self.log_path, cwd=REPO_ROOT)
+        return self
+
+    def wait_ready(self) -> None:
+        """Wait until the spawned origin answers ``/__count`` (bounded).
+
+        Raises ``_ExitedEarly`` when it exited first (typically: its port was taken), and
+        ``RuntimeError`` (after killing it) when it does not answer in time.
+        """
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + ORIGIN_START_TIMEOUT
         for delay in _poll_intervals():
             if self.proc.poll() is not None:
@@ -779,15 +795,62 @@ class OriginServer:
             return None
         return _reap(self.proc, signal.SIGTERM, STOP_TIMEOUT)
 
+    def kill(self) -> int | None:
+        """SIGKILL and wait; the exit code, None if never started."""
+        if self.proc is None:
+            return None
+        return _reap(self.proc, signal.SIGKILL, STOP_TIMEOUT)
+
+
+class OriginSupply:
+    """Hands out freshly started origins, each started while the test before it ran.
+
+    Every test still gets an origin process of its own, with counts from zero and nothing in
+    flight from an earlier test; it just does not wait for the interpreter to start (the
+    origin's start-up is most of its cost). The spare is killed with the supply.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._spare: OriginServer | None = None
+
+    def take(self) -> OriginServer:
+        server, self._spare = self._spare, None
+        if server is not None:
+            try:
+                server.wait_ready()
+            except (_ExitedEarly, RuntimeError):
+                server.kill()
+                server = None
+        if server is None:
+            server = OriginServer(self.log_dir).start()
+        self._spare = OriginServer(self.log_dir).spawn()
+        return server
+
+    def close(self) -> None:
+        if self._spare is not None:
+            self._spare.kill()
+            self._spare = None
+
+
+@pytest.fixture(scope="session")
+def origin_supply(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginSupply]:
+    supply = OriginSupply(tmp_path_factory.mktemp("origins"))
+    try:
+        yield supply
+    finally:
+        supply.close()
+
 
 @pytest.fixture
-def origin_server(tmp_path: Path) -> Iterator[OriginServer]:
-    """A running counting origin (see tests/origin.py); stopped at teardown."""
-    server = OriginServer(tmp_path)
+def origin_server(origin_supply: OriginSupply) -> Iterator[OriginServer]:
+    """A running counting origin of the test's own (see tests/origin.py), killed at teardown
+    (its log is under the session's ``origins`` directory)."""
+    server = origin_supply.take()
     try:
-        yield server.start()
+        yield server
     finally:
-        server.stop()
+        server.kill()
 
 
 # --------------------------------------------------------------------------------------------
@@ -997,6 +1060,7 @@ __all__ = [
     "MemcachedFactory",
     "MemcachedProcess",
     "OriginServer",
+    "OriginSupply",
     "PRIVATE_MEMCACHED",
     "SharedMemcached",
     "SharedMemcachedMisuse",
@@ -1013,6 +1077,7 @@ __all__ = [
     "memcached_binary",
     "memcached_factory",
     "origin_server",
+    "origin_supply",
     "process_state",
     "pytest_configure",
     "require_memcached",

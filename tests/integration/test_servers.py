@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -18,6 +19,7 @@ from tests.servers import (
     MemcachedFactory,
     MemcachedProcess,
     OriginServer,
+    OriginSupply,
     SharedMemcached,
     SharedMemcachedMisuse,
     child_pids,
@@ -281,6 +283,21 @@ def test_origin_keep_alive_connection(origin_server: OriginServer) -> None:
     finally:
         conn.close()
     assert origin_server.count("/ka") == 3
+
+
+def test_origin_supply_hands_out_a_fresh_process_each_time(tmp_path: Path) -> None:
+    supply = OriginSupply(tmp_path)
+    with contextlib.ExitStack() as stack:
+        stack.callback(supply.close)
+        first = supply.take()
+        stack.callback(first.kill)
+        http_get(first.url + "/a")
+        second = supply.take()                          # the spare started by the first take
+        stack.callback(second.kill)
+        assert first.proc is not None and second.proc is not None
+        assert second.proc.pid != first.proc.pid and second.port != first.port
+        assert (first.count("/a"), second.count()) == (1, 0)
+    assert not first.is_running() and not second.is_running()
 
 
 def test_origin_exits_cleanly_on_sigterm(tmp_path: Path) -> None:

@@ -22,12 +22,14 @@ import hashlib
 import logging
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Iterable, Mapping
 from operator import methodcaller
 from typing import Any, Final
 
+import gevent
 import orjson
 
 from . import codec, metrics
@@ -52,12 +54,11 @@ MISS: Final = _Miss()
 """Returned when a key is absent or its bytes do not decode (``None`` is a real value)."""
 
 _THIRTY_DAYS = 30 * 24 * 3600
-# Room for the item header, key and flags inside memcached's item size limit.
-_ITEM_OVERHEAD = 512
+_ITEM_OVERHEAD = 512  # room for the item header, key and flags within the item size
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _COUNTER_MAX = 2**64 - 1
-# Rounds of read-compute-CAS before increment() gives up on a key that keeps changing.
-_CAS_ATTEMPTS = 16
+# Rounds of read-compute-CAS (with growing pauses) before increment() gives up.
+_CAS_ATTEMPTS = 64
 
 
 def expire_time(ttl: float | None) -> int:
@@ -296,7 +297,11 @@ class Store:
         mkey = self.key(key)
         with borrow(self.pool) as conn:
             server = conn.server_for(mkey)
-            for _ in range(_CAS_ATTEMPTS):
+            for attempt in range(_CAS_ATTEMPTS):
+                if attempt:
+                    # Lost a race: a random, growing pause, or 20 greenlets decrementing
+                    # at once can starve one of them for 20 rounds.
+                    gevent.sleep(random.random() * min(0.05, 0.0005 * 2 ** attempt))
                 data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
                 if data is None:
                     if self._add_raw(conn, mkey, delta, ttl):

@@ -85,9 +85,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
     if args.fetch_timeout is not None:
         refresh["fetch_timeout"] = args.fetch_timeout
     return parse_settings({
-        "cache": {"servers": [args.memcached], "key_prefix": "test", "connect_timeout": 0.5,
-                  "timeout": 0.5, "pool_size": args.pool_size, "pool_timeout": 2.0,
-                  "circuit_reset": 0.2},
+        "cache": {"servers": [args.memcached], "key_prefix": args.key_prefix,
+                  "connect_timeout": 0.5, "timeout": 0.5, "pool_size": args.pool_size,
+                  "pool_timeout": 2.0, "circuit_reset": 0.2},
         "refresh": refresh,
     }, "<fleet_worker>")
 
@@ -138,6 +138,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.fleet_worker", description=__doc__)
     parser.add_argument("--memcached", required=True, help="HOST:PORT")
+    parser.add_argument("--key-prefix", default="test",
+                        help="[cache] key_prefix: the test's own, to share its keys")
     parser.add_argument("--origin", required=True, help="base URL of the counting origin")
     parser.add_argument("--key", required=True)
     parser.add_argument("--greenlets", type=int, required=True)

@@ -1,11 +1,20 @@
 """Real-process test fixtures: memcached, an HTTP origin and gunicorn.
 
 Every server here is a real process on a free loopback port, with its output in a log file
-under the test's ``tmp_path``. Starting waits on an observable readiness probe (a socket that
-answers), with bounded total time; stopping sends a signal and then ``wait()``s the process so
-no zombie, open pipe or ``ResourceWarning`` is left behind. Fixture factories register every
-process they start on a :class:`contextlib.ExitStack`, so teardown stops whatever a test left
-running, even when the test failed half-way.
+under the test's ``tmp_path`` (under the session's temporary directory for the session's
+memcached and for the origins, which are started one test ahead). Starting waits on an
+observable readiness probe (a socket that answers), with bounded total time; stopping sends a
+signal and then ``wait()``s the process so no zombie, open pipe or ``ResourceWarning`` is left
+behind. Fixture factories register every process they start on a
+:class:`contextlib.ExitStack`, so teardown stops whatever a test left running, even when the
+test failed half-way.
+
+memcached is the exception to "one process per test": ``memcached`` is one server for the whole
+session, shared safely because every test gets a key prefix of its own (``key_prefix``) and sees
+the server through :class:`SharedMemcached`, which refuses whatever would disturb the other
+tests. A test that stops, kills, freezes, restarts or flushes memcached, or reads its global
+``stats``, is marked ``@pytest.mark.private_memcached`` (or uses ``memcached_factory``) and gets
+a server of its own.
 
 Only the standard library is used to talk HTTP here, so the fixtures do not depend on the code
 under test. The module works both with and without gevent monkey-patching (``subprocess``,
@@ -16,10 +25,13 @@ the conftest patched them first).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
+import itertools
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -29,7 +41,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, NoReturn, Protocol
 
 import pytest
 
@@ -463,23 +475,213 @@ class MemcachedFactory(Protocol):
 
 @pytest.fixture
 def memcached_factory(tmp_path: Path) -> Iterator[MemcachedFactory]:
-    """Start real memcached processes: ``memcached_factory(["-I", "2m"])``. All are stopped at
-    teardown."""
+    """Start private memcached processes: ``memcached_factory(["-I", "2m"])``.
+
+    For the tests that stop, kill, freeze, restart or flush memcached, or read its global
+    ``stats``: whatever they do, no other test sees it. All are SIGKILLed at teardown (a test
+    memcached holds nothing worth a graceful exit, and SIGTERM costs memcached about a second).
+    """
     binary = require_memcached()
     with contextlib.ExitStack() as stack:
 
         def start(extra_args: Sequence[str] = ()) -> MemcachedProcess:
             server = MemcachedProcess(binary, tmp_path, extra_args=extra_args)
-            stack.callback(server.stop)
+            stack.callback(server.kill)
             return server.start()
 
         yield start
 
 
+# --------------------------------------------------------------------------------------------
+# One memcached for the session, one key namespace per test
+# --------------------------------------------------------------------------------------------
+
+KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+_key_prefix_serial = itertools.count(1)
+_current_key_prefix = "test"
+
+
+def current_key_prefix() -> str:
+    """The running test's key prefix (see the ``key_prefix`` fixture); ``"test"`` outside one."""
+    return _current_key_prefix
+
+
+@pytest.fixture(autouse=True)
+def key_prefix(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A ``[cache] key_prefix`` of this test's own: ``t<serial>-<hash of the node id>``.
+
+    Every test gets one (``tests.conftest.settings_for`` uses it), so tests sharing a
+    memcached never read each other's keys; the serial keeps it unique even when a test runs
+    twice in one session, the hash says which test wrote a key.
+    """
+    global _current_key_prefix
+    digest = hashlib.sha1(request.node.nodeid.encode("utf-8")).hexdigest()[:8]
+    prefix = f"t{next(_key_prefix_serial)}-{digest}"
+    assert KEY_PREFIX_PATTERN.match(prefix), prefix
+    _current_key_prefix = prefix
+    try:
+        yield prefix
+    finally:
+        _current_key_prefix = "test"
+
+
+class SharedMemcachedMisuse(AssertionError):
+    """A test tried to disturb the session's memcached, or to touch keys outside its prefix."""
+
+
+# Text-protocol commands whose arguments up to the first number are keys.
+_KEYED_COMMANDS = frozenset({
+    b"get", b"gets", b"set", b"add", b"replace", b"append", b"prepend", b"cas", b"delete",
+    b"incr", b"decr", b"touch", b"gat", b"gats", b"mg", b"ms", b"md", b"ma",
+})
+
+
+class SharedMemcached:
+    """The session's memcached as one test sees it: its address and the raw protocol,
+    restricted to keys under the test's prefix.
+
+    What would disturb the other tests (stop, kill, freeze, restart, flush, the global
+    ``stats``) raises :class:`SharedMemcachedMisuse`: such a test needs a private server from
+    ``memcached_factory``.
+    """
+
+    def __init__(self, server: MemcachedProcess, key_prefix: str) -> None:
+        self._server = server
+        self.key_prefix = key_prefix
+        self.host = server.host
+        self.port = server.port
+
+    @property
+    def address(self) -> str:
+        return self._server.address
+
+    @property
+    def pid(self) -> int | None:
+        return self._server.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self._server.log_path
+
+    def is_running(self) -> bool:
+        return self._server.is_running()
+
+    def __repr__(self) -> str:
+        return f"<SharedMemcached {self.address} prefix={self.key_prefix!r}>"
+
+    def _check_key(self, key: bytes) -> None:
+        if not key.startswith(self.key_prefix.encode("ascii")):
+            raise SharedMemcachedMisuse(
+                f"key {key[:60]!r} is outside this test's prefix {self.key_prefix!r} on the "
+                "session's shared memcached: build it from the test's settings (the "
+                "key_prefix fixture), or use memcached_factory() for a private server"
+            )
+
+    def raw_set(
+        self, key: bytes, value: bytes, flags: int = 0, exptime: int = 0, timeout: float = 5.0
+    ) -> None:
+        self._check_key(key)
+        self._server.raw_set(key, value, flags=flags, exptime=exptime, timeout=timeout)
+
+    def raw_get(self, key: bytes, timeout: float = 5.0) -> tuple[bytes, int] | None:
+        self._check_key(key)
+        return self._server.raw_get(key, timeout=timeout)
+
+    def command_line(self, line: bytes, timeout: float = 5.0) -> bytes:
+        words = line.split()
+        if not words or words[0].lower() not in _KEYED_COMMANDS:
+            raise SharedMemcachedMisuse(
+                f"{line[:40]!r} is not a keyed command; on the session's shared memcached "
+                "only commands on this test's own keys are allowed: use memcached_factory()"
+            )
+        for word in words[1:]:
+            if word.isdigit():
+                break
+            self._check_key(word)
+        return self._server.command_line(line, timeout=timeout)
+
+    def stats(self, group: str = "", timeout: float = 5.0) -> dict[str, str]:
+        if not group:
+            self._refuse("stats")
+        return self._server.stats(group, timeout=timeout)
+
+    def _refuse(self, action: str) -> NoReturn:
+        raise SharedMemcachedMisuse(
+            f"memcached.{action}() on the session's shared memcached would disturb (or read) "
+            "every other test's state: take a private one, `server = memcached_factory()`"
+        )
+
+    def stop(self) -> NoReturn:
+        self._refuse("stop")
+
+    def kill(self) -> NoReturn:
+        self._refuse("kill")
+
+    def freeze(self) -> NoReturn:
+        self._refuse("freeze")
+
+    def thaw(self) -> NoReturn:
+        self._refuse("thaw")
+
+    def restart(self) -> NoReturn:
+        self._refuse("restart")
+
+    def flush(self) -> NoReturn:
+        self._refuse("flush")
+
+
+@pytest.fixture(scope="session")
+def session_memcached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MemcachedProcess]:
+    """One memcached for the whole run, started when a test first needs it (skipped, or failed
+    on CI, when memcached is missing, exactly as ``memcached_factory``)."""
+    binary = require_memcached()
+    server = MemcachedProcess(binary, tmp_path_factory.mktemp("memcached"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+PRIVATE_MEMCACHED = "private_memcached"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{PRIVATE_MEMCACHED}: the test's `memcached` is a server of its own, not the "
+        "session's, because it stops, kills, freezes, restarts or flushes it, or reads its "
+        "global stats",
+    )
+
+
 @pytest.fixture
-def memcached(memcached_factory: MemcachedFactory) -> MemcachedProcess:
-    """One running memcached with default settings."""
-    return memcached_factory()
+def memcached(
+    request: pytest.FixtureRequest, key_prefix: str
+) -> Iterator[SharedMemcached | MemcachedProcess]:
+    """A running memcached with default settings.
+
+    By default the session's, seen through :class:`SharedMemcached`: the test only reads and
+    writes its own keys (under ``key_prefix``, which ``settings_for`` uses) and anything
+    disruptive raises. A test marked ``@pytest.mark.private_memcached`` gets a
+    :class:`MemcachedProcess` of its own from ``memcached_factory`` instead, to do as it likes
+    with; so do the fixtures it uses that ask for ``memcached``.
+    """
+    if request.node.get_closest_marker(PRIVATE_MEMCACHED) is not None:
+        factory: MemcachedFactory = request.getfixturevalue("memcached_factory")
+        yield factory()
+        return
+    session: MemcachedProcess = request.getfixturevalue("session_memcached")
+    if not session.is_running():
+        # It died in an earlier test (which was failed for it): the next tests get a new one.
+        session.restart()
+    yield SharedMemcached(session, key_prefix)
+    if not session.is_running():
+        code = None if session.proc is None else session.proc.returncode
+        pytest.fail(
+            f"the session's memcached exited (code {code}) during this test; log tail:\n"
+            f"{log_tail(session.log_path)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,8 +726,22 @@ class OriginServer:
         raise AssertionError("unreachable")
 
     def _start_once(self) -> None:
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> OriginServer:
+        """Start the process without waiting for it: :meth:`wait_ready` does that."""
         argv = [sys.executable, "-m", "tests.origin", "--port", str(self.port)]
         self.proc = _spawn(argv, self.log_path, cwd=REPO_ROOT)
+        return self
+
+    def wait_ready(self) -> None:
+        """Wait until the spawned origin answers ``/__count`` (bounded).
+
+        Raises ``_ExitedEarly`` when it exited first (typically: its port was taken), and
+        ``RuntimeError`` (after killing it) when it does not answer in time.
+        """
+        assert self.proc is not None, "spawn() first"
         deadline = time.monotonic() + ORIGIN_START_TIMEOUT
         for delay in _poll_intervals():
             if self.proc.poll() is not None:
@@ -579,15 +795,62 @@ class OriginServer:
             return None
         return _reap(self.proc, signal.SIGTERM, STOP_TIMEOUT)
 
+    def kill(self) -> int | None:
+        """SIGKILL and wait; the exit code, None if never started."""
+        if self.proc is None:
+            return None
+        return _reap(self.proc, signal.SIGKILL, STOP_TIMEOUT)
+
+
+class OriginSupply:
+    """Hands out freshly started origins, each started while the test before it ran.
+
+    Every test still gets an origin process of its own, with counts from zero and nothing in
+    flight from an earlier test; it just does not wait for the interpreter to start (the
+    origin's start-up is most of its cost). The spare is killed with the supply.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._spare: OriginServer | None = None
+
+    def take(self) -> OriginServer:
+        server, self._spare = self._spare, None
+        if server is not None:
+            try:
+                server.wait_ready()
+            except (_ExitedEarly, RuntimeError):
+                server.kill()
+                server = None
+        if server is None:
+            server = OriginServer(self.log_dir).start()
+        self._spare = OriginServer(self.log_dir).spawn()
+        return server
+
+    def close(self) -> None:
+        if self._spare is not None:
+            self._spare.kill()
+            self._spare = None
+
+
+@pytest.fixture(scope="session")
+def origin_supply(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginSupply]:
+    supply = OriginSupply(tmp_path_factory.mktemp("origins"))
+    try:
+        yield supply
+    finally:
+        supply.close()
+
 
 @pytest.fixture
-def origin_server(tmp_path: Path) -> Iterator[OriginServer]:
-    """A running counting origin (see tests/origin.py); stopped at teardown."""
-    server = OriginServer(tmp_path)
+def origin_server(origin_supply: OriginSupply) -> Iterator[OriginServer]:
+    """A running counting origin of the test's own (see tests/origin.py), killed at teardown
+    (its log is under the session's ``origins`` directory)."""
+    server = origin_supply.take()
     try:
-        yield server.start()
+        yield server
     finally:
-        server.stop()
+        server.kill()
 
 
 # --------------------------------------------------------------------------------------------
@@ -797,17 +1060,26 @@ __all__ = [
     "MemcachedFactory",
     "MemcachedProcess",
     "OriginServer",
+    "OriginSupply",
+    "PRIVATE_MEMCACHED",
+    "SharedMemcached",
+    "SharedMemcachedMisuse",
     "child_pids",
+    "current_key_prefix",
     "free_port",
     "gunicorn_binary",
     "gunicorn_factory",
     "http_get",
     "http_request",
+    "key_prefix",
     "log_tail",
     "memcached",
     "memcached_binary",
     "memcached_factory",
     "origin_server",
+    "origin_supply",
     "process_state",
+    "pytest_configure",
     "require_memcached",
+    "session_memcached",
 ]

@@ -29,6 +29,7 @@ from tests.conftest import settings_for
 pytestmark = pytest.mark.memcached
 
 
+@pytest.mark.private_memcached
 def test_the_flask_caching_api_works_on_memcached(app: Flask, memcached: Any) -> None:
     with app.app_context():
         assert cache.get("missing") is None
@@ -112,6 +113,7 @@ def namespace_of(app: Flask) -> str:
         return str(cache.cache.store.namespace)
 
 
+@pytest.mark.private_memcached
 def test_values_larger_than_an_item_are_split_and_served(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address]))
     big = os.urandom(3 * 1024 * 1024 + 17)
@@ -121,6 +123,7 @@ def test_values_larger_than_an_item_are_split_and_served(memcached: Any, make_ap
         assert int(memcached.stats()["curr_items"]) >= 4   # manifest + 4 chunks of <1 MiB
 
 
+@pytest.mark.private_memcached
 def test_a_missing_chunk_reads_as_a_miss_not_a_crash(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address], cache={"item_size_max": 4096}))
     with app.app_context():
@@ -135,6 +138,7 @@ def test_a_missing_chunk_reads_as_a_miss_not_a_crash(memcached: Any, make_app: A
         assert cache.get("big") is None
 
 
+@pytest.mark.private_memcached
 def test_memcached_down_is_a_miss_not_an_error(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address]))
     memcached.stop()
@@ -186,6 +190,7 @@ def test_two_caches_with_different_prefixes_never_see_each_others_keys(
     assert swr.get("k") is MISS
 
 
+@pytest.mark.private_memcached
 def test_a_prefix_that_is_not_a_legal_namespace_is_hashed_not_refused(
     plain_app: Flask, memcached: Any
 ) -> None:
@@ -197,6 +202,7 @@ def test_a_prefix_that_is_not_a_legal_namespace_is_hashed_not_refused(
     assert memcached.raw_get(mkey) == (b"1", 0)
 
 
+@pytest.mark.private_memcached
 def test_servers_and_options_come_from_the_flask_config(
     plain_app: Flask, memcached: Any, memcached_factory: Any
 ) -> None:
@@ -214,6 +220,7 @@ def test_servers_and_options_come_from_the_flask_config(
     assert int(memcached.stats()["curr_items"]) == before
 
 
+@pytest.mark.private_memcached
 def test_the_default_timeout_comes_from_the_flask_config(plain_app: Flask,
                                                          memcached: Any) -> None:
     cache = backend_cache(plain_app, memcached, CACHE_DEFAULT_TIMEOUT=120)
@@ -252,6 +259,7 @@ def test_memoize_caches_outside_an_app_context(plain_app: Flask, memcached: Any)
     assert calls == [3]
 
 
+@pytest.mark.private_memcached
 def test_counters_are_bare_digits_that_memcached_itself_counts(plain_app: Flask,
                                                               memcached: Any) -> None:
     cache = backend_cache(plain_app, memcached)
@@ -287,6 +295,7 @@ def test_inc_on_a_value_that_is_not_an_integer_is_none_and_logged(
     assert "not an integer" in caplog.text
 
 
+@pytest.mark.private_memcached
 def test_a_negative_timeout_leaves_nothing_readable_in_memcached(
     plain_app: Flask, memcached: Any
 ) -> None:
@@ -320,6 +329,7 @@ def test_clear_is_refused_and_says_why(plain_app: Flask, memcached: Any,
     assert "flush_all" in caplog.text and "CACHE_KEY_PREFIX" in caplog.text
 
 
+@pytest.mark.private_memcached
 def test_every_method_treats_memcached_down_as_a_miss(
     plain_app: Flask, memcached: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -27,11 +27,11 @@ pytestmark = pytest.mark.memcached
 CALLERS = 200
 
 
-def write_settings(path: Path, memcached_address: str) -> Path:
+def write_settings(path: Path, memcached_address: str, key_prefix: str) -> Path:
     path.write_text(
         "[cache]\n"
         f'servers = ["{memcached_address}"]\n'
-        'key_prefix = "counters"\n'
+        f'key_prefix = "{key_prefix}"\n'
         "pool_size = 16\n"
         "[server]\n"
         'log_format = "text"\n',
@@ -81,8 +81,8 @@ def bump(server: GunicornProcess, name: str) -> int:
 
 @pytest.mark.gunicorn
 def test_counter_is_atomic_across_gunicorn_workers(memcached: Any, gunicorn_factory: Any,
-                                                   tmp_path: Path) -> None:
-    settings = write_settings(tmp_path / "settings.toml", memcached.address)
+                                                   tmp_path: Path, key_prefix: str) -> None:
+    settings = write_settings(tmp_path / "settings.toml", memcached.address, key_prefix)
     server: GunicornProcess = gunicorn_factory(settings, workers=4)
     workers = server.worker_pids()
     assert len(workers) == 4
@@ -121,6 +121,7 @@ def test_counter_name_too_long_is_a_400(memcached: Any,
     assert set(response.get_json()) >= {"error", "detail"}
 
 
+@pytest.mark.private_memcached
 def test_counter_without_memcached_is_a_503_not_a_500(memcached: Any,
                                                        make_app: Callable[..., Flask]) -> None:
     client = make_app(settings_for([memcached.address])).test_client()

@@ -100,16 +100,18 @@ StartWorker = Callable[..., Worker]
 
 
 @pytest.fixture
-def start_worker(memcached: Any, origin_server: OriginServer,
-                 tmp_path: Path) -> Iterator[StartWorker]:
-    """Start fleet workers on the test's memcached and origin; each answers ``ready`` before
-    this returns. Every worker is killed and reaped at teardown, whatever happened."""
+def start_worker(memcached: Any, origin_server: OriginServer, tmp_path: Path,
+                 key_prefix: str) -> Iterator[StartWorker]:
+    """Start fleet workers on the test's memcached, key prefix and origin; each answers
+    ``ready`` before this returns. Every worker is killed and reaped at teardown, whatever
+    happened."""
     with contextlib.ExitStack() as stack:
         started: list[Worker] = []
 
         def start(key: str, greenlets: int, path: str, *extra: str) -> Worker:
             argv = [sys.executable, "-m", "tests.fleet_worker",
-                    "--memcached", memcached.address, "--origin", origin_server.url,
+                    "--memcached", memcached.address, "--key-prefix", key_prefix,
+                    "--origin", origin_server.url,
                     "--key", key, "--greenlets", str(greenlets), "--path", path, *extra]
             worker = Worker(argv, tmp_path / f"fleet-worker-{len(started)}.log")
             stack.callback(worker.kill)

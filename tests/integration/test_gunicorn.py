@@ -16,12 +16,12 @@ import pytest
 pytestmark = [pytest.mark.memcached, pytest.mark.gunicorn]
 
 
-def settings_file(tmp_path: Path, memcached: Any, origin: Any) -> Path:
+def settings_file(tmp_path: Path, memcached: Any, origin: Any, key_prefix: str) -> Path:
     path = tmp_path / "settings.toml"
     path.write_text(f"""
 [cache]
 servers = ["{memcached.address}"]
-key_prefix = "e2e"
+key_prefix = "{key_prefix}"
 l1_ttl = 0.2
 pool_size = 16
 
@@ -69,9 +69,32 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def settled(fleet: Any, origin: Any, path: str, source: str,
+            timeout: float = 10.0) -> tuple[int, str]:
+    """The origin's count for ``path`` and a ``/metrics`` text that describe the same fetches.
+
+    When the load stops, a refresh scheduled by one of the last STALE reads may not have
+    started yet (its worker had no CPU), so "nothing in flight" alone can be seen before it
+    runs. Wait (bounded) until nothing is in flight and every fetch the origin counted has
+    an outcome in the metrics; on timeout return what was last seen, for the asserts to show.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        fetches = origin.count(path)          # read first: a later metric covers these
+        text = get(fleet.url, "/metrics")[2].decode()
+        outcomes = (metric(text, "cache_refreshes_total", source=source)
+                    - metric(text, "cache_refreshes_total", source=source, outcome="skipped"))
+        idle = metric(text, "cache_refreshes_in_flight") == 0
+        if (idle and outcomes == fetches) or time.monotonic() > deadline:
+            return fetches, text
+        gevent.sleep(0.02)
+
+
 @pytest.fixture
-def fleet(tmp_path: Path, memcached: Any, origin_server: Any, gunicorn_factory: Any) -> Any:
-    server = gunicorn_factory(settings_file(tmp_path, memcached, origin_server), workers=4)
+def fleet(tmp_path: Path, memcached: Any, origin_server: Any, gunicorn_factory: Any,
+          key_prefix: str) -> Any:
+    server = gunicorn_factory(settings_file(tmp_path, memcached, origin_server, key_prefix),
+                              workers=4)
     assert len(server.worker_pids()) == 4
     return server
 
@@ -101,19 +124,10 @@ def test_hot_key_is_fetched_once_per_window_and_counted_once_per_request(
     started = time.monotonic()
     gevent.joinall([gevent.spawn(client, started + 4.0) for _ in range(16)], raise_error=True)
     windows = (time.monotonic() - started) / 1.0                 # max_age = 1 s
-    # A background refresh may still be running when the load stops: wait until none
-    # is in flight, so the origin's count and the metrics describe the same fetches.
-    for _ in range(500):
-        text = get(fleet.url, "/metrics")[2].decode()
-        if metric(text, "cache_refreshes_in_flight") == 0:
-            break
-        gevent.sleep(0.02)
-    fetches = origin_server.count("/slow")
+    fetches, text = settled(fleet, origin_server, "/slow", "slow")
     print(f"{sent} requests, {fetches} fetches over {windows:.1f} windows: {statuses}")
     assert 1 <= fetches <= windows + 2                           # ~one per window, fleet-wide
     assert statuses.get("MISS", 0) <= 16                         # only the cold start waited
-    _, _, body = get(fleet.url, "/metrics")
-    text = body.decode()
     # Every request of every worker is counted once, in one merged exposition.
     assert metric(text, "cache_requests_total", source="slow") == sent
     assert metric(text, "cache_refreshes_total", source="slow", outcome="ok") == fetches

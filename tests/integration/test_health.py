@@ -19,6 +19,7 @@ def test_healthz(app: Flask) -> None:
     assert response.get_json() == {"status": "ok"}
 
 
+@pytest.mark.private_memcached
 def test_readyz_is_degraded_while_memcached_is_stopped_and_ok_when_it_returns(
     memcached: Any, make_app: Any
 ) -> None:
@@ -44,6 +45,7 @@ def test_readyz_is_degraded_while_memcached_is_stopped_and_ok_when_it_returns(
     assert again.get_json()["status"] == "ok"
 
 
+@pytest.mark.private_memcached
 def test_readyz_is_degraded_when_memcached_is_frozen(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address], cache={"timeout": 0.2}))
     memcached.freeze()

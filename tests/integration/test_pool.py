@@ -44,6 +44,7 @@ def store_for(settings: CacheSettings, namespace: str = "pool-test") -> Store:
     return Store(pool_for(settings), namespace, settings.item_size_max)
 
 
+@pytest.mark.private_memcached
 def test_create_app_connects_nothing(memcached: Any, make_app: Any) -> None:
     before = int(memcached.stats()["total_connections"])
     app = make_app(settings_for([memcached.address]))
@@ -132,6 +133,7 @@ def test_a_full_pool_gives_up_after_pool_timeout(memcached: Any) -> None:
         pool.release(c)
 
 
+@pytest.mark.private_memcached
 def test_a_connection_whose_call_failed_is_discarded(memcached: Any) -> None:
     settings = cache_settings(memcached, timeout=0.2)
     store = store_for(settings)
@@ -235,6 +237,7 @@ def test_connection_comes_back_when_the_view_raised(app: Flask) -> None:
     assert len(pool._idle) == 1
 
 
+@pytest.mark.private_memcached
 def test_a_request_connection_that_broke_is_discarded(memcached: Any, make_app: Any) -> None:
     app = make_app(settings_for([memcached.address], cache={"timeout": 0.2}))
     pool: ClientPool = get_pool(app)

@@ -15,11 +15,12 @@ pytestmark = pytest.mark.memcached
 
 
 def test_quickstart_app_serves_swr_periodic_and_plain_caching(
-    memcached: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    memcached: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key_prefix: str
 ) -> None:
     # As a user would run it: no settings file at all, the servers from Flask's config.
     monkeypatch.delenv("SERVICE_SETTINGS", raising=False)
     monkeypatch.setenv("FLASK_CACHE_MEMCACHED_SERVERS", f'["{memcached.address}"]')
+    monkeypatch.setenv("FLASK_CACHE_KEY_PREFIX", f'"{key_prefix}"')
     monkeypatch.chdir(tmp_path)
     sys.modules.pop("examples.quickstart", None)
     module = importlib.import_module("examples.quickstart")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -12,10 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests import servers
+from tests.conftest import settings_for
 from tests.servers import (
     MemcachedFactory,
     MemcachedProcess,
     OriginServer,
+    OriginSupply,
+    SharedMemcached,
+    SharedMemcachedMisuse,
     child_pids,
     free_port,
     http_get,
@@ -35,6 +41,7 @@ def _version_reply(address: tuple[str, int], timeout: float) -> bytes:
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_raw_set_get_roundtrip(memcached: MemcachedProcess) -> None:
     assert memcached.is_running()
     assert memcached.address == f"127.0.0.1:{memcached.port}"
@@ -50,6 +57,7 @@ def test_memcached_raw_set_get_roundtrip(memcached: MemcachedProcess) -> None:
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_flush_empties_the_cache(memcached: MemcachedProcess) -> None:
     memcached.raw_set(b"a", b"1")
     memcached.flush()
@@ -86,6 +94,7 @@ def test_memcached_factory_starts_independent_servers(
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_freeze_and_thaw(memcached: MemcachedProcess) -> None:
     address = (memcached.host, memcached.port)
     memcached.freeze()
@@ -100,6 +109,7 @@ def test_memcached_freeze_and_thaw(memcached: MemcachedProcess) -> None:
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_stop_terminates_a_frozen_process(memcached: MemcachedProcess) -> None:
     memcached.freeze()
     code = memcached.stop()
@@ -110,6 +120,7 @@ def test_memcached_stop_terminates_a_frozen_process(memcached: MemcachedProcess)
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_restart_same_port_empty_cache(memcached: MemcachedProcess) -> None:
     port, old_pid = memcached.port, memcached.pid
     memcached.raw_set(b"k", b"v")
@@ -122,6 +133,7 @@ def test_memcached_restart_same_port_empty_cache(memcached: MemcachedProcess) ->
 
 
 @pytest.mark.memcached
+@pytest.mark.private_memcached
 def test_memcached_kill_refuses_connections(memcached: MemcachedProcess) -> None:
     code = memcached.kill()
     assert code == -signal.SIGKILL
@@ -130,6 +142,52 @@ def test_memcached_kill_refuses_connections(memcached: MemcachedProcess) -> None
         _version_reply((memcached.host, memcached.port), timeout=1.0)
     with pytest.raises(ConnectionRefusedError):
         memcached.raw_get(b"k")
+
+
+# -- the session's shared memcached and the per-test key prefix ------------------------------
+
+
+def test_key_prefix_is_the_test_s_own_and_settings_for_uses_it(
+    key_prefix: str, request: pytest.FixtureRequest
+) -> None:
+    assert servers.KEY_PREFIX_PATTERN.match(key_prefix)
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
+    assert key_prefix.startswith("t") and key_prefix.endswith("-" + digest)
+    assert servers.current_key_prefix() == key_prefix
+    assert settings_for(["127.0.0.1:1"]).cache.key_prefix == key_prefix
+
+
+@pytest.mark.memcached
+def test_shared_memcached_keeps_a_test_to_its_own_keys(memcached: SharedMemcached,
+                                                       key_prefix: str) -> None:
+    assert isinstance(memcached, SharedMemcached) and memcached.is_running()
+    own = f"{key_prefix}:k:mine".encode()
+    memcached.raw_set(own, b"v", flags=3)
+    assert memcached.raw_get(own) == (b"v", 3)
+    assert memcached.command_line(b"delete " + own) == b"DELETED"
+    assert memcached.stats("settings")["tcpport"] == str(memcached.port)
+    with pytest.raises(SharedMemcachedMisuse, match="outside this test's prefix"):
+        memcached.raw_set(b"someone-else:k:theirs", b"v")
+    with pytest.raises(SharedMemcachedMisuse, match="outside this test's prefix"):
+        memcached.command_line(b"delete someone-else:k:theirs")
+    with pytest.raises(SharedMemcachedMisuse, match="memcached_factory"):
+        memcached.command_line(b"flush_all")
+    for disruptive in (memcached.stop, memcached.kill, memcached.freeze, memcached.thaw,
+                       memcached.restart, memcached.flush, memcached.stats):
+        with pytest.raises(SharedMemcachedMisuse, match="memcached_factory"):
+            disruptive()
+    assert memcached.is_running()
+
+
+@pytest.mark.memcached
+@pytest.mark.private_memcached
+def test_private_memcached_marker_gives_a_server_of_the_test_s_own(
+    memcached: MemcachedProcess, session_memcached: MemcachedProcess
+) -> None:
+    assert isinstance(memcached, MemcachedProcess)
+    assert memcached.pid != session_memcached.pid and memcached.port != session_memcached.port
+    memcached.flush()                                   # allowed: nobody else uses it
+    assert int(memcached.stats()["curr_items"]) == 0
 
 
 def test_require_memcached_skips_or_fails_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -225,6 +283,21 @@ def test_origin_keep_alive_connection(origin_server: OriginServer) -> None:
     finally:
         conn.close()
     assert origin_server.count("/ka") == 3
+
+
+def test_origin_supply_hands_out_a_fresh_process_each_time(tmp_path: Path) -> None:
+    supply = OriginSupply(tmp_path)
+    with contextlib.ExitStack() as stack:
+        stack.callback(supply.close)
+        first = supply.take()
+        stack.callback(first.kill)
+        http_get(first.url + "/a")
+        second = supply.take()                          # the spare started by the first take
+        stack.callback(second.kill)
+        assert first.proc is not None and second.proc is not None
+        assert second.proc.pid != first.proc.pid and second.port != first.port
+        assert (first.count("/a"), second.count()) == (1, 0)
+    assert not first.is_running() and not second.is_running()
 
 
 def test_origin_exits_cleanly_on_sigterm(tmp_path: Path) -> None:

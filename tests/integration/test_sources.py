@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -45,26 +45,20 @@ def composite_source(*parts: str, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def build(memcached: Any, make_app: Callable[..., Flask]) -> Iterator[Build]:
+def build(memcached: Any, make_app: Callable[..., Flask]) -> Build:
     """``build(sources, **refresh)``: an app with these sources on the test memcached.
 
-    Its refresher is drained and its process pool stopped afterwards (before make_app
-    closes the memcached pool).
+    make_app stops it afterwards (drains its refresher, stops its process pool, closes its
+    memcached pool).
     """
-    apps: list[Flask] = []
 
     def make(sources: dict[str, dict[str, Any]], clock: FakeClock | None = None,
              **refresh: Any) -> Flask:
         refresh = {"xfetch_beta": 0.0, "fetch_timeout": 5.0, **refresh}
-        app = make_app(settings_for([memcached.address], sources=sources, refresh=refresh),
-                       clock=clock)
-        apps.append(app)
-        return app
+        return make_app(settings_for([memcached.address], sources=sources, refresh=refresh),
+                        clock=clock)
 
-    yield make
-    for app in apps:
-        swr(app).refresher.stop(timeout=5)
-        swr(app).extra["fetchers"].close()
+    return make
 
 
 def swr(app: Flask) -> AppState:

@@ -160,6 +160,7 @@ def test_fifty_greenlets_on_a_cold_key_make_one_fetch(swr_app: Flask) -> None:
     assert {r.value.value["version"] for r in readers} == {1}
 
 
+@pytest.mark.private_memcached
 def test_memcached_down_serves_the_local_copy_and_fetches_without_a_lease(
     swr_app: Flask, memcached: Any, clock: FakeClock
 ) -> None:

@@ -98,7 +98,16 @@ class Connection:
             kind = _error_kind(exc)
             # A server that answered SERVER_ERROR is alive: do not trip its breaker.
             if kind != "server":
+                was_open = breaker.is_open
                 breaker.record_failure(self._pool.monotonic())
+                if breaker.is_open and not was_open:
+                    # Said once per outage, in words a newcomer can act on.
+                    log.warning(
+                        "memcached %s is unreachable (%s); answering from the in-process "
+                        "tier and the origins without it, and trying again every %gs. "
+                        "Check that memcached runs there, or set CACHE_MEMCACHED_SERVERS "
+                        "(Flask config) / [cache] servers (settings.toml).",
+                        server, exc or kind, breaker.reset)
             metrics.memcached_errors_total.labels(kind).inc()
             event(log, logging.WARNING, "memcached_error", f"memcached {command} failed",
                   server=server, command=command, kind=kind, error=str(exc))
@@ -111,6 +120,8 @@ class Connection:
             self.broken = True
             self.close()
             raise
+        if breaker.is_open:
+            log.warning("memcached %s answers again; using it", server)
         breaker.record_success()
         metrics.memcached_call_seconds.labels(command).observe(self._pool.monotonic() - now)
         return result

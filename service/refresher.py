@@ -98,9 +98,12 @@ class Refresher:
         if not self.started or self._pool is None:
             return 0
         self._stopping = True
+        loops = [job.greenlet for job in self._periodic.values() if job.greenlet is not None]
+        # A periodic loop mid-refresh is killed like any job (its finally-blocks release
+        # the lease); waiting for it means no greenlet of ours outlives stop().
+        gevent.killall(loops, block=True, timeout=timeout)
         for job in self._periodic.values():
-            if job.greenlet is not None:
-                job.greenlet.kill(block=False)
+            job.greenlet = None
         self._pool.join(timeout=timeout)
         left = len(self._pool)
         if left:

@@ -352,3 +352,28 @@ def test_values_come_back_as_their_own_types_through_memcached(memcached: Any) -
     finally:
         for app, _load in apps:
             stop_app(app)
+
+
+def test_without_memcached_the_app_answers_and_says_so_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from tests.servers import free_port
+
+    app = Flask("no-memcached")
+    app.config["CACHE_MEMCACHED_SERVERS"] = [f"127.0.0.1:{free_port()}"]  # nothing there
+    swr = SWR(app)
+    count = Counter()
+
+    @app.get("/")
+    @swr.cached(max_age=60)
+    def index() -> str:
+        return f"#{count('index')}"
+
+    try:
+        client = app.test_client()
+        answers = [client.get("/") for _ in range(10)]
+        assert {a.status_code for a in answers} == {200}
+        assert answers[-1].data == b"#1"        # the in-process tier still caches
+        said = [r.getMessage() for r in caplog.records if "is unreachable" in r.getMessage()]
+        assert len(said) == 1 and "CACHE_MEMCACHED_SERVERS" in said[0]
+    finally:
+        stop_app(app)

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -31,7 +33,9 @@ from flask import Flask
 from flask_caching.backends.base import BaseCache
 
 from .clients import pool_for
-from .config import POOL_OPTIONS, CacheSettings, settings_from_flask
+from .coalesce import Coalescer
+from .config import POOL_OPTIONS, CacheSettings, RefreshSettings, settings_from_flask
+from .entry import Entry
 from .errors import CacheUnavailable, CodecError
 from .store import MISS, Store
 
@@ -66,7 +70,10 @@ class MemcachedCache(BaseCache):
     """
 
     def __init__(self, settings: CacheSettings, default_timeout: Timeout = None,
-                 ignore_delete_many_errors: bool = False) -> None:
+                 ignore_delete_many_errors: bool = False,
+                 refresh: RefreshSettings | None = None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         if default_timeout is None:
             default_timeout = settings.default_timeout
         if isinstance(default_timeout, timedelta):
@@ -75,6 +82,9 @@ class MemcachedCache(BaseCache):
         self.settings = settings
         self.store = Store(pool_for(settings), f"{settings.key_prefix}.fc",
                            settings.item_size_max)
+        self.herd = Coalescer(self.store, refresh or RefreshSettings(),
+                              settings.stale_while_revalidate, settings.stale_if_error,
+                              clock, monotonic)
 
     @classmethod
     def factory(
@@ -88,37 +98,52 @@ class MemcachedCache(BaseCache):
             and the ``CACHE_OPTIONS``, which ``config`` holds too.
         :raises ConfigError: a bad ``CACHE_*`` value, named as in the Flask config.
         """
-        settings = settings_from_flask(config).cache
-        return cls(settings, default_timeout=kwargs.get("default_timeout"),
-                   ignore_delete_many_errors=bool(kwargs.get("ignore_delete_many_errors")))
+        settings = settings_from_flask(config)
+        backend = cls(settings.cache, default_timeout=kwargs.get("default_timeout"),
+                      ignore_delete_many_errors=bool(kwargs.get("ignore_delete_many_errors")),
+                      refresh=settings.refresh)
+        # A caller that took a key's lease in get() and never stored gives it back when
+        # its request (app context) ends, instead of making the others wait it out.
+        app.teardown_appcontext(lambda exc: backend.herd.release_all())
+        return backend
 
     # -- reads ---------------------------------------------------------------------------
 
     def get(self, key: str) -> Any:
-        try:
-            value = self.store.get(key)
-        except CacheUnavailable:
-            return None
-        return None if value is MISS else value
+        """The value, or ``None``; concurrent misses of one key coalesce fleet-wide and
+        expired values are served stale while one caller recomputes
+        (:mod:`service.coalesce`)."""
+        return self.herd.get(key)
 
     def get_many(self, *keys: str) -> list[Any]:
         try:
             found = self.store.get_many(keys)
         except CacheUnavailable:
             found = {}
-        return [found.get(k) for k in keys]
+        return [self.herd.unwrap(found.get(k)) for k in keys]
 
     def has(self, key: str) -> bool:
+        """Present and not past its timeout (a value served stale-while-revalidate by
+        :meth:`get` is not "had": the plain contract)."""
         try:
-            return self.store.get(key) is not MISS
+            raw = self.store.get(key)
         except CacheUnavailable:
             return False
+        if raw is MISS or not Entry.is_wire(raw):
+            return raw is not MISS
+        entry = self.herd.entry_of(raw)
+        return entry is not None and self.herd.fresh(entry)
 
     # -- writes --------------------------------------------------------------------------
 
     def set(self, key: str, value: Any, timeout: Timeout = None) -> bool:
+        seconds = self._normalize_timeout(timeout)
         try:
-            return self.store.set(key, value, self._normalize_timeout(timeout))
+            claimed = self.herd.set_claimed(key, value, seconds)
+            if claimed is not None:
+                return claimed  # this caller's recompute: written fenced, lease released
+            return self.store.set(key, self.herd.envelope(value, seconds),
+                                  self.herd.memcached_ttl(seconds))
         except CodecError as exc:
             log.warning("not cached under %r: %s", key, exc)
         except CacheUnavailable:
@@ -126,8 +151,10 @@ class MemcachedCache(BaseCache):
         return False
 
     def add(self, key: str, value: Any, timeout: Timeout = None) -> bool:
+        seconds = self._normalize_timeout(timeout)
         try:
-            return self.store.add(key, value, self._normalize_timeout(timeout))
+            return self.store.add(key, self.herd.envelope(value, seconds),
+                                  self.herd.memcached_ttl(seconds))
         except CodecError as exc:
             log.warning("not cached under %r: %s", key, exc)
         except CacheUnavailable:
@@ -136,13 +163,12 @@ class MemcachedCache(BaseCache):
 
     def set_many(self, mapping: dict[str, Any], timeout: Timeout = None) -> list[Any]:
         """The keys stored (a value the codec refuses is logged and left out)."""
-        try:
-            return self.store.set_many(mapping, self._normalize_timeout(timeout))
-        except CacheUnavailable:
-            return []
+        seconds = self._normalize_timeout(timeout)
+        return [key for key, value in mapping.items() if self.set(key, value, seconds)]
 
     def delete(self, key: str) -> bool:
         """``True`` if the key existed; ``False`` if absent, or memcached failed."""
+        self.herd.forget(key)
         try:
             return self.store.delete(key)
         except CacheUnavailable:

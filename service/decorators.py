@@ -76,6 +76,8 @@ class Options:
     make_name: Callable[[str], str] | None = None
     source_check: bool = False
     args_to_ignore: tuple[str, ...] = ()
+    is_stale: Callable[[Any], bool] | None = None
+    hit_indication: bool = False
 
     def windows(self, state: AppState) -> Windows:
         defaults = state.settings.cache
@@ -104,7 +106,7 @@ def decorate(f: Callable[..., Any], opts: Options, state: StateGetter,
             if request.method not in ("GET", "HEAD"):
                 return f(*args, **kwargs)  # only safe methods are cached
             return _serve_view(st, f, args, kwargs, opts, name)
-        return _serve_call(st, f, args, kwargs, opts, name).value
+        return _serve_call(st, f, args, kwargs, opts, name, function_only).value
 
     wrapper.uncached = f  # type: ignore[attr-defined]
 
@@ -124,16 +126,25 @@ def call_key(f: Callable[..., Any], opts: Options, name: str, args: Iterable[Any
 
 
 def _serve_call(st: AppState, f: Callable[..., Any], args: tuple[Any, ...],
-                kwargs: dict[str, Any], opts: Options, name: str) -> Result:
+                kwargs: dict[str, Any], opts: Options, name: str, function_only: bool
+                ) -> Result:
+    key = call_key(f, opts, name, args, kwargs)
+    if not function_only and opts.make_cache_key is None and _static(opts.key_prefix):
+        # Flask-Caching's @cached(key_prefix="all_comments") on a helper: that very key,
+        # so cache.delete("all_comments") invalidates it.
+        key = opts.key_prefix() if callable(opts.key_prefix) else opts.key_prefix
     job = Job(
-        key=call_key(f, opts, name, args, kwargs),
+        key=key,
         fetch=functools.partial(f, *args, **kwargs),
         windows=opts.windows(st),
         source=f.__name__,
         run=_caller_context() if has_app_context() else None,
         wrap_errors=False,
     )
-    return st.region.get_or_load(job, force=_forced(opts))
+    result = st.region.get_or_load(job, force=_forced(opts))
+    if result.status != "MISS" and opts.is_stale is not None and opts.is_stale(result.value):
+        result = st.region.get_or_load(job, force=True)  # Flask-Caching's is_stale
+    return result
 
 
 def _serve_view(st: AppState, f: Callable[..., Any], args: tuple[Any, ...],
@@ -165,6 +176,11 @@ def _serve_view(st: AppState, f: Callable[..., Any], args: tuple[Any, ...],
     )
     result = st.region.get_or_load(job, force=_forced(opts))
     response = thaw(result.value) if result.entry is not None else result.value
+    if result.status != "MISS" and opts.is_stale is not None and opts.is_stale(response):
+        result = st.region.get_or_load(job, force=True)  # Flask-Caching's is_stale
+        response = thaw(result.value) if result.entry is not None else result.value
+    if opts.hit_indication:  # Flask-Caching's response_hit_indication
+        response.headers["hit_cache"] = str(result.status != "MISS")
     return httpcache.apply(response, request, result.entry, result.status, st.clock())
 
 
@@ -182,6 +198,10 @@ def _rebuilt_request(app: Flask, path: str, query: bytes, headers: dict[str, str
             return fetch()
 
     return run
+
+
+def _static(prefix: str | Callable[[], str]) -> bool:
+    return callable(prefix) or (prefix != "view/%s" and "%s" not in prefix)
 
 
 def _forced(opts: Options) -> bool:

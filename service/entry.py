@@ -17,6 +17,9 @@ from .errors import CodecError
 from .freshness import Timing, Windows
 
 ENVELOPE_VERSION = 1
+MARKER = "\x00entry"
+"""A key no value of a user's has (the codec wraps a dict whose only key starts with NUL,
+and this one is never alone): tells an envelope from a plain value stored under a key."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +53,15 @@ class Entry:
     def to_wire(self) -> dict[str, Any]:
         w = self.windows
         return {
-            "env": ENVELOPE_VERSION, "value": self.value, "stored_at": self.stored_at,
+            MARKER: 1, "env": ENVELOPE_VERSION, "value": self.value, "stored_at": self.stored_at,
             "max_age": w.max_age, "swr": w.stale_while_revalidate, "sie": w.stale_if_error,
             "fetch": self.timing.fetch_seconds, "etag": self.etag,
         }
+
+    @staticmethod
+    def is_wire(data: Any) -> bool:
+        """Whether ``data`` read from memcached is an envelope (else: a plain value)."""
+        return isinstance(data, dict) and data.get(MARKER) == 1
 
     @classmethod
     def from_wire(cls, data: Any) -> Entry:

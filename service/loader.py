@@ -215,7 +215,7 @@ class Loader:
                     return Loaded(found.entry.value, found.entry)
                 return self._fetch_and_store(job, lease, found, background=False)
             metrics.lease_total.labels("waited").inc()
-            entry = self._wait_for_holder(job.key, usable, deadline)
+            entry = self.wait_for_holder(job.key, usable, deadline)
             if entry is not None:
                 return Loaded(entry.value, entry)
             # TakeOver: the lease lapsed with nothing stored; loop to take it.
@@ -237,7 +237,7 @@ class Loader:
         except CacheUnavailable:
             return False, lease, None
 
-    def _wait_for_holder(self, key: str, usable: Usable, deadline: float) -> Entry | None:
+    def wait_for_holder(self, key: str, usable: Usable, deadline: float) -> Entry | None:
         """Poll until the holder's entry lands (returned) or the lease lapses (``None``).
 
         :raises HTTPError: the holder's failure is remembered, or the deadline passed.

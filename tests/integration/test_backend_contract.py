@@ -224,3 +224,24 @@ class TestMemcachedCacheOutsideAppContext(BaseCacheContract):
 
         yield make
         close_pools()
+
+
+class TestMemcachedCacheWithStaleWindows(BaseCacheContract):
+    """Issue 11: with CACHE_STALE_WHILE_REVALIDATE and CACHE_STALE_IF_ERROR switched on
+    (herd protection included), plain get/set users see the same contract."""
+
+    clears = False
+
+    @pytest.fixture
+    def make(self, memcached: Any) -> Iterator[MakeCache]:
+        app = Flask(__name__)
+
+        def make(default_timeout: Any = 300) -> BaseCache:
+            cache = memcached_cache(app, memcached, CACHE_DEFAULT_TIMEOUT=default_timeout,
+                                    CACHE_STALE_WHILE_REVALIDATE=30, CACHE_STALE_IF_ERROR=60)
+            backend: BaseCache = cache.cache
+            return backend
+
+        with app.app_context():
+            yield make
+        close_pools()

@@ -879,8 +879,10 @@ class GunicornProcess:
         workers: int = 4,
         env: dict[str, str] | None = None,
         port: int | None = None,
+        app: str = "wsgi:app",
     ) -> None:
         self.settings_path = settings_path
+        self.app = app
         self.workers = workers
         self.extra_env = dict(env or {})
         self.host = LOOPBACK
@@ -910,7 +912,7 @@ class GunicornProcess:
             f"{self.host}:{self.port}",
             "--workers",
             str(self.workers),
-            "wsgi:app",
+            self.app,
         ]
 
     def environment(self) -> dict[str, str]:
@@ -1028,7 +1030,8 @@ class GunicornProcess:
 
 class GunicornFactory(Protocol):
     def __call__(
-        self, settings_path: Path, workers: int = 4, env: dict[str, str] | None = None
+        self, settings_path: Path, workers: int = 4, env: dict[str, str] | None = None,
+        app: str = "wsgi:app",
     ) -> GunicornProcess: ...
 
 
@@ -1039,9 +1042,11 @@ def gunicorn_factory(tmp_path: Path) -> Iterator[GunicornFactory]:
     with contextlib.ExitStack() as stack:
 
         def start(
-            settings_path: Path, workers: int = 4, env: dict[str, str] | None = None
+            settings_path: Path, workers: int = 4, env: dict[str, str] | None = None,
+            app: str = "wsgi:app",
         ) -> GunicornProcess:
-            server = GunicornProcess(settings_path, tmp_path, workers=workers, env=env)
+            server = GunicornProcess(settings_path, tmp_path, workers=workers, env=env,
+                                     app=app)
 
             def cleanup() -> None:
                 if server.proc is not None:

@@ -71,6 +71,7 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev sysdeps-bench
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.dropin
 
 # Stops what `make run` started first: deleting its pid files would orphan the processes.
 clean: stop

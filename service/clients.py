@@ -43,12 +43,18 @@ from flask import Flask, current_app, g
 from gevent import getcurrent
 from pymemcache.client.base import Client
 from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheError, MemcacheServerError, MemcacheUnexpectedCloseError
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheError,
+    MemcacheIllegalInputError,
+    MemcacheServerError,
+    MemcacheUnexpectedCloseError,
+)
 
 from . import metrics
 from .breaker import CircuitBreaker
 from .config import CacheSettings
-from .errors import CacheUnavailable, CircuitOpen, PoolTimeout
+from .errors import CacheUnavailable, CircuitOpen, ItemRefused, PoolTimeout
 from .logs import event
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,7 @@ class Connection:
     def __init__(self, pool: ClientPool) -> None:
         self._pool = pool
         self._clients: dict[str, Client] = {}
+        self._epochs: dict[str, int] = {}   # the server's epoch each client was opened in
         self.broken = False
         self.owner: Any = None
         self.generation = pool.generation
@@ -90,12 +97,29 @@ class Connection:
             metrics.memcached_errors_total.labels("circuit_open").inc()
             raise CircuitOpen(f"memcached {server}: circuit open after repeated failures")
         client = self._clients.get(server)
+        epoch = self._pool.epochs[server]
+        if client is not None and self._epochs.get(server) != epoch:
+            # Another connection saw this server fail since this socket was opened: it is
+            # most likely dead too (a restart kills every socket). Reconnect now rather than
+            # find out one failed call, and one breaker strike, per idle connection.
+            _close(client)
+            client = None
         if client is None:
             client = self._clients[server] = self._pool.new_client(server)
+            self._epochs[server] = epoch
         try:
             result = fn(client)
         except (MemcacheError, OSError) as exc:
             kind = _error_kind(exc)
+            if kind == "client":
+                # CLIENT_ERROR about one item (incr of a non-number, a value too large):
+                # the server and this socket are fine; only this call failed.
+                metrics.memcached_errors_total.labels(kind).inc()
+                event(log, logging.WARNING, "memcached_error", f"memcached {command} refused",
+                      server=server, command=command, kind=kind, error=str(exc))
+                raise ItemRefused(f"memcached {server}: {command} refused: {exc}") from exc
+            if kind != "server":
+                self._pool.epochs[server] = epoch + 1
             # A server that answered SERVER_ERROR is alive: do not trip its breaker.
             if kind != "server":
                 was_open = breaker.is_open
@@ -135,16 +159,22 @@ class Connection:
 
     def close(self) -> None:
         for client in self._clients.values():
-            try:
-                client.close()
-            except OSError:  # closing a socket that already broke
-                pass
+            _close(client)
         self._clients.clear()
+
+
+def _close(client: Client) -> None:
+    try:
+        client.close()
+    except OSError:  # closing a socket that already broke
+        pass
 
 
 def _error_kind(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError | socket.timeout):
         return "timeout"
+    if isinstance(exc, MemcacheClientError | MemcacheIllegalInputError):
+        return "client"
     if isinstance(exc, MemcacheServerError) and not isinstance(exc, MemcacheUnexpectedCloseError):
         return "server"
     return "connection"
@@ -173,6 +203,8 @@ class ClientPool:
             s: CircuitBreaker(self.settings.circuit_failures, self.settings.circuit_reset)
             for s in self.servers
         }
+        # Bumped when a connection to the server fails: sockets opened before are stale.
+        self.epochs = dict.fromkeys(self.servers, 0)
         # gevent's semaphore: waiting for a slot yields to other greenlets instead of
         # blocking the worker, and a bounded wait replaces PooledClient's "pool full" error.
         self._slots = gevent.lock.BoundedSemaphore(self.settings.pool_size)

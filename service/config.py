@@ -48,7 +48,7 @@ class CacheSettings:
     pool_timeout: float = 1.0
     item_size_max: int = 1024 * 1024
     circuit_failures: int = 3
-    circuit_reset: float = 5.0
+    circuit_reset: float = 0.5
     # Used when a caller gives none: Flask-Caching's timeout, the decorators' RFC 5861 windows.
     default_timeout: int = 300
     stale_while_revalidate: float = 0.0

@@ -8,7 +8,8 @@ The tree, so that callers can catch exactly what they mean::
     ServiceError
     ├── CacheUnavailable             memcached could not be used for this call
     │   ├── PoolTimeout              no pooled connection freed up in time
-    │   └── CircuitOpen              the server failed recently; not asked again yet
+    │   ├── CircuitOpen              the server failed recently; not asked again yet
+    │   └── ItemRefused              CLIENT_ERROR about one item; the server is fine
     ├── CodecError                   bytes read from memcached are not our format
     └── HTTPError                    carries an HTTP status for the client
         ├── BadRequest        400    missing or unknown parameters
@@ -54,6 +55,11 @@ class PoolTimeout(CacheUnavailable):
 
 class CircuitOpen(CacheUnavailable):
     """The server failed recently and is skipped until its cool-down has passed."""
+
+
+class ItemRefused(CacheUnavailable):
+    """memcached refused one command about one item (``CLIENT_ERROR``: an ``incr`` of a
+    value that is not a number, say); the server is fine and stays in use."""
 
 
 class CodecError(ServiceError):

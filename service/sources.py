@@ -73,6 +73,11 @@ class Source:
                 problems.append("unknown parameter(s): " + ", ".join(unknown))
             raise BadRequest("; ".join(problems), missing=missing, unknown=unknown,
                              expected=sorted(known))
+        if self.kind == "http":
+            for name in path_placeholders(self.settings.url or ""):
+                if args.get(name) in (".", ".."):
+                    raise BadRequest(f"parameter {name!r} may not be '.' or '..' (it is "
+                                     "part of the origin's path)", parameter=name)
         for key, value in args.items():
             if len(value.encode("utf-8", "surrogatepass")) > MAX_PARAM_BYTES:
                 raise BadRequest(f"parameter {key!r} is longer than {MAX_PARAM_BYTES} bytes")
@@ -166,9 +171,23 @@ def placeholders(template: str) -> tuple[str, ...]:
 
 
 def fill_url(template: str, params: Mapping[str, str]) -> str:
-    """Fill ``{placeholders}`` with URL-encoded values (``/``, ``?``, ``&`` included)."""
+    """Fill ``{placeholders}`` with URL-encoded values (``/``, ``?``, ``&`` included).
+
+    :raises BadRequest: a placeholder in the URL's path would be ``.`` or ``..``: encoded
+        or not, a server resolves those as path segments (``/items/../detail`` is
+        ``/detail``), which would let a caller reach another origin path.
+    """
+    for name in path_placeholders(template):
+        if params.get(name) in (".", ".."):
+            raise BadRequest(f"parameter {name!r} may not be '.' or '..' (it is part of "
+                             "the origin's path)", parameter=name)
     quoted = {k: urllib.parse.quote(v, safe="") for k, v in params.items()}
     return template.format_map(quoted)
+
+
+def path_placeholders(template: str) -> tuple[str, ...]:
+    """The placeholders in the path of a URL template (before any ``?``)."""
+    return placeholders(template.split("?", 1)[0])
 
 
 def build_sources(configured: Mapping[str, SourceSettings], path: str) -> dict[str, Source]:

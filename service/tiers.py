@@ -21,6 +21,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import codec, metrics
 from .entry import Entry
@@ -153,6 +154,8 @@ class TwoTier:
                 stored = self.store.cas(key, wire, cas, ttl)
             if stored is None:
                 stored = self.store.add(key, wire, ttl)
+            if not stored:
+                stored = self._replace_unusable(key, wire, ttl)
         except CacheUnavailable:
             self.local.put(key, entry, self.monotonic())
             raise
@@ -162,6 +165,18 @@ class TwoTier:
             self.local.delete(key)  # a newer entry is in memcached: read that one next
         return stored
 
+    def _replace_unusable(self, key: str, wire: Any, ttl: float) -> bool:
+        """The fence said no: if what holds the key is not an entry we can use (garbage,
+        another program's bytes, an envelope with hostile fields, a manifest whose chunks
+        were evicted), nothing newer is being protected: replace it. Without this, one
+        unusable item disables caching for its key until it expires (forever with
+        exptime 0): every read is a miss and every write loses the fence."""
+        raw, token = self.store.gets(key)
+        if token is None or (raw is not MISS and _usable(raw)):
+            return False  # gone (the next write adds it), or a real newer entry
+        metrics.memcached_errors_total.labels("replaced").inc()
+        return bool(self.store.cas(key, wire, token, ttl))
+
     def delete(self, key: str) -> None:
         """Forget ``key`` here and in memcached.
 
@@ -169,3 +184,11 @@ class TwoTier:
         """
         self.local.delete(key)
         self.store.delete(key)
+
+
+def _usable(raw: Any) -> bool:
+    try:
+        Entry.from_wire(raw)
+    except CodecError:
+        return False
+    return True

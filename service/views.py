@@ -19,7 +19,7 @@ from flask import Blueprint, Flask, Response, jsonify, request
 
 from . import keying
 from .entry import Entry
-from .errors import BadRequest, CacheUnavailable, NotFound, Unavailable
+from .errors import BadRequest, CacheUnavailable, ItemRefused, NotFound, Unavailable
 from .freshness import Timing
 from .httpcache import apply
 from .loader import UNCACHEABLE, Job
@@ -88,11 +88,27 @@ def generation(state: AppState, name: str) -> int:
     if cached is not None and now - cached[1] < state.tiers.l1_ttl:
         return cached[0]
     try:
-        value = state.store.get_counter(_generation_key(name)) or 0
+        value = state.store.get_counter(_generation_key(name))
+        if value is None:
+            value = _new_generation(state, name)
     except CacheUnavailable:
         value = cached[0] if cached is not None else 0
     cache[name] = (value, now)
     return value
+
+
+def _new_generation(state: AppState, name: str) -> int:
+    """A generation for a source whose counter is missing: never used before.
+
+    A counter that vanished (its server restarted, or it was evicted) must not start again
+    at a number it had: the entries of that old generation, on other servers, would be
+    served again, undoing an invalidation. A starting point from the wall clock (in
+    microseconds) is larger than any number of bumps before it; ``add`` makes every
+    worker agree on one.
+    """
+    key = _generation_key(name)
+    state.store.add_counter(key, int(state.clock() * 1_000_000))
+    return state.store.get_counter(key) or 0
 
 
 def bump_generation(state: AppState, name: str) -> int:
@@ -101,8 +117,10 @@ def bump_generation(state: AppState, name: str) -> int:
     :raises CacheUnavailable: memcached could not be asked.
     """
     key = _generation_key(name)
-    state.store.add_counter(key, 0)
-    value = state.store.incr(key) or 0
+    value = state.store.incr(key)
+    if value is None:
+        _new_generation(state, name)
+        value = state.store.incr(key) or 0
     state.extra.setdefault("generations", {}).pop(name, None)
     return value
 
@@ -176,7 +194,13 @@ def bump_counter(name: str) -> Response:
     store = state_of().store
     key = f"counter\x00{name}"
     try:
-        value = store.incr(key)
+        try:
+            value = store.incr(key)
+        except ItemRefused:
+            # Not a number under the counter's key (garbage, another program's value):
+            # unusable, so treated as absent and replaced, like any unusable item.
+            store.delete(key)
+            value = None
         if value is None:
             # Create it at 0 with add (only one creator wins), then everyone increments.
             store.add_counter(key, 0)

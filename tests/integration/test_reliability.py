@@ -1,0 +1,142 @@
+"""Issue 12: each defect the adversarial probe found, injected for real (real memcached
+processes and signals, raw bytes written to memcached), and the fix that heals it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from service.entry import Entry
+from service.freshness import Windows
+from service.loader import Job
+from service.state import state_of
+from tests.conftest import FakeClock, settings_for
+
+pytestmark = pytest.mark.memcached
+
+
+def counter(client: Any, name: str) -> tuple[int, Any]:
+    answer = client.post(f"/v1/counters/{name}")
+    return answer.status_code, answer.get_json()
+
+
+@pytest.mark.private_memcached
+def test_a_restarted_memcached_is_used_again_at_once_whatever_the_pool_size(
+        memcached: Any, make_app: Any) -> None:
+    app: Flask = make_app(settings_for([memcached.address], cache={"pool_size": 16}))
+    client = app.test_client()
+    pool = state_of(app).pool
+    warm = [pool.acquire() for _ in range(16)]      # 16 warm connections, each used once
+    for conn in warm:
+        conn.call(memcached.address, "version", lambda c: c.version())
+    for conn in warm:
+        pool.release(conn)
+    memcached.restart()                              # every one of those sockets is dead
+    statuses = [counter(client, "after-restart")[0] for _ in range(20)]
+    # The first call on a dead socket fails; that failure retires every socket opened
+    # before it, so the next calls reconnect: at most one 503, never an open circuit.
+    assert statuses.count(503) <= 1 and statuses[-1] == 200
+    assert pool.breakers[memcached.address].state(pool.monotonic()) == "closed"
+    assert counter(client, "after-restart")[1]["value"] == statuses.count(200) + 1
+
+
+@pytest.mark.private_memcached
+def test_a_frozen_memcached_is_used_again_as_soon_as_it_thaws(
+        memcached: Any, make_app: Any, clock: FakeClock) -> None:
+    app: Flask = make_app(settings_for([memcached.address]))
+    client = app.test_client()
+    pool = state_of(app).pool
+    pool.monotonic = clock                           # the breaker's cool-down
+    assert counter(client, "frozen")[0] == 200
+    memcached.freeze()
+    try:
+        statuses = [counter(client, "frozen")[0] for _ in range(5)]
+        assert set(statuses) == {503}                # timeouts, then the open circuit
+        assert pool.breakers[memcached.address].state(clock()) == "open"
+    finally:
+        memcached.thaw()
+    clock.advance(0.6)                               # one cool-down (circuit_reset 0.5 s)
+    status, body = counter(client, "frozen")
+    # Used again at once. (The increments that timed out were queued by the frozen
+    # server and applied when it thawed: memcached's, not ours to undo.)
+    assert status == 200 and body["value"] >= 2
+
+
+def test_garbage_under_a_counter_heals_and_never_opens_the_circuit(
+        memcached: Any, make_app: Any) -> None:
+    app: Flask = make_app(settings_for([memcached.address]))
+    client = app.test_client()
+    store = state_of(app).store
+    memcached.raw_set(store.key("counter\x00poisoned"), b"not a number")
+    assert counter(client, "poisoned") == (200, {"name": "poisoned", "value": 1})
+    statuses = [counter(client, "unrelated")[0] for _ in range(40)]
+    assert set(statuses) == {200}
+    pool = state_of(app).pool
+    assert pool.breakers[memcached.address].state(pool.monotonic()) == "closed"
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x80\x04\x95 not ours at all",                      # another program's pickle
+    b"\x00sw\x01j{\"env\": 1, \"value\": 1}",              # our header, not an envelope
+    b"\x00sw\x01c{\"id\": \"x\", \"n\": 2, \"len\": 9, \"sha256\": \"00\"}",  # lost chunks
+])
+def test_an_unusable_item_is_replaced_by_the_next_fetch(
+        memcached: Any, make_app: Any, garbage: bytes) -> None:
+    app: Flask = make_app(settings_for([memcached.address], cache={"l1_max_entries": 0}))
+    state = state_of(app)
+    memcached.raw_set(state.store.key("k"), garbage, exptime=0)   # exptime 0: forever
+    calls = []
+
+    def fetch() -> str:
+        calls.append(1)
+        return "fresh"
+
+    job = Job("k", fetch, Windows(60), source="test")
+    with app.app_context():
+        assert state.region.get_or_load(job).status == "MISS"
+        again = state.region.get_or_load(job)
+    assert (again.status, again.value, len(calls)) == ("HIT", "fresh", 1)  # healed
+    raw, _ = state.store.gets("k")
+    assert Entry.from_wire(raw).value == "fresh"
+
+
+@pytest.mark.private_memcached
+def test_an_invalidation_survives_a_restart_of_the_server_with_the_generation(
+        memcached_factory: Any, make_app: Any, origin_server: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SERVICE_ADMIN_TOKEN", "t")
+    servers = [memcached_factory(), memcached_factory()]
+    app: Flask = make_app(settings_for(
+        [s.address for s in servers], cache={"l1_ttl": 0.0, "l1_max_entries": 0},
+        sources={"items": {"kind": "http", "url": origin_server.url + "/items?id={id}",
+                           "max_age": 600}}))
+    client = app.test_client()
+    bearer = {"Authorization": "Bearer t"}
+    bodies = {i: client.get(f"/v1/items?id={i}").data for i in range(8)}
+    assert client.delete("/admin/api/sources/items", headers=bearer).status_code == 200
+    pool = state_of(app).pool
+    gen_server = pool.server_for(state_of(app).store.key("gen\x00items"))
+    holder = next(s for s in servers if s.address == gen_server)
+    holder.restart()                                  # the generation counter is gone
+    state_of(app).extra["generations"].clear()        # as l1_ttl passing would
+    state_of(app).pool.breakers[gen_server].record_success()
+    after = {i: client.get(f"/v1/items?id={i}") for i in range(8)}
+    # Not one old body comes back: every entry is fetched anew.
+    assert all(a.headers["X-Cache"] == "MISS" for a in after.values())
+    assert all(a.data != bodies[i] for i, a in after.items())
+
+
+@pytest.mark.parametrize("value", ["..", "."])
+def test_dot_segments_in_a_path_placeholder_are_refused(
+        memcached: Any, make_app: Any, origin_server: Any, value: str) -> None:
+    app: Flask = make_app(settings_for([memcached.address], sources={
+        "item": {"kind": "http", "url": origin_server.url + "/items/{id}/detail?q={q}",
+                 "max_age": 60}}))
+    client = app.test_client()
+    answer = client.get("/v1/item", query_string={"id": value, "q": "x"})
+    assert answer.status_code == 400 and "'id'" in answer.get_json()["detail"]
+    assert origin_server.count() == 0
+    # In the query part the same values are just text, encoded.
+    assert client.get("/v1/item", query_string={"id": "7", "q": ".."}).status_code == 200

@@ -27,11 +27,13 @@ Actions, each for exactly one entry or one source:
 from __future__ import annotations
 
 import dataclasses
-import time
+import os
+import socket
 from collections.abc import Iterable
 from operator import methodcaller
 from typing import Any
 
+import gevent
 import orjson
 
 from .clients import borrow
@@ -109,8 +111,13 @@ def listing(st: AppState, filters: Filters) -> dict[str, Any]:
         "entries": rows[filters.offset:filters.offset + filters.limit],
         "sources": sorted({r["s"] for r in recs}),
         "completeness": registry.completeness() if registry is not None else "",
-        "generated_at": now,
+        "generated_at": now, "answered_by": answered_by(),
     }
+
+
+def answered_by() -> dict[str, Any]:
+    """The worker answering this request."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def _haystack(rec: Record) -> str:
@@ -271,5 +278,5 @@ def refresh(st: AppState, rec: Record, job: Any) -> dict[str, Any]:
                     "how": "no worker that served this key answered; the entry is marked "
                            "stale: the next read, by any worker, refreshes it in the "
                            "background"}
-        time.sleep(0.01)
+        gevent.sleep(0.01)
     return {"scheduled": False, "how": "the entry kept changing; try again"}

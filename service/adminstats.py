@@ -20,7 +20,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from . import metrics, monitor
+from . import adminentries, metrics, monitor
 from .clients import borrow
 from .errors import CacheUnavailable
 from .history import History
@@ -47,6 +47,7 @@ def collect(st: AppState) -> dict[str, Any]:
         },
         **counters(),
         "servers": servers(st),
+        "answered_by": adminentries.answered_by(),
     }
     history: History | None = st.extra.get("history")
     registry = st.ledger.registry

@@ -80,6 +80,10 @@ function params(p) {
 
 function fill(id, rows) {
   const body = document.querySelector(`#${id} tbody`);
+  if (rows.length === 0) {
+    const columns = document.querySelectorAll(`#${id} thead th`).length;
+    rows = [el('tr', {}, el('td', {class: 'empty', colspan: columns}, 'nothing yet'))];
+  }
   body.replaceChildren(...rows);
 }
 
@@ -273,7 +277,7 @@ async function load() {
     drawEntries(listing);
     drawServers(stats);
     document.getElementById('answered').textContent =
-      `updated ${new Date().toLocaleTimeString()}`;
+      `answered by ${worker(listing.answered_by)} at ${new Date().toLocaleTimeString()}`;
     document.body.dataset.loaded = 'yes';
   } catch (err) {
     say(`Could not load: ${err.message}`, true);

@@ -51,9 +51,11 @@ def collect(st: AppState) -> dict[str, Any]:
     }
     history: History | None = st.extra.get("history")
     registry = st.ledger.registry
+    if registry is not None:
+        registry.flush()            # this worker's own notes are in the answer too
     try:
         if history is not None:
-            history.tick()          # what this worker counted so far is in the charts too
+            history.tick()          # and what it counted so far is in the charts
             out["history"] = history.read()
         out["errors"] = registry.errors() if registry is not None else []
         out["hub"] = registry.hub_events() if registry is not None else []

@@ -12,6 +12,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from service import monitor
 from service.admin import COOKIE, csrf_token
 from service.keys import digest
 from service.state import state_of
@@ -35,6 +36,8 @@ def admin_app(memcached: Any, origin_server: Any, make_app: Any,
         "items": {"kind": "http", "url": origin_server.url + "/items?id={id}", "max_age": 60,
                   "stale_while_revalidate": 600},
         "fixed": {"kind": "http", "url": origin_server.url + "/fixed", "max_age": 60},
+        "broken": {"kind": "http", "url": origin_server.url + "/broken?status=503",
+                   "max_age": 60},
     }))
     return app
 
@@ -243,3 +246,22 @@ def test_admin_actions_are_logged_as_events(admin_app: Flask,
     assert actions[0].source == "items" and len(actions[0].key) == 16
     assert actions[1].key == actions[2].key != actions[0].key
     assert all(a.who == "bearer" and a.remote == "127.0.0.1" for a in actions)
+
+
+def test_stats_show_the_fleets_latest_fetch_errors_and_hub_blocks(
+        admin_app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = admin_app.test_client()
+    assert client.get("/v1/broken").status_code == 502
+    monkeypatch.setattr(monitor, "recent", type(monitor.recent)(maxlen=20))
+    monitor.recent.append({"at": 1.0e9, "seconds": 0.4, "greenlet": "<Greenlet busy>",
+                           "stack": "  File \"x.py\", line 1, in busy"})
+    stats = client.get("/admin/api/stats", headers=BEARER).get_json()
+    [error] = stats["errors"]
+    assert error["s"] == "broken" and error["o"] == "error" and "503" in error["e"]
+    assert error["pid"] == os.getpid() and error["h"] == socket.gethostname()
+    [block] = stats["hub"]
+    assert block["seconds"] == 0.4 and block["pid"] == os.getpid() and block["t"] == 1.0e9
+    row = entries(client, source="broken")["entries"][0]
+    assert row["state"] == "gone" and row["last_refresh"] == "error" and "503" in row[
+        "last_error"]
+    assert sum(stats["history"]["series"]["refresh_failed"]) >= 1

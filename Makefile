@@ -35,8 +35,10 @@ define need_pkg
 	fi
 endef
 
+# chromium: the admin page's tests drive Debian's headless chromium (tests/browser.py).
 sysdeps-test:
 	$(call need_pkg,memcached,memcached)
+	$(call need_pkg,chromium,chromium)
 
 sysdeps-bench:
 	$(call need_pkg,memcached,memcached)

@@ -1,272 +1,309 @@
-"""The admin API and page: see and steer what is cached.
+"""The admin API and page: see and steer what the fleet caches.
 
-Enabled only when ``SERVICE_ADMIN_TOKEN`` is set in the environment; otherwise every
-``/admin`` route answers 404, as if it did not exist. Requests authenticate with
-``Authorization: Bearer <token>``, or HTTP Basic with the token as the password (so a
-browser can open the page). Tokens are compared in constant time.
+Mounted by :func:`service.create_app`; a library app mounts it with
+``app.register_blueprint(service.admin.bp)`` after ``SWR().init_app(app)``. Enabled only
+when ``SERVICE_ADMIN_TOKEN`` is set in the environment; otherwise every ``/admin`` route
+answers 404, as if it did not exist.
 
-Cross-site requests: a browser sends Basic credentials by itself, so a page elsewhere
-could make it send ``DELETE`` here. Mutating requests authenticated with Basic must
-therefore carry ``X-CSRF-Token`` (derived from the token and embedded in our page; a
-cross-site form cannot set a header without a CORS preflight we never grant), and any
-request whose ``Origin`` is not this host is refused.
+Authentication, all compared in constant time:
 
-The entries listed are those this worker has served (each worker knows its own); stats
-are merged over every worker when gunicorn runs with the multiprocess metrics directory.
+* ``Authorization: Bearer <token>`` (scripts);
+* HTTP Basic with the token as the password (a browser's login dialog, or a URL
+  ``http://user:TOKEN@host/admin/``);
+* the session cookie the page sets after either of those: ``swr_admin``, an expiry and
+  an HMAC of it under the token (rotating the token ends every session), ``HttpOnly``,
+  ``SameSite=Strict``, limited to the admin's path. The page's own requests use it:
+  Chromium refuses ``fetch()`` to a URL that carries credentials, and a page opened as
+  ``http://user:TOKEN@host/admin/`` would otherwise hand them to every relative URL.
+
+Cross-site requests: a browser sends Basic credentials and cookies by itself, so a page
+elsewhere could make it send ``DELETE`` here. Mutating requests authenticated by Basic or
+by the cookie must therefore carry ``X-CSRF-Token`` (an HMAC of the token, embedded in
+our page; a cross-site form cannot set a header without a CORS preflight we never grant),
+and any request whose ``Origin`` is not this host is refused. Every mutating request is
+written to the log as an ``admin`` event: who (scheme, remote address), what, which key
+(hashed).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import html
 import logging
 import os
+import secrets
+import time
 from typing import Any
 
-from flask import Blueprint, Flask, Response, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, render_template, request, url_for
 
-from . import metrics
-from .entry import Entry
-from .errors import BadRequest, CacheUnavailable, CodecError, NotFound, Unavailable
-from .freshness import state
-from .lease import lease_key
+from . import adminentries, adminstats
+from .errors import BadRequest, CacheUnavailable, HTTPError, NotFound, Unavailable
 from .logs import event
+from .registry import Record
 from .state import AppState, state_of
 from .views import bump_generation, job_for
 
 log = logging.getLogger(__name__)
-bp = Blueprint("admin", __name__, url_prefix="/admin")
+bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+COOKIE = "swr_admin"
+SESSION_SECONDS = 12 * 3600
+
+
+@bp.errorhandler(HTTPError)
+def _http_error(exc: HTTPError) -> Response:
+    # In a library app nothing else answers our errors as JSON (create_app's handlers are
+    # the service's): the blueprint answers its own.
+    return exc.to_response()
+
+
+def _sign(token: str, purpose: str) -> str:
+    return hmac.new(token.encode(), purpose.encode(), hashlib.sha256).hexdigest()
 
 
 def csrf_token(token: str) -> str:
-    return hmac.new(token.encode(), b"swr-cache admin csrf", hashlib.sha256).hexdigest()
+    return _sign(token, "swr-cache admin csrf")
 
 
-def _presented() -> tuple[str | None, str]:
+def session_cookie(token: str, now: float) -> str:
+    expiry = int(now) + SESSION_SECONDS
+    return f"{expiry}.{_sign(token, f'session:{expiry}')}"
+
+
+def _valid_session(value: str, token: str, now: float) -> bool:
+    expiry, _, mac = value.partition(".")
+    if not expiry.isdigit() or int(expiry) < now:
+        return False
+    return hmac.compare_digest(mac.encode(), _sign(token, f"session:{expiry}").encode())
+
+
+def admin_token(st: AppState) -> str | None:
+    """The configured token: set by :func:`init_app`, else read from the environment (a
+    library app that only registered the blueprint)."""
+    if "admin_token" not in st.extra:
+        st.extra["admin_token"] = os.environ.get("SERVICE_ADMIN_TOKEN") or None
+    token: str | None = st.extra["admin_token"]
+    return token
+
+
+def _scheme(token: str) -> str | None:
+    """How the request authenticated (``bearer``, ``basic``, ``cookie``), or ``None``."""
     auth = request.authorization
-    if auth is None:
-        return None, ""
-    if auth.type == "bearer":
-        return auth.token, "bearer"
-    if auth.type == "basic":
-        return auth.password, "basic"
-    return None, ""
+    if auth is not None and auth.type in ("bearer", "basic"):
+        presented = (auth.token if auth.type == "bearer" else auth.password) or ""
+        return auth.type if hmac.compare_digest(presented.encode(), token.encode()) else None
+    cookie = request.cookies.get(COOKIE)
+    if cookie is not None and _valid_session(cookie, token, time.time()):
+        return "cookie"
+    return None
 
 
 @bp.before_request
 def authenticate() -> Response | None:
-    token: str | None = state_of().extra.get("admin_token")
+    token = admin_token(state_of())
     if not token:
         raise NotFound("no such route")
-    presented, scheme = _presented()
-    if presented is None or not hmac.compare_digest(presented.encode(), token.encode()):
-        response = jsonify({"error": "unauthorized", "detail": "admin token required"})
-        response.status_code = 401
-        response.headers["WWW-Authenticate"] = 'Basic realm="swr-cache admin"'
-        return response
+    scheme = _scheme(token)
+    if scheme is None:
+        return _error(401, "unauthorized", "admin token required",
+                      {"WWW-Authenticate": 'Basic realm="swr-cache admin"'})
     origin = request.headers.get("Origin")
     if origin is not None and origin.rstrip("/") != request.host_url.rstrip("/"):
-        return _forbidden(f"cross-origin request from {origin}")
-    if request.method not in SAFE_METHODS and scheme == "basic":
+        return _error(403, "forbidden", f"cross-origin request from {origin}")
+    if request.method not in SAFE_METHODS and scheme != "bearer":
         sent = request.headers.get("X-CSRF-Token", "")
         if not hmac.compare_digest(sent.encode(), csrf_token(token).encode()):
-            return _forbidden("X-CSRF-Token missing or wrong")
+            return _error(403, "forbidden", "X-CSRF-Token missing or wrong")
+    request.environ["swr.admin.scheme"] = scheme
     return None
 
 
-def _forbidden(detail: str) -> Response:
-    response = jsonify({"error": "forbidden", "detail": detail})
-    response.status_code = 403
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None
+           ) -> Response:
+    response = jsonify({"error": error, "detail": detail})
+    response.status_code = status
+    response.headers.update(headers or {})
     return response
 
 
+def _who() -> str:
+    return f"{request.environ.get('swr.admin.scheme', '?')} from {request.remote_addr}"
+
+
+def _audit(message: str, **fields: Any) -> None:
+    event(log, logging.INFO, "admin", message, who=request.environ.get("swr.admin.scheme"),
+          remote=request.remote_addr, **fields)
+
+
+# -- reading -----------------------------------------------------------------------------------
+
 @bp.get("/api/stats")
 def stats() -> Response:
-    return jsonify(collect_stats())
-
-
-def collect_stats() -> dict[str, Any]:
-    """Counters from /metrics, reshaped per source and per tier."""
-    out: dict[str, Any] = {"sources": {}, "tiers": {}, "leases": {}, "memcached_errors": {},
-                           "refreshes_in_flight": 0.0, "pool_in_use": 0.0}
-    for family in metrics.registry().collect():
-        for sample in family.samples:
-            name, labels, value = sample.name, sample.labels, sample.value
-            if name == "cache_requests_total":
-                src = out["sources"].setdefault(labels["source"], {})
-                src[labels["result"]] = src.get(labels["result"], 0) + value
-            elif name == "cache_refreshes_total":
-                src = out["sources"].setdefault(labels["source"], {})
-                key = f"refresh_{labels['outcome']}"
-                src[key] = src.get(key, 0) + value
-            elif name == "cache_tier_hits_total":
-                out["tiers"][labels["tier"]] = out["tiers"].get(labels["tier"], 0) + value
-            elif name == "cache_lease_total":
-                out["leases"][labels["outcome"]] = value
-            elif name == "memcached_errors_total":
-                out["memcached_errors"][labels["kind"]] = value
-            elif name == "cache_refreshes_in_flight":
-                out["refreshes_in_flight"] += value
-            elif name == "memcached_pool_in_use":
-                out["pool_in_use"] += value
-    return out
+    return jsonify(adminstats.collect(state_of()))
 
 
 @bp.get("/api/entries")
 def entries() -> Response:
-    return jsonify(collect_entries())
-
-
-def collect_entries() -> list[dict[str, Any]]:
-    st = state_of()
-    known_items = st.ledger.items()
-    keys = [key for key, _known in known_items]
-    shared: dict[str, Any] = {}
     try:
-        shared = st.store.get_many(keys + [lease_key(k) for k in keys])
-    except CacheUnavailable:
-        pass  # show what this worker has locally
-    now = st.clock()
-    rows = []
-    for key, known in known_items:
-        local = st.tiers.local.get(key)
-        raw = shared.get(key)
-        entry = None
-        if raw is not None:
-            try:
-                entry = Entry.from_wire(raw)
-            except CodecError:
-                entry = None  # not ours: shown as gone
-        if entry is None and local is not None:
-            entry = local.entry
-        row: dict[str, Any] = {
-            "key": key, "source": known.source, "params": known.params,
-            "last_refresh": known.last_outcome, "last_refresh_at": known.last_refresh_at,
-            "last_error": known.last_error,
-            "lease_holder": shared.get(lease_key(key)),
-            "in_memcached": raw is not None, "size": len(local.blob) if local else None,
-        }
-        if entry is not None:
-            t = entry.timing
-            row.update(state=state(t, now).value, age=round(t.age(now), 3),
-                       fresh_until=t.fresh_until, stale_until=t.stale_until,
-                       error_until=t.error_until, etag=entry.etag)
-        else:
-            row.update(state="gone")
-        rows.append(row)
-    return rows
+        filters = adminentries.Filters.parse(request.args.to_dict(flat=True))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return jsonify(adminentries.listing(state_of(), filters))
 
 
-def _source_and_params(st: AppState, name: str) -> tuple[Any, dict[str, str]]:
-    source = st.extra.get("sources", {}).get(name)
-    if source is None:
-        raise NotFound(f"no source named {name!r}")
-    return source, request.args.to_dict(flat=True)
+@bp.get("/api/sources")
+def sources() -> Response:
+    """The configured ``/v1`` sources and the decorated views and functions the registry
+    lists, with how many entries each has."""
+    st = state_of()
+    recs, _scope = adminentries.records(st)
+    counts: dict[str, dict[str, Any]] = {}
+    for rec in recs:
+        item = counts.setdefault(rec["s"], {"name": rec["s"], "kind": rec.get("kind", "-"),
+                                            "entries": 0})
+        item["entries"] += 1
+    out = []
+    for source in _configured(st).values():
+        out.append({**source.describe(), "entries": counts.pop(source.name, {}).get(
+            "entries", 0), "front_door": "/v1"})
+    out.extend(sorted(counts.values(), key=lambda c: c["name"]))
+    return jsonify(out)
+
+
+def _configured(st: AppState) -> dict[str, Any]:
+    found: dict[str, Any] = st.extra.get("sources", {})
+    return found
+
+
+# -- one entry, by id (the page's per-row buttons) -----------------------------------------
+
+def _record(st: AppState, entry_id: str) -> Record:
+    rec = adminentries.find(st, entry_id)
+    if rec is None:
+        raise NotFound(f"no entry with id {entry_id!r} is listed")
+    return rec
+
+
+@bp.delete("/api/entries/<entry_id>")
+def invalidate_entry(entry_id: str) -> Response:
+    st = state_of()
+    rec = _record(st, entry_id)
+    _invalidate(st, [rec])
+    _audit("invalidated", action="invalidate", scope="entry", source=rec["s"], key=rec["k"])
+    return jsonify({"invalidated": "entry", "id": entry_id, "source": rec["s"],
+                    "params": rec.get("p")})
+
+
+@bp.post("/api/entries/<entry_id>/refresh")
+def refresh_entry(entry_id: str) -> tuple[Response, int]:
+    st = state_of()
+    rec = _record(st, entry_id)
+    return _refresh(st, rec)
+
+
+def _invalidate(st: AppState, recs: list[Record]) -> None:
+    try:
+        adminentries.invalidate(st, recs, _who())
+    except CacheUnavailable as exc:
+        raise Unavailable(f"memcached is needed to invalidate: {exc}") from exc
+
+
+def _refresh(st: AppState, rec: Record) -> tuple[Response, int]:
+    known = st.ledger.get(rec["k"])
+    job = known.job if known is not None else None
+    source = _configured(st).get(rec["s"])
+    if job is None and rec.get("kind") == "source" and source is not None \
+            and isinstance(rec.get("p"), dict):
+        candidate = job_for(st, source, rec["p"])
+        job = candidate if candidate.key == rec["k"] else None
+    try:
+        result = adminentries.refresh(st, rec, job)
+    except CacheUnavailable as exc:
+        raise Unavailable(f"memcached is needed to refresh: {exc}") from exc
+    _audit("refresh requested", action="refresh", source=rec["s"], key=rec["k"], **result)
+    return jsonify({**result, "source": rec["s"], "params": rec.get("p")}), 202
+
+
+# -- a source: a /v1 source, or a decorated view or function ---------------------------------
+
+def _listed(st: AppState, name: str, params: dict[str, str] | None) -> list[Record]:
+    recs = [r for r in adminentries.records(st)[0] if r["s"] == name]
+    return [r for r in recs if params is None or (r.get("p") or {}) == params]
 
 
 @bp.delete("/api/sources/<name>")
-def invalidate(name: str) -> Response:
+def invalidate_source(name: str) -> Response:
+    """One entry (with params), or every entry of the source (without)."""
     st = state_of()
-    source, params = _source_and_params(st, name)
-    key = None
+    params = request.args.to_dict(flat=True)
+    source = _configured(st).get(name)
     try:
-        if params:
-            key = job_for(st, source, source.check(params)).key
-            st.region.invalidate(key)
+        if source is not None and params:
+            job = job_for(st, source, source.check(params))
+            recs = [r for r in _listed(st, name, None) if r["k"] == job.key] or [
+                {"k": job.key, "s": name, "kind": "source", "p": job.params}]
+            _invalidate(st, recs)
             scope = "entry"
         else:
-            bump_generation(st, name)
-            scope = "source"
+            recs = _listed(st, name, params or None)
+            if source is None and not recs:
+                raise NotFound(f"no source, view or function named {name!r} has entries")
+            if source is not None:
+                bump_generation(st, name)
+            _invalidate(st, recs)
+            scope = "source" if not params else "entry"
     except CacheUnavailable as exc:
         raise Unavailable(f"memcached is needed to invalidate: {exc}") from exc
-    event(log, logging.INFO, "admin", "invalidated", action="invalidate", source=name,
-          scope=scope, key=key)
-    return jsonify({"invalidated": scope, "source": name, "params": params})
+    _audit("invalidated", action="invalidate", scope=scope, source=name,
+           key=recs[0]["k"] if scope == "entry" else None, entries=len(recs))
+    return jsonify({"invalidated": scope, "source": name, "params": params,
+                    "entries": len(recs)})
 
 
 @bp.post("/api/sources/<name>/refresh")
-def refresh(name: str) -> tuple[Response, int]:
+def refresh_source_entry(name: str) -> tuple[Response, int]:
     st = state_of()
-    source, params = _source_and_params(st, name)
-    if source.kind == "composite":
-        raise BadRequest("refresh the parts of a composite source one by one")
-    job = job_for(st, source, source.check(params))
-    scheduled = st.region.refresh_later(job)
-    event(log, logging.INFO, "admin", "refresh requested", action="refresh", source=name,
-          key=job.key, scheduled=scheduled)
-    return jsonify({"scheduled": scheduled, "source": name, "params": params}), 202
+    params = request.args.to_dict(flat=True)
+    source = _configured(st).get(name)
+    if source is not None:
+        if source.kind == "composite":
+            raise BadRequest("refresh the parts of a composite source one by one")
+        job = job_for(st, source, source.check(params))
+        scheduled = st.region.refresh_later(job)
+        _audit("refresh requested", action="refresh", source=name, key=job.key,
+               scheduled=scheduled)
+        return jsonify({"scheduled": scheduled, "source": name, "params": params}), 202
+    recs = _listed(st, name, params)
+    if len(recs) != 1:
+        raise NotFound(f"{len(recs)} entries of {name!r} have exactly these parameters; "
+                       "refresh one by its id (POST /admin/api/entries/ID/refresh)")
+    return _refresh(st, recs[0])
 
+
+# -- the page ------------------------------------------------------------------------------------
 
 @bp.get("/")
 def page() -> Response:
     st = state_of()
-    token: str = st.extra["admin_token"]
-    sources = st.extra.get("sources", {})
-    rows = "".join(
-        f"<tr><td>{html.escape(s.name)}</td><td>{s.kind}</td>"
-        f"<td>{html.escape(', '.join(s.required + s.optional))}</td>"
-        f"<td>{s.settings.max_age:g}/{s.settings.stale_while_revalidate:g}/"
-        f"{s.settings.stale_if_error:g}</td>"
-        f"<td><button data-src='{html.escape(s.name)}' class=inv>invalidate all</button></td>"
-        f"</tr>" for s in sources.values())
-    body = _PAGE.replace("{{ROWS}}", rows).replace("{{CSRF}}", csrf_token(token))
-    return Response(body, mimetype="text/html", headers={
-        "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                                   "style-src 'unsafe-inline'; connect-src 'self'",
+    token = admin_token(st) or ""
+    nonce = secrets.token_urlsafe(16)
+    body = render_template("swr_admin/index.html", csrf=csrf_token(token), nonce=nonce,
+                           script=adminstats.asset("admin.js"),
+                           style=adminstats.asset("admin.css"))
+    response = Response(body, mimetype="text/html", headers={
+        "Content-Security-Policy": f"default-src 'none'; script-src 'nonce-{nonce}'; "
+                                   f"style-src 'nonce-{nonce}'; connect-src 'self'; "
+                                   "img-src 'self' data:; frame-ancestors 'none'",
         "X-Frame-Options": "DENY", "Cache-Control": "no-store",
+        "Referrer-Policy": "no-referrer",
     })
-
-
-_PAGE = """<!doctype html>
-<html><head><meta charset=utf-8><title>swr-cache admin</title>
-<meta name=csrf content="{{CSRF}}">
-<style>body{font:14px system-ui;margin:2em}table{border-collapse:collapse;margin:1em 0}
-td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f4f4f4}
-.fresh{color:#080}.stale{color:#b60}.error_only,.gone{color:#b00}</style></head>
-<body><h1>swr-cache admin</h1>
-<h2>Sources</h2><table><tr><th>name</th><th>kind</th><th>params</th>
-<th>max-age / swr / sie</th><th></th></tr>{{ROWS}}</table>
-<h2>Stats</h2><pre id=stats>loading…</pre>
-<h2>Entries (this worker)</h2><table id=entries><tr><th>source</th><th>params</th>
-<th>state</th><th>age</th><th>last refresh</th><th>lease</th><th></th></tr></table>
-<script>
-const csrf = document.querySelector('meta[name=csrf]').content;
-const send = (method, url) => fetch(url, {method, headers: {'X-CSRF-Token': csrf}})
-  .then(r => r.json()).then(load);
-const qs = p => new URLSearchParams(p || {}).toString();
-function cell(tr, text, cls) { const td = tr.insertCell(); td.textContent = text;
-  if (cls) td.className = cls; return td; }
-function load() {
-  fetch('api/stats').then(r => r.json()).then(s => {
-    document.getElementById('stats').textContent = JSON.stringify(s, null, 2); });
-  fetch('api/entries').then(r => r.json()).then(rows => {
-    const t = document.getElementById('entries');
-    while (t.rows.length > 1) t.deleteRow(1);
-    for (const e of rows) {
-      const tr = t.insertRow();
-      cell(tr, e.source); cell(tr, JSON.stringify(e.params)); cell(tr, e.state, e.state);
-      cell(tr, e.age ?? ''); cell(tr, e.last_refresh ?? ''); cell(tr, e.lease_holder ? 'held' : '');
-      const td = tr.insertCell();
-      if (e.params) {
-        const src = encodeURIComponent(e.source), q = qs(e.params);
-        const inv = document.createElement('button'); inv.textContent = 'invalidate';
-        inv.onclick = () => send('DELETE', `api/sources/${src}?${q}`);
-        const ref = document.createElement('button'); ref.textContent = 'refresh';
-        ref.onclick = () => send('POST', `api/sources/${src}/refresh?${q}`);
-        td.append(inv, ref);
-      }
-    }
-  });
-}
-for (const b of document.querySelectorAll('button.inv'))
-  b.onclick = () => send('DELETE', `api/sources/${encodeURIComponent(b.dataset.src)}`);
-load();
-</script></body></html>
-"""
+    response.set_cookie(COOKIE, session_cookie(token, time.time()), max_age=SESSION_SECONDS,
+                        path=url_for("admin.page"), httponly=True, samesite="Strict",
+                        secure=request.is_secure)
+    return response
 
 
 def init_app(app: Flask) -> None:
-    """Enable the admin routes when SERVICE_ADMIN_TOKEN is set (environment only)."""
+    """Read ``SERVICE_ADMIN_TOKEN`` (environment only) for the app's admin routes."""
     state_of(app).extra["admin_token"] = os.environ.get("SERVICE_ADMIN_TOKEN") or None

@@ -1,10 +1,12 @@
 """The fleet-wide lease that makes one worker (of every worker on every host) fetch a key.
 
 A lease is a memcached item ``lease\\0<key>`` created with ``add`` (which fails when it
-exists), holding a random owner token, expiring after ``lock_lease`` seconds unless its
-live holder renews it. Only the owner releases it: it reads the item with ``gets``,
-checks the token, and deletes it with a CAS write, so a holder whose lease lapsed and was
-taken by another can never release the new holder's lease.
+exists), holding an owner token ``host:pid:random`` (the random part makes it unique; the
+host and pid tell an operator who holds it, see :func:`holder_of`), expiring after
+``lock_lease`` seconds unless its live holder renews it. Only the owner releases it: it
+reads the item with ``gets``, checks the token, and deletes it with a CAS write, so a
+holder whose lease lapsed and was taken by another can never release the new holder's
+lease.
 
 memcached calls this kind of lock "loose": the lease item can be evicted, or lost with its
 server. So the lease is an efficiency guarantee, not a correctness one: fetches must be
@@ -21,6 +23,7 @@ import logging
 import math
 import os
 import random
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +36,24 @@ log = logging.getLogger(__name__)
 
 def lease_key(key: str) -> str:
     return f"lease\x00{key}"
+
+
+def new_token(host: str | None = None, pid: int | None = None) -> str:
+    """A unique owner token that also names its holder: ``host:pid:random``."""
+    host = (host or socket.gethostname()).replace(":", "_")
+    return f"{host}:{os.getpid() if pid is None else pid}:{os.urandom(12).hex()}"
+
+
+def holder_of(token: object) -> dict[str, object] | None:
+    """``{"host", "pid"}`` of a lease token, or ``None`` when it does not name one (an
+    older release wrote a bare random token, or the value is not ours)."""
+    if not isinstance(token, str):
+        return None
+    host, _, rest = token.partition(":")
+    pid, _, unique = rest.partition(":")
+    if not host or not pid.isdigit() or not unique:
+        return None
+    return {"host": host, "pid": int(pid)}
 
 
 def renew_every(lock_lease: float) -> float:
@@ -96,7 +117,7 @@ class Leases:
         :raises CacheUnavailable: memcached could not be asked; the caller decides
             whether to fetch without a lease.
         """
-        token = os.urandom(12).hex()
+        token = new_token()
         if self.store.add(lease_key(key), token, self.expiry):
             metrics.lease_total.labels("acquired").inc()
             return Lease(key, token)

@@ -1,11 +1,17 @@
-"""The admin's ledger: which keys this worker has served, and how their loads went.
+"""The admin's ledger: the read path's observer.
 
-memcached cannot list its keys, so the admin page shows what the workers know. The
-region reports every read (:meth:`Ledger.seen`) and the loader every outcome
-(:meth:`Ledger.finished`); nothing in the read path depends on the ledger, which is only
-an observer. It is an LRU bounded to ``max_keys``, so a stream of distinct keys cannot
-grow it without bound. The job of the latest read is kept so that the admin's "refresh"
-works for any key, whichever front door (``/v1``, a decorator) served it.
+Two records, for two questions:
+
+* *which keys has this worker served, and with which job?* An LRU bounded to
+  ``max_keys``, fed by :meth:`Ledger.seen` on every read (a dict update, nothing more).
+  The admin's "refresh" needs the job (how to recompute a decorated view or function
+  exists only as a closure in a worker that served it), and a worker that cannot reach
+  memcached lists these keys;
+* *which keys does the whole fleet hold?* Every load's outcome (:meth:`Ledger.finished`,
+  from the loader) goes on to the fleet-wide :class:`~service.registry.Registry`, which
+  writes it to memcached in the background.
+
+Nothing in the read path depends on the ledger's answers: it only observes.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .entry import Entry
     from .loader import Job
+    from .registry import Registry
 
 
 @dataclass
 class Known:
-    """What the admin page shows about one key."""
+    """What this worker knows about one key it served."""
 
     source: str
     params: dict[str, Any] | None
@@ -31,10 +39,15 @@ class Known:
 
 
 class Ledger:
-    """A bounded record of the keys this worker served (see the module docstring)."""
+    """See the module docstring.
 
-    def __init__(self, max_keys: int) -> None:
+    :param max_keys: how many keys this worker remembers (least recently read go first).
+    :param registry: where the fleet's loads are written down; ``None`` in unit tests.
+    """
+
+    def __init__(self, max_keys: int, registry: Registry | None = None) -> None:
         self.max_keys = max(1, max_keys)
+        self.registry = registry
         self._known: OrderedDict[str, Known] = OrderedDict()
 
     def seen(self, job: Job) -> None:
@@ -50,10 +63,15 @@ class Ledger:
                 known.params = dict(job.params)
             self._known.move_to_end(job.key)
 
-    def finished(self, key: str, outcome: str, now: float, error: str | None = None) -> None:
+    def finished(self, key: str, outcome: str, now: float, error: str | None = None,
+                 job: Job | None = None, entry: Entry | None = None) -> None:
         known = self._known.get(key)
         if known is not None:
             known.last_outcome, known.last_refresh_at, known.last_error = outcome, now, error
+        if job is None and known is not None:
+            job = known.job
+        if self.registry is not None and job is not None:
+            self.registry.note(job, outcome, now, error, entry)
 
     def get(self, key: str) -> Known | None:
         return self._known.get(key)

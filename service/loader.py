@@ -95,7 +95,8 @@ Usable = Callable[[Entry], bool]
 
 
 class Observer(Protocol):
-    def finished(self, key: str, outcome: str, now: float, error: str | None = None) -> None:
+    def finished(self, key: str, outcome: str, now: float, error: str | None = None,
+                 job: Job | None = None, entry: Entry | None = None) -> None:
         ...
 
 
@@ -215,6 +216,7 @@ class Loader:
                     return Loaded(found.entry.value, found.entry)
                 return self._fetch_and_store(job, lease, found, background=False)
             metrics.lease_total.labels("waited").inc()
+            metrics.lease_waits_total.labels(job.source).inc()
             entry = self.wait_for_holder(job.key, usable, deadline)
             if entry is not None:
                 return Loaded(entry.value, entry)
@@ -275,6 +277,7 @@ class Loader:
         """Fetch (renewing the lease meanwhile), store fenced, then release the lease."""
         started = self.monotonic()
         outcome, detail = "ok", None
+        entry: Entry | None = None
         try:
             run = (job.background if background else None) or job.run or self.default_run
             raw = self.fetcher.run(job.fetch, run, job.source, job.wrap_errors, lease)
@@ -306,7 +309,7 @@ class Loader:
             raise
         finally:
             if self.observer is not None:
-                self.observer.finished(job.key, outcome, self.clock(), detail)
+                self.observer.finished(job.key, outcome, self.clock(), detail, job, entry)
             if lease is not None:
                 # Released only after the write, so waiters see the value before the
                 # lease disappears and never start a second fetch in between.

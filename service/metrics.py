@@ -40,6 +40,10 @@ lease_total = Counter(
     "cache_lease", "Fleet-wide lease outcomes (acquired, contended, lost, expired, released,"
     " waited, waited_timeout).", ["outcome"],
 )
+lease_waits_total = Counter(
+    "cache_lease_waits", "Readers that waited for another worker's fetch, by source.",
+    ["source"],
+)
 tier_hits_total = Counter("cache_tier_hits", "Hits by tier (l1, memcached).", ["tier"])
 memcached_errors_total = Counter(
     "memcached_errors", "memcached failures by kind (connection, timeout, server, decode,"

@@ -13,7 +13,9 @@ monitor is a native thread, and threads must never be started at import or in th
 from __future__ import annotations
 
 import logging
+import time
 import warnings
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +34,9 @@ _subscribed = False
 STACK_MAX_LINES = 60
 STACK_MAX_CHARS = 8000
 _BLOCKED_STACK = "Blocked Stack"
+# The latest events of this process, for the admin page (appended by the monitor thread:
+# deque.append is atomic; the admin's reporter copies them to memcached for the fleet).
+recent: deque[dict[str, Any]] = deque(maxlen=20)
 
 
 def blocking_stack(report: Sequence[str] | str,
@@ -89,6 +94,9 @@ def on_event(evt: Any) -> None:
               f"gevent hub blocked for more than {evt.blocking_time:.3f}s",
               blocking_time=evt.blocking_time, greenlet=str(evt.greenlet),
               stack=blocking_stack(evt.info or ()))
+        recent.append({"at": time.time(), "seconds": evt.blocking_time,
+                       "greenlet": str(evt.greenlet),
+                       "stack": blocking_stack(evt.info or (), max_lines=12, max_chars=2000)})
 
 
 def start(threshold: float) -> None:

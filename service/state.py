@@ -20,12 +20,14 @@ from flask import Flask, current_app
 from .clients import ClientPool, pool_for
 from .config import Settings
 from .fetching import Runner
+from .history import History
 from .lease import Leases
 from .ledger import Ledger
 from .loader import Loader
 from .negative import ErrorMemo
 from .refresher import Refresher
 from .region import Region
+from .registry import Registry
 from .store import Store
 from .tiers import LocalTier, TwoTier
 
@@ -70,7 +72,8 @@ def build(app: Flask, settings: Settings, clock: Callable[[], float] = time.time
                     monotonic)
     leases = Leases(store, settings.refresh.lock_lease)
     errors = ErrorMemo(store, settings.refresh.error_ttl)
-    ledger = Ledger(max(1000, settings.cache.l1_max_entries))
+    registry = Registry(store, tiers.local, clock)
+    ledger = Ledger(max(1000, settings.cache.l1_max_entries), registry)
     refresher = Refresher(app, settings.refresh.concurrency, settings.refresh.backoff_max,
                           monotonic)
     loader = Loader(tiers, leases, errors, settings.refresh, in_app_context(app), clock,
@@ -78,6 +81,10 @@ def build(app: Flask, settings: Settings, clock: Callable[[], float] = time.time
     region = Region(tiers, loader, refresher, ledger, clock, settings.refresh.xfetch_beta)
     state = AppState(app, settings, clock, monotonic, pool, store, tiers, leases, errors,
                      ledger, refresher, loader, region)
+    # The admin's reporter (registry notes, per-minute history): a periodic job of the
+    # refresher, so it starts after fork and stops with it.
+    state.extra["history"] = history = History(store, clock, registry)
+    refresher.register(history.job, history.every, history.report)
     app.extensions[EXTENSION] = state
     return state
 

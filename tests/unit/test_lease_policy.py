@@ -40,3 +40,14 @@ def test_a_lease_item_outlives_memcached_s_whole_second_rounding() -> None:
     assert item_lifetime(30.0) == 31.0
     for lease in (0.2, 1.0, 2.5, 30.0):
         assert item_lifetime(lease) - 1 >= lease
+
+
+def test_a_lease_token_names_its_holder_and_stays_unique() -> None:
+    from service.lease import holder_of, new_token
+
+    first, second = new_token("web-1", 4242), new_token("web-1", 4242)
+    assert first != second
+    assert holder_of(first) == {"host": "web-1", "pid": 4242}
+    assert holder_of(new_token("a:b", 7)) == {"host": "a_b", "pid": 7}
+    for foreign in (None, 17, "", "0123abcd", "host:notapid:x", "host:12:"):
+        assert holder_of(foreign) is None

@@ -1,0 +1,79 @@
+"""The admin's pure parts: registry merging and trimming, fetch-time percentiles, filters."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from service.adminentries import Filters
+from service.adminstats import percentiles
+from service.freshness import Windows
+from service.loader import Job
+from service.registry import expired, kind_of, merge_records, valid_record
+
+
+def rec(key: str, t: float, outcome: str = "ok", **extra: Any) -> dict[str, Any]:
+    return {"k": key, "s": "src", "kind": "source", "p": {}, "o": outcome, "e": None,
+            "t": t, "h": "host", "pid": 1, **extra}
+
+
+def test_newer_news_wins_and_a_failure_keeps_the_stored_entry() -> None:
+    stored = rec("a", 10.0, sa=10.0, w=[60, 0, 0], etag='"x"', z=5, f=0.1)
+    merged = merge_records({}, [stored], now=20.0, limit=10)
+    failed = rec("a", 30.0, "error", e="boom")
+    merged = merge_records(merged, [failed], now=30.0, limit=10)
+    assert merged["a"]["o"] == "error" and merged["a"]["e"] == "boom"
+    assert merged["a"]["sa"] == 10.0 and merged["a"]["etag"] == '"x"'   # still stored
+    late = rec("a", 25.0, sa=25.0, w=[60, 0, 0])                        # older news
+    assert merge_records(merged, [late], now=30.0, limit=10)["a"]["o"] == "error"
+    gone = merge_records(merged, [rec("a", 40.0, "invalidated")], now=40.0, limit=10)
+    assert gone["a"]["o"] == "invalidated" and gone["a"].get("sa") is None
+
+
+def test_records_are_trimmed_to_the_most_recent_and_expired_ones_dropped() -> None:
+    many = [rec(f"k{i}", float(i), sa=float(i), w=[60, 0, 0]) for i in range(10)]
+    kept = merge_records({}, many, now=10.0, limit=4)
+    assert sorted(kept) == ["k6", "k7", "k8", "k9"]
+    assert expired(rec("a", 0.0, sa=0.0, w=[10, 10, 10]), now=91.0)
+    assert not expired(rec("a", 0.0, sa=0.0, w=[10, 10, 10]), now=89.0)
+    assert expired(rec("a", 0.0, "error"), now=3601.0)                   # no entry, old
+
+
+def test_only_records_of_our_shape_are_read() -> None:
+    assert valid_record(rec("a", 1.0))
+    for bad in (None, [], {"k": 1}, {**rec("a", 1.0), "t": "x"}, {**rec("a", 1.0), "p": 3}):
+        assert not valid_record(bad)
+
+
+def test_kind_of_each_front_door() -> None:
+    def job(key: str, source: str = "f", params: Any = None) -> Job:
+        return Job(key, lambda: None, Windows(1), source=source, params=params)
+
+    assert kind_of(job("src:items:0?id=1", "items", {"id": "1"})) == "source"
+    assert kind_of(job("fn:mod.f:abc")) == "function"
+    assert kind_of(job("view//report?", "report", {})) == "view"
+    assert kind_of(job("rates", "rates")) == "periodic"
+
+
+def test_percentiles_interpolate_inside_histogram_buckets() -> None:
+    buckets = {0.1: 50.0, 0.5: 90.0, 1.0: 100.0, math.inf: 100.0}
+    p = percentiles(buckets)
+    assert p["count"] == 100
+    assert p["p50"] == pytest.approx(0.1)
+    assert p["p90"] == pytest.approx(0.5)
+    assert p["p99"] == pytest.approx(0.95)
+    assert percentiles({0.1: 0.0, math.inf: 2.0})["p50"] == 0.1        # past the last bound
+    assert percentiles({})["p50"] is None
+
+
+def test_filters_are_checked_and_bounded() -> None:
+    f = Filters.parse({"source": "items", "state": "stale", "q": "ID=3", "offset": "-4",
+                       "limit": "100000"})
+    assert (f.source, f.state, f.text, f.offset, f.limit) == ("items", "stale", "id=3", 0,
+                                                              1000)
+    with pytest.raises(ValueError, match="state must be one of"):
+        Filters.parse({"state": "nope"})
+    with pytest.raises(ValueError, match="integers"):
+        Filters.parse({"limit": "ten"})

@@ -77,7 +77,7 @@ class Coalescer:
         # No in-process tier: a delete in one worker must be seen by the next get of any.
         self.tiers = TwoTier(store, LocalTier(0), 0.0, monotonic)
         self.leases = Leases(store, refresh.lock_lease)
-        self.errors = ErrorMemo(store, max(refresh.error_ttl, 1.0))
+        self.errors = ErrorMemo(store, max(refresh.error_ttl, 1.0), clock)
         self.loader = Loader(self.tiers, self.leases, self.errors, refresh, _no_fetch, clock,
                              monotonic)
         self.wait_limit = refresh.lock_lease + 1.0

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,17 +100,46 @@ class Lease:
     token: str
 
 
+# A lease item's value is ``<token>@<deadline>``: the deadline (wall clock, whole seconds)
+# is renewed with it. A value that names no deadline, or one past it by more than this
+# (clock skew between hosts), is dead whatever memcached's expiry says: an item written
+# without an expiry, by accident or on purpose, must not block a key forever.
+SKEW = 2.0
+
+
+def lease_value(token: str, deadline: float) -> str:
+    return f"{token}@{math.ceil(deadline)}"
+
+
+def owner_of(value: object) -> str | None:
+    """The token in a lease item's value, or ``None`` for anything else."""
+    if not isinstance(value, str):
+        return None
+    token, at, deadline = value.rpartition("@")
+    return token if at and token and deadline.isdigit() else None
+
+
+def alive(value: object, now: float) -> bool:
+    """Whether a lease item's value is a lease still within its own deadline."""
+    if owner_of(value) is None:
+        return False
+    return now <= int(str(value).rpartition("@")[2]) + SKEW
+
+
 class Leases:
     """Acquire, renew and release leases in memcached.
 
     :param store: the memcached store.
     :param lock_lease: seconds a lease lives unless renewed.
+    :param clock: wall clock for the deadline in each lease's value.
     """
 
-    def __init__(self, store: Store, lock_lease: float) -> None:
+    def __init__(self, store: Store, lock_lease: float,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.lock_lease = lock_lease
         self.expiry = item_lifetime(lock_lease)
+        self.clock = clock
 
     def acquire(self, key: str) -> Lease | None:
         """Take the lease of ``key``; ``None`` when somebody holds it.
@@ -118,9 +148,19 @@ class Leases:
             whether to fetch without a lease.
         """
         token = new_token()
-        if self.store.add(lease_key(key), token, self.expiry):
+        value = lease_value(token, self.clock() + self.lock_lease)
+        if self.store.add(lease_key(key), value, self.expiry):
             metrics.lease_total.labels("acquired").inc()
             return Lease(key, token)
+        current = self.store.get(lease_key(key))
+        if current is not MISS and not alive(current, self.clock()):
+            # Not a live lease (garbage, or past its own deadline): remove exactly that
+            # item (compare-and-delete) and try once more.
+            metrics.lease_total.labels("dead_removed").inc()
+            if self.store.delete_if(lease_key(key), current) and self.store.add(
+                    lease_key(key), value, self.expiry):
+                metrics.lease_total.labels("acquired").inc()
+                return Lease(key, token)
         metrics.lease_total.labels("contended").inc()
         return None
 
@@ -129,9 +169,10 @@ class Leases:
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        value, cas = self.store.gets(lease_key(lease.key))
-        if value == lease.token and cas is not None:
-            if self.store.cas(lease_key(lease.key), lease.token, cas, self.expiry):
+        current, cas = self.store.gets(lease_key(lease.key))
+        if owner_of(current) == lease.token and cas is not None:
+            value = lease_value(lease.token, self.clock() + self.lock_lease)
+            if self.store.cas(lease_key(lease.key), value, cas, self.expiry):
                 return True
         metrics.lease_total.labels("lost").inc()
         event(log, logging.WARNING, "lease_lost", "lease lost while fetching", key=lease.key)
@@ -143,16 +184,18 @@ class Leases:
         :raises CacheUnavailable: memcached could not be asked (the lease then lapses
             by itself after ``lock_lease``).
         """
-        if self.store.delete_if(lease_key(lease.key), lease.token):
+        current = self.store.get(lease_key(lease.key))
+        if owner_of(current) == lease.token and self.store.delete_if(
+                lease_key(lease.key), current):
             metrics.lease_total.labels("released").inc()
             return True
         metrics.lease_total.labels("expired").inc()
         return False
 
     def holder(self, key: str) -> str | None:
-        """The token of the current holder, or ``None`` when nobody holds the lease.
+        """The token of the current live holder, or ``None`` when nobody holds the lease.
 
         :raises CacheUnavailable: memcached could not be asked.
         """
         value = self.store.get(lease_key(key))
-        return None if value is MISS or value is None else str(value)
+        return owner_of(value) if alive(value, self.clock()) else None

@@ -32,7 +32,7 @@ from .config import RefreshSettings
 from .entry import Entry
 from .errors import CacheUnavailable, CodecError, HTTPError, OriginError, OriginTimeout
 from .fetching import Fetcher, Runner
-from .lease import Lease, Leases, lease_key
+from .lease import Lease, Leases, alive, lease_key
 from .logs import event
 from .negative import ErrorMemo, error_key, from_record
 from .tiers import Found, TwoTier
@@ -266,8 +266,9 @@ class Loader:
             landed = _decode_entry(found.get(key))
             step = next_step(
                 landed if landed is not None and usable(landed) else None,
-                lease_key(key) in found,
-                from_record(found.get(error_key(key))) if self.errors.enabled else None,
+                alive(found.get(lease_key(key)), self.leases.clock()),
+                from_record(found.get(error_key(key)), self.clock())
+                if self.errors.enabled else None,
                 self.monotonic(), deadline, delays())
 
     # -- fetching and storing ----------------------------------------------------------

@@ -95,12 +95,14 @@ class Region:
         try:
             loaded = self.loader.load(job, self.servable)
         except HTTPError:
-            if found is None or decision.action is not Action.FETCH_OR_SERVE_ON_ERROR:
+            fallback = found.entry if found is not None else self.tiers.last_good(job.key)
+            if fallback is None or state(fallback.timing, self.clock()) is State.GONE:
                 metrics.requests_total.labels(job.source, "miss").inc()
                 raise
-            # stale-if-error: the refresh failed, the old copy is still allowed.
+            # stale-if-error: the fetch failed and the old copy is still allowed (also a
+            # copy memcached lost: a flush or a restart must not turn into 502s).
             metrics.requests_total.labels(job.source, "stale").inc()
-            return Result(found.entry.value, found.entry, "STALE")
+            return Result(fallback.value, fallback, "STALE")
         return self._loaded(job, loaded)
 
     @staticmethod

@@ -71,7 +71,7 @@ def build(app: Flask, settings: Settings, clock: Callable[[], float] = time.time
     tiers = TwoTier(store, LocalTier(settings.cache.l1_max_entries), settings.cache.l1_ttl,
                     monotonic)
     leases = Leases(store, settings.refresh.lock_lease)
-    errors = ErrorMemo(store, settings.refresh.error_ttl)
+    errors = ErrorMemo(store, settings.refresh.error_ttl, clock)
     registry = Registry(store, tiers.local, clock)
     ledger = Ledger(max(1000, settings.cache.l1_max_entries), registry)
     refresher = Refresher(app, settings.refresh.concurrency, settings.refresh.backoff_max,

@@ -66,6 +66,13 @@ class LocalTier:
     def delete(self, key: str) -> None:
         self._items.pop(key, None)
 
+    def retire(self, key: str) -> None:
+        """Keep the copy only as a last resort: never served again without asking
+        memcached first (see :meth:`TwoTier.last_good`)."""
+        item = self._items.get(key)
+        if item is not None:
+            item.checked_at = float("-inf")
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -108,12 +115,20 @@ class TwoTier:
                 return Found(item.materialize(), "l1", degraded=True)
             return None
         if found is None:
-            # Absent from memcached: expired, evicted or invalidated. Do not keep serving
-            # the local copy past l1_ttl, or an invalidation would never reach this worker.
-            self.local.delete(key)
+            # Absent from memcached: expired, evicted, flushed or invalidated. Do not keep
+            # serving the local copy past l1_ttl, or an invalidation would never reach
+            # this worker; keep it only as the last good copy for when the origin fails.
+            self.local.retire(key)
             return None
         self.local.put(key, found.entry, now)
         return found
+
+    def last_good(self, key: str) -> Entry | None:
+        """This worker's last copy of ``key``, even one memcached no longer has (it was
+        flushed, evicted, or its server restarted empty): what stale-if-error may still
+        answer when the origin fails. A key invalidated here is not kept."""
+        item = self.local.get(key)
+        return item.materialize() if item is not None else None
 
     def read_shared(self, key: str) -> Found | None:
         """Read memcached only (the tier every worker and host shares).

@@ -140,3 +140,26 @@ def test_dot_segments_in_a_path_placeholder_are_refused(
     assert origin_server.count() == 0
     # In the query part the same values are just text, encoded.
     assert client.get("/v1/item", query_string={"id": "7", "q": ".."}).status_code == 200
+
+
+@pytest.mark.private_memcached
+def test_a_flushed_memcached_and_a_failing_origin_still_serve_the_local_copy(
+        memcached: Any, make_app: Any, clock: FakeClock) -> None:
+    app: Flask = make_app(settings_for([memcached.address], refresh={"error_ttl": 0}),
+                          clock=clock)
+    state = state_of(app)
+    failing = {"on": False}
+
+    def fetch() -> str:
+        if failing["on"]:
+            raise RuntimeError("origin answers 500")
+        return "good copy"
+
+    job = Job("k", fetch, Windows(60, 600, 3600), source="test")
+    with app.app_context():
+        assert state.region.get_or_load(job).value == "good copy"
+        memcached.flush()                             # memcached lost every entry
+        failing["on"] = True
+        clock.advance(5)                              # past l1_ttl: memcached is asked
+        answers = [state.region.get_or_load(job) for _ in range(20)]
+    assert {(a.status, a.value) for a in answers} == {("STALE", "good copy")}

@@ -4,6 +4,7 @@ decision. memcached itself is proven in tests/integration."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from service.config import RefreshSettings
 from service.entry import Entry
 from service.errors import OriginError
 from service.freshness import Windows
-from service.lease import Leases, lease_key
+from service.lease import Leases, lease_key, lease_value
 from service.ledger import Ledger
 from service.loader import UNCACHEABLE, Job, Loader
 from service.negative import ErrorMemo, error_key
@@ -68,7 +69,7 @@ def pipe() -> Iterator[Pipeline]:
                                xfetch_beta=0.0)
     tiers = TwoTier(store, LocalTier(100), 2.0, clock)  # type: ignore[arg-type]
     ledger = Ledger(100)
-    loader = Loader(tiers, Leases(store, 5.0), ErrorMemo(store, 5.0),  # type: ignore[arg-type]
+    loader = Loader(tiers, Leases(store, 5.0), ErrorMemo(store, 5.0, clock),  # type: ignore[arg-type]
                     settings, in_app_context(app), clock, clock, observer=ledger)
     refresher = Refresher(app, 4, 60.0, clock)
     region = Region(tiers, loader, refresher, ledger, clock, 0.0)
@@ -121,7 +122,7 @@ def test_followers_get_their_own_copy_of_a_mutable_value(pipe: Pipeline) -> None
 
 
 def test_a_waiter_gets_the_holders_value_without_fetching(pipe: Pipeline) -> None:
-    pipe.store.add(lease_key("k"), "another-worker", 5)
+    pipe.store.add(lease_key("k"), lease_value("another-worker", time.time() + 5), 5)
     reader = gevent.spawn(pipe.region.get_or_load, pipe.job())
     wait_until(lambda: "get_many" in pipe.store.calls)  # it is polling
     pipe.store_entry("k", "theirs", pipe.clock())
@@ -133,10 +134,11 @@ def test_a_waiter_gets_the_holders_value_without_fetching(pipe: Pipeline) -> Non
 
 def test_a_waiter_raises_the_holders_remembered_error_instead_of_fetching(
         pipe: Pipeline) -> None:
-    pipe.store.add(lease_key("k"), "another-worker", 5)
+    pipe.store.add(lease_key("k"), lease_value("another-worker", time.time() + 5), 5)
     reader = gevent.spawn(pipe.region.get_or_load, pipe.job())
     wait_until(lambda: "get_many" in pipe.store.calls)
-    pipe.store.set(error_key("k"), {"status": 502, "detail": "origin said 500"}, 5)
+    pipe.store.set(error_key("k"), {"status": 502, "detail": "origin said 500",
+                                    "until": pipe.clock() + 5}, 5)
     pipe.store.delete(lease_key("k"))
     with pytest.raises(OriginError, match="origin said 500"):
         reader.get(timeout=5)
@@ -144,7 +146,7 @@ def test_a_waiter_raises_the_holders_remembered_error_instead_of_fetching(
 
 
 def test_a_waiter_takes_over_when_the_lease_lapses_with_nothing_stored(pipe: Pipeline) -> None:
-    pipe.store.add(lease_key("k"), "a-worker-that-died", 5)
+    pipe.store.add(lease_key("k"), lease_value("a-worker-that-died", time.time() + 5), 5)
     reader = gevent.spawn(pipe.region.get_or_load, pipe.job(value="mine"))
     wait_until(lambda: "get_many" in pipe.store.calls)
     pipe.clock.advance(6)  # the dead holder's lease expires
@@ -195,7 +197,7 @@ def test_a_background_refresh_skips_when_a_newer_entry_landed(pipe: Pipeline) ->
 
 
 def test_a_background_refresh_leaves_it_to_the_lease_holder(pipe: Pipeline) -> None:
-    pipe.store.add(lease_key("k"), "another-worker", 5)
+    pipe.store.add(lease_key("k"), lease_value("another-worker", time.time() + 5), 5)
     assert pipe.loader.refresh(pipe.job(), pipe.region.never) is None
     assert pipe.calls == []
 
@@ -289,3 +291,23 @@ def test_a_failing_background_refresh_is_remembered_and_backs_off(pipe: Pipeline
     assert pipe.region.get_or_load(pipe.job()).status == "STALE"
     assert pipe.refresher.join(timeout=5)
     assert pipe.calls == ["k"]
+
+
+def test_an_error_record_without_its_own_end_is_ignored(pipe: Pipeline) -> None:
+    # Written without an expiry (by accident or on purpose): it must not make the key
+    # answer 502 forever.
+    pipe.store.set(error_key("k"), {"status": 502, "detail": "stuck"}, None)
+    pipe.store.set(error_key("k2"), {"status": 502, "detail": "old",
+                                     "until": pipe.clock() - 1}, None)
+    assert pipe.region.get_or_load(pipe.job()).value == "v"
+    assert pipe.region.get_or_load(pipe.job(key="k2")).value == "v"
+
+
+def test_a_lease_without_a_live_deadline_is_taken_over_at_once(pipe: Pipeline) -> None:
+    # A lease item written without an expiry (garbage, or past its own deadline) would
+    # otherwise make every reader wait for a holder that does not exist.
+    pipe.store.add(lease_key("k"), "garbage", None)
+    pipe.store.add(lease_key("k2"), lease_value("gone", time.time() - 60), None)
+    assert pipe.region.get_or_load(pipe.job()).value == "v"
+    assert pipe.region.get_or_load(pipe.job(key="k2")).value == "v"
+    assert pipe.calls == ["k", "k2"]

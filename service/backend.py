@@ -4,7 +4,7 @@ Flask-Caching's own memcached backends never pick pymemcache and pickle every va
 This one is loaded through ``CACHE_TYPE = "service.backend.MemcachedCache"``: Flask-Caching
 calls ``factory(app, config, args, kwargs)``, and the backend is built from that config
 alone (``CACHE_MEMCACHED_SERVERS``, ``CACHE_KEY_PREFIX``, ``CACHE_DEFAULT_TIMEOUT``,
-``CACHE_OPTIONS``; see :func:`service.config.settings_from_flask`), with no other extension
+``CACHE_OPTIONS``; see :func:`service.flaskconfig.settings_from_flask`), with no other extension
 initialised first. Two ``Cache`` objects with different prefixes never see each other's
 keys; with the same servers and timeouts they share one connection pool.
 
@@ -34,9 +34,10 @@ from flask_caching.backends.base import BaseCache
 
 from .clients import pool_for
 from .coalesce import Coalescer
-from .config import POOL_OPTIONS, CacheSettings, RefreshSettings, settings_from_flask
+from .config import CacheSettings, RefreshSettings
 from .entry import Entry
 from .errors import CacheUnavailable, CodecError
+from .flaskconfig import POOL_OPTIONS, settings_from_flask
 from .store import MISS, Store
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ Timeout = int | timedelta | None
 def flask_caching_config(cache: CacheSettings) -> dict[str, Any]:
     """The Flask-Caching config that builds this backend over ``cache``:
     ``Cache(config=flask_caching_config(settings.cache))``. The round trip through
-    :func:`service.config.settings_from_flask` gives the same settings back."""
+    :func:`service.flaskconfig.settings_from_flask` gives the same settings back."""
     return {
         "CACHE_TYPE": "service.backend.MemcachedCache",
         "CACHE_MEMCACHED_SERVERS": list(cache.servers),

@@ -26,8 +26,8 @@ import flask_caching
 from flask import Flask, current_app, has_app_context
 
 from . import clients
-from .config import library_settings
 from .decorators import Options, decorate
+from .flaskconfig import library_settings
 from .state import EXTENSION, AppState, build, state_of
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -43,8 +43,9 @@ from flask_caching import Cache
 
 from . import clients
 from .backend import flask_caching_config
-from .config import Settings, library_settings
+from .config import Settings
 from .decorators import Options, decorate
+from .flaskconfig import library_settings
 from .freshness import Windows
 from .loader import Job
 from .region import Result
@@ -69,7 +70,7 @@ class SWR:
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         """Build the app's state (pool, tiers, leases, refresher) and Flask-Caching.
 
-        :param settings: by default :func:`service.config.library_settings` of the
+        :param settings: by default :func:`service.flaskconfig.library_settings` of the
             app's config (defaults, Flask config, then ``SERVICE_SETTINGS``).
         :param clock: wall clock for every freshness decision (a fake one in tests);
             ``monotonic`` likewise for ``l1_ttl``, leases and back-off.

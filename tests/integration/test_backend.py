@@ -21,7 +21,8 @@ from prometheus_client import REGISTRY
 from service import cache
 from service.backend import MemcachedCache
 from service.clients import close_pools, get_pool
-from service.config import ConfigError, namespace_for
+from service.config import ConfigError
+from service.flaskconfig import namespace_for
 from service.keys import memcached_key
 from service.store import MISS, Store
 from tests.conftest import settings_for

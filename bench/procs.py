@@ -128,8 +128,10 @@ class Gunicorn(Child):
     name = "gunicorn"
 
     def __init__(self, workdir: Path, settings_path: Path, workers: int,
-                 env: dict[str, str], metrics: bool = False) -> None:
+                 env: dict[str, str], metrics: bool = False,
+                 app: str = "bench.herd_app:app") -> None:
         super().__init__(workdir / "gunicorn.log")
+        self.app = app
         self.workdir = workdir
         self.settings_path = settings_path
         self.workers = workers
@@ -167,7 +169,7 @@ class Gunicorn(Child):
     def start(self, timeout: float = 30.0) -> Gunicorn:
         self.spawn([gunicorn_binary(), "-c", "deploy/gunicorn.conf.py",
                     "--workers", str(self.workers), "--bind", f"{LOOPBACK}:{self.port}",
-                    "bench.herd_app:app"], env=self.environment(), cwd=REPO_ROOT)
+                    self.app], env=self.environment(), cwd=REPO_ROOT)
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         last = "no answer"

@@ -71,8 +71,12 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check service tests bench examples wsgi.py deploy
 	$(BIN)/mypy --strict service
 
+# The hit table, 1,000 connections, a cold key, RSS and a profile (writes docs/BENCHMARKS.md),
+# then the herd. BENCH_ARGS=--quick for a short smoke run.
 bench: $(VENV)/.installed-dev sysdeps-bench
-	$(BIN)/python -m bench
+	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
+	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
+	$(BIN)/python -m bench --workers 2
 	$(BIN)/python -m bench.dropin
 
 # Stops what `make run` started first: deleting its pid files would orphan the processes.

@@ -6,9 +6,14 @@ on the command line or with ``GUNICORN_CMD_ARGS`` (e.g. ``--bind=127.0.0.1:9000
 """
 
 import glob
+import logging
 import multiprocessing
 import os
 import tempfile
+import threading
+import time
+
+from gunicorn.glogging import Logger
 
 # -- workers -------------------------------------------------------------------------------
 bind = os.environ.get("SERVICE_BIND", "127.0.0.1:8000")
@@ -45,6 +50,79 @@ errorlog = "-"
 access_log_format = (
     '%(h)s "%(r)s" %(s)s %(b)s x_cache=%({x-cache}o)s time=%(L)s ua="%(a)s"'
 )
+
+
+class BufferedStreamHandler(logging.StreamHandler):
+    """Access lines collected in memory and written in one ``write`` per batch.
+
+    gunicorn writes each access line with its own locked, flushed ``write`` from the
+    request's greenlet: at thousands of requests a second that is a system call per
+    request, and a full pipe stops the whole worker. Lines wait here instead, and go out
+    every ``interval`` seconds (a greenlet of the worker, started on the first line, never
+    in the master) or as soon as ``limit`` bytes are waiting; ``flush()`` (worker exit,
+    logging's shutdown) writes the rest. The line format is gunicorn's, unchanged.
+    """
+
+    interval = 0.25
+    limit = 64 * 1024
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._lines = []
+        self._size = 0
+        self._pid = None
+
+    def emit(self, record):
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)
+        self._size += len(line)
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._lines = [line]  # lines inherited from the master were its own to write
+            self._size = len(line)
+            # Patched by gevent in the worker: a greenlet; a daemon thread elsewhere.
+            threading.Thread(target=self._drain, name="access-log", daemon=True).start()
+        if self._size >= self.limit:
+            self.flush()
+
+    def _drain(self):
+        pid = os.getpid()
+        while self._pid == pid:
+            time.sleep(self.interval)
+            self.flush()
+
+    def flush(self):
+        lines, self._lines, self._size = self._lines, [], 0
+        if lines and self.stream is not None:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # a closed or broken stdout: the lines cannot go anywhere
+
+
+class BufferedAccessLogger(Logger):
+    """gunicorn's logger with the access log to stdout buffered (see above)."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for i, handler in enumerate(self.access_log.handlers):
+            if type(handler) is logging.StreamHandler and getattr(handler, "_gunicorn", False):
+                buffered = BufferedStreamHandler(handler.stream)
+                buffered.setFormatter(handler.formatter)
+                buffered._gunicorn = True
+                self.access_log.handlers[i] = buffered
+
+    def flush_access(self):
+        for handler in self.access_log.handlers:
+            handler.flush()
+
+
+logger_class = BufferedAccessLogger
 # gunicorn >= 25 opens a control socket in $XDG_RUNTIME_DIR or ~/.gunicorn; two instances
 # of one user would share (and delete) it, and systemd's ProtectHome forbids the home
 # fallback. We do not use gunicornc.
@@ -92,3 +170,6 @@ def worker_exit(server, worker):
     from service.worker import worker_exit as drain
 
     drain(server, worker)
+    flush = getattr(worker.log, "flush_access", None)
+    if flush is not None:
+        flush()  # the access lines still buffered

@@ -40,6 +40,7 @@ class CacheSettings:
     servers: tuple[str, ...] = ("127.0.0.1:11211",)
     key_prefix: str = "svc"
     l1_max_entries: int = 10000
+    l1_max_bytes: int = 64 * 1024 * 1024
     l1_ttl: float = 2.0
     connect_timeout: float = 0.25
     timeout: float = 0.25
@@ -171,8 +172,9 @@ def _parse_cache(r: _Reader, t: Mapping[str, Any]) -> CacheSettings:
     if not _PREFIX_RE.match(prefix):
         r.fail("cache.key_prefix", "1-32 characters of letters, digits, '.', '-' or '_'")
     numbers: dict[str, Any] = {}
-    for name, minimum in (("l1_max_entries", 0), ("pool_size", 1), ("item_size_max", 1024),
-                          ("circuit_failures", 1), ("default_timeout", 0)):
+    for name, minimum in (("l1_max_entries", 0), ("l1_max_bytes", 0), ("pool_size", 1),
+                          ("item_size_max", 1024), ("circuit_failures", 1),
+                          ("default_timeout", 0)):
         numbers[name] = r.integer(t, f"cache.{name}", getattr(d, name), minimum=minimum)
     for name, positive in (("l1_ttl", False), ("connect_timeout", True), ("timeout", True),
                            ("pool_timeout", True), ("circuit_reset", True),

@@ -45,6 +45,7 @@ from flask import (
 )
 
 from . import httpcache, keying
+from .fastpath import ViewSpec
 from .fetching import Runner
 from .freshness import Windows
 from .loader import UNCACHEABLE, Job
@@ -109,6 +110,8 @@ def decorate(f: Callable[..., Any], opts: Options, state: StateGetter,
         return _serve_call(st, f, args, kwargs, opts, name, function_only).value
 
     wrapper.uncached = f  # type: ignore[attr-defined]
+    if not function_only:  # what service.fastpath needs to answer its fresh local hits
+        wrapper.swr_view = ViewSpec(wrapper, opts, name)  # type: ignore[attr-defined]
 
     def make_call_key(*a: Any, **kw: Any) -> str:
         return call_key(f, opts, name, a, kw)

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 from flask import Flask, current_app, has_app_context
 from flask_caching import Cache
 
-from . import clients
+from . import clients, fastpath
 from .backend import flask_caching_config
 from .config import Settings
 from .decorators import Options, decorate
@@ -80,6 +80,7 @@ class SWR:
         # flask.g checkout for the app's own code (clients.get_connection), same pool.
         clients.init_app(app, settings.cache)
         self.cache.init_app(app, config=flask_caching_config(settings.cache))
+        fastpath.init_app(app)  # fresh local hits answered before Flask's dispatch
         self.app = app
         for name, (fn, every, windows) in self._periodic.items():
             state.region.periodic(Job(name, fn, windows, source=name), every)

@@ -81,7 +81,7 @@ def namespace_for(prefix: str) -> str:
 
 
 POOL_OPTIONS = ("pool_size", "connect_timeout", "timeout", "pool_timeout", "item_size_max",
-                 "circuit_failures", "circuit_reset", "l1_max_entries", "l1_ttl")
+                "circuit_failures", "circuit_reset", "l1_max_entries", "l1_max_bytes", "l1_ttl")
 _BASECACHE_OPTIONS = ("default_timeout", "ignore_delete_many_errors")
 _FLASK_KEYS = {"servers": "CACHE_MEMCACHED_SERVERS", "key_prefix": "CACHE_KEY_PREFIX",
                "default_timeout": "CACHE_DEFAULT_TIMEOUT",

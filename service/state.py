@@ -68,8 +68,8 @@ def build(app: Flask, settings: Settings, clock: Callable[[], float] = time.time
     """Build and install the state of ``app``; see the module docstring."""
     pool = pool_for(settings.cache)
     store = Store(pool, swr_namespace(settings), settings.cache.item_size_max)
-    tiers = TwoTier(store, LocalTier(settings.cache.l1_max_entries), settings.cache.l1_ttl,
-                    monotonic)
+    local = LocalTier(settings.cache.l1_max_entries, settings.cache.l1_max_bytes)
+    tiers = TwoTier(store, local, settings.cache.l1_ttl, monotonic)
     leases = Leases(store, settings.refresh.lock_lease)
     errors = ErrorMemo(store, settings.refresh.error_ttl, clock)
     registry = Registry(store, tiers.local, clock)

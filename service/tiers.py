@@ -31,21 +31,38 @@ from .store import MISS, Store
 log = logging.getLogger(__name__)
 
 
+# What one local entry costs beyond its encoded value: the key, the envelope, the dict
+# and LRU links. An estimate; it keeps a tier of tiny values from growing without bound.
+ENTRY_OVERHEAD = 400
+# A value larger than this fraction of l1_max_bytes is not kept locally: one of them would
+# evict a large part of the tier. It is still served from memcached.
+LARGEST_FRACTION = 8
+
+
 @dataclass
 class _Local:
     entry: Entry        # with value=None; the value lives encoded in blob
     blob: bytes
     checked_at: float   # monotonic time memcached last confirmed (or supplied) this copy
+    size: int = 0       # bytes counted against l1_max_bytes
+    # The answer a front door rendered from this entry (body, status, headers without the
+    # per-request ones), kept for the WSGI fast path (service.fastpath). Immutable, so
+    # requests may share it; it goes with the entry when a new one is put.
+    rendered: Any = None
 
     def materialize(self) -> Entry:
         return dataclasses.replace(self.entry, value=codec.decode(self.blob))
 
 
 class LocalTier:
-    """A bounded LRU of entries, per worker."""
+    """A bounded LRU of entries, per worker: at most ``max_entries`` entries and about
+    ``max_bytes`` bytes of encoded values (whichever bound is reached first evicts the
+    least recently used). ``0`` for either disables the tier."""
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self._items: OrderedDict[str, _Local] = OrderedDict()
 
     def get(self, key: str) -> _Local | None:
@@ -54,17 +71,43 @@ class LocalTier:
             self._items.move_to_end(key)
         return item
 
+    def peek(self, key: str) -> _Local | None:
+        """The item without touching the LRU order (the fast path's look-up)."""
+        return self._items.get(key)
+
     def put(self, key: str, entry: Entry, checked_at: float) -> None:
-        if self.max_entries <= 0:
+        if self.max_entries <= 0 or self.max_bytes <= 0:
             return
         blob = codec.encode(entry.value)
-        self._items[key] = _Local(dataclasses.replace(entry, value=None), blob, checked_at)
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        size = len(blob) + len(key) + ENTRY_OVERHEAD
+        if size > self.max_bytes // LARGEST_FRACTION:
+            self.delete(key)  # an older, smaller copy must not outlive this write
+            return
+        self.delete(key)
+        self._items[key] = _Local(dataclasses.replace(entry, value=None), blob, checked_at,
+                                  size)
+        self.bytes += size
+        self._evict()
+
+    def attach(self, key: str, item: _Local, rendered: Any, size: int) -> None:
+        """Keep ``rendered`` with ``item`` (if ``item`` is still the entry of ``key``),
+        counting ``size`` more bytes against ``max_bytes``."""
+        if self._items.get(key) is not item or item.rendered is not None:
+            return
+        item.rendered = rendered
+        item.size += size
+        self.bytes += size
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._items and (len(self._items) > self.max_entries
+                               or self.bytes > self.max_bytes):
+            self.bytes -= self._items.popitem(last=False)[1].size
 
     def delete(self, key: str) -> None:
-        self._items.pop(key, None)
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.bytes -= item.size
 
     def retire(self, key: str) -> None:
         """Keep the copy only as a last resort: never served again without asking

@@ -31,7 +31,7 @@ from typing import Any
 
 from flask import Flask
 
-from . import monitor
+from . import metrics, monitor
 from .state import EXTENSION, AppState
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def stopping(app: Flask, timeout: float = 10.0) -> None:
     fetchers = state.extra.get("fetchers")
     if fetchers is not None:
         fetchers.close()  # the niced child processes go with their worker
+    metrics.stop_flusher()  # this worker's last buffered counts, before it goes
 
 
 def post_worker_init(worker: Any) -> None:

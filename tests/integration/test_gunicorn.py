@@ -70,13 +70,15 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def settled(fleet: Any, origin: Any, path: str, source: str,
-            timeout: float = 10.0) -> tuple[int, str]:
+            timeout: float = 10.0, requests: int | None = None) -> tuple[int, str]:
     """The origin's count for ``path`` and a ``/metrics`` text that describe the same fetches.
 
     When the load stops, a refresh scheduled by one of the last STALE reads may not have
     started yet (its worker had no CPU), so "nothing in flight" alone can be seen before it
     runs. Wait (bounded) until nothing is in flight and every fetch the origin counted has
-    an outcome in the metrics; on timeout return what was last seen, for the asserts to show.
+    an outcome in the metrics (and, given ``requests``, every request is counted: workers
+    flush their counts every second); on timeout return what was last seen, for the
+    asserts to show.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -85,7 +87,9 @@ def settled(fleet: Any, origin: Any, path: str, source: str,
         outcomes = (metric(text, "cache_refreshes_total", source=source)
                     - metric(text, "cache_refreshes_total", source=source, outcome="skipped"))
         idle = metric(text, "cache_refreshes_in_flight") == 0
-        if (idle and outcomes == fetches) or time.monotonic() > deadline:
+        counted = requests is None or metric(text, "cache_requests_total",
+                                             source=source) == requests
+        if (idle and outcomes == fetches and counted) or time.monotonic() > deadline:
             return fetches, text
         gevent.sleep(0.02)
 
@@ -124,7 +128,7 @@ def test_hot_key_is_fetched_once_per_window_and_counted_once_per_request(
     started = time.monotonic()
     gevent.joinall([gevent.spawn(client, started + 4.0) for _ in range(16)], raise_error=True)
     windows = (time.monotonic() - started) / 1.0                 # max_age = 1 s
-    fetches, text = settled(fleet, origin_server, "/slow", "slow")
+    fetches, text = settled(fleet, origin_server, "/slow", "slow", requests=sent)
     print(f"{sent} requests, {fetches} fetches over {windows:.1f} windows: {statuses}")
     assert 1 <= fetches <= windows + 2                           # ~one per window, fleet-wide
     assert statuses.get("MISS", 0) <= 16                         # only the cold start waited
@@ -132,6 +136,18 @@ def test_hot_key_is_fetched_once_per_window_and_counted_once_per_request(
     assert metric(text, "cache_requests_total", source="slow") == sent
     assert metric(text, "cache_refreshes_total", source="slow", outcome="ok") == fetches
     assert "cache_lease_total" in text and "memcached_pool_in_use" in text
+
+
+def test_the_access_log_says_how_the_cache_answered_and_how_long_it_took(fleet: Any) -> None:
+    for _ in range(3):
+        assert get(fleet.url, "/v1/slow?id=logged")[0] == 200
+    # Access lines are written in batches (deploy/gunicorn.conf.py): wait for them.
+    pattern = re.compile(r'"GET /v1/slow\?id=logged HTTP/1.1" 200 \d+ x_cache=(\w+) '
+                         r'time=\d+\.\d+ ua=')
+    deadline = time.monotonic() + 10
+    while len(found := pattern.findall(fleet.log_text())) < 3 and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    assert found[0] == "MISS" and len(found) == 3 and set(found[1:]) <= {"HIT", "STALE"}
 
 
 def test_sigterm_during_load_finishes_in_flight_requests(fleet: Any, origin_server: Any) -> None:

@@ -1,0 +1,304 @@
+"""The hit bench: ``python -m bench.throughput`` (part of ``make bench``).
+
+One gunicorn (``deploy/gunicorn.conf.py``, the shipped config: gevent, Prometheus
+multiprocess mode, the access log) serving ``bench.hits_app``, its own memcached, and wrk.
+In one run, so every ratio compares numbers measured minutes apart on the same machine:
+
+1. hits at 32 connections, every route in turn, ``--rounds`` interleaved rounds, medians,
+   as ratios of the raw WSGI row (the issue's table);
+2. 1,000 connections on a hot key (raw WSGI and ``/v1`` hit, interleaved): requests/s,
+   p99 and timeouts (wrk ``--timeout 5s``);
+3. a cold key read by 300 simultaneous readers (origin 1 s): how many origin fetches, how
+   long the readers waited.
+
+It prints the table and writes ``docs/BENCHMARKS.md`` (with ``bench/memory.py``'s RSS
+figures, a PNG plot and the profile of a hot hit from ``bench/profile_hit.py`` when they
+are given). ``--quick`` shortens everything for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gevent
+
+from . import load as loadgen
+from .procs import LOOPBACK, REPO_ROOT, Gunicorn, Memcached, http_get
+
+ROUTES = [
+    ("raw WSGI app, constant bytes", "/raw"),
+    ("bare Flask view", "/flask"),
+    ("Flask-Caching @cached hit (memcached)", "/fc"),
+    ("our /v1/NAME hit", "/v1/const"),
+    ("our @swr.cached hit", "/swr"),
+]
+
+
+@dataclass
+class Wrk:
+    rps: float
+    p99: float          # seconds
+    timeouts: int
+    errors: int
+    requests: int
+
+
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def _seconds(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s|m)", text)
+    return float(m.group(1)) * _UNITS[m.group(2)] if m else float("nan")
+
+
+def wrk(url: str, connections: int, seconds: float, timeout: float = 5.0) -> Wrk:
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout:g}s",
+         "--latency", url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                       out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    done = re.search(r"(\d+) requests in", out)
+    errors = sum(int(g) for g in socket.groups()[:3]) if socket else 0
+    return Wrk(rps, _seconds(p99.group(1)) if p99 else float("nan"),
+               int(socket.group(4)) if socket else 0,
+               errors + (int(non2xx.group(1)) if non2xx else 0),
+               int(done.group(1)) if done else 0)
+
+
+def write_settings(path: Path, memcached: Memcached) -> None:
+    path.write_text(
+        "# Written by python -m bench.throughput.\n"
+        "[cache]\n"
+        f'servers = ["{memcached.address}"]\n'
+        'key_prefix = "hits"\n'
+        "pool_size = 64\n"
+        "[refresh]\nfetch_timeout = 10\n"
+        '[sources.const]\nkind = "python"\ntarget = "bench.hits_app:const"\n'
+        "max_age = 3600\n"
+        '[sources.slow]\nkind = "python"\ntarget = "bench.hits_app:slow"\n'
+        "max_age = 3600\n", encoding="utf-8")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def cold_key(server: Gunicorn, readers: int = 300) -> dict[str, object]:
+    """``readers`` simultaneous GETs of one cold key; origin fetches from ``/metrics``."""
+    path = f"/v1/slow?id=cold{time.time_ns()}"
+    request = loadgen._Connection  # the bench's small HTTP client (one request each)
+    before = metric(http_get(server.url + "/metrics")[1].decode(), "cache_refreshes_total",
+                    source="slow", outcome="ok")
+    results: list[tuple[float, int, str]] = []
+
+    def reader() -> None:
+        conn = request(LOOPBACK, server.port, (
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").encode(), 30.0)
+        t0 = time.monotonic()
+        try:
+            status, x_cache = conn.get()
+        except (OSError, ValueError):
+            status, x_cache = 0, ""
+        finally:
+            conn.close()
+        results.append((time.monotonic() - t0, status, x_cache))
+
+    gevent.joinall([gevent.spawn(reader) for _ in range(readers)])
+    time.sleep(1.5)  # every worker flushes its metrics within a second
+    after = metric(http_get(server.url + "/metrics")[1].decode(), "cache_refreshes_total",
+                   source="slow", outcome="ok")
+    waits = sorted(r[0] for r in results)
+    return {"readers": readers, "fetches": after - before,
+            "ok": sum(1 for r in results if r[1] == 200),
+            "x_cache": dict(Counter(r[2] for r in results)),
+            "p50": waits[len(waits) // 2], "max": waits[-1]}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="short runs (a smoke test)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=5.0, help="per route per round")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--high", type=int, default=1000, help="connections of the high row")
+    p.add_argument("--high-seconds", type=float, default=10.0)
+    p.add_argument("--json", type=Path, help="also write the numbers here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.high_seconds = 1, 2.0, 4.0
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (sudo apt-get install wrk)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="swr-hits-"))
+    memcached = Memcached(workdir)
+    server: Gunicorn | None = None
+    began = time.monotonic()
+    try:
+        memcached.start()
+        settings = workdir / "settings.toml"
+        write_settings(settings, memcached)
+        server = Gunicorn(workdir, settings, args.workers, {}, metrics=True,
+                          app="bench.hits_app:app")
+        server.start()
+        time.sleep(0.5)
+        for _, path in ROUTES:  # fill every cache, in every worker
+            for _ in range(4 * args.workers):
+                http_get(server.url + path)
+        print(f"hit bench: {args.workers} gunicorn gevent workers (deploy/gunicorn.conf.py), "
+              f"wrk {args.connections} connections, {args.rounds} interleaved round(s) of "
+              f"{args.seconds:g} s per route; {os.cpu_count()} CPUs, load average "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        runs: dict[str, list[Wrk]] = {path: [] for _, path in ROUTES}
+        for r in range(args.rounds):
+            for _, path in ROUTES:
+                runs[path].append(wrk(server.url + path, args.connections, args.seconds))
+            print(f"... round {r + 1}: " + ", ".join(
+                f"{p} {runs[p][-1].rps:,.0f}/s" for _, p in ROUTES), flush=True)
+        high: dict[str, list[Wrk]] = {"/raw": [], "/v1/const": []}
+        for _ in range(max(1, args.rounds - 1)):
+            for path in high:
+                high[path].append(wrk(server.url + path, args.high, args.high_seconds))
+        print(f"... {args.high} connections: " + ", ".join(
+            f"{p} {h[-1].rps:,.0f}/s" for p, h in high.items()), flush=True)
+        cold = cold_key(server)
+        server.check_alive()
+        server.stop(timeout=15.0)
+        server = None
+        print("... profiling a hot /v1 hit in-process, fast path off and on", flush=True)
+        from .profile_hit import profile_hits
+        profile = profile_hits(memcached.address, n=5000 if args.quick else 20000)
+    finally:
+        if server is not None:
+            server.stop(timeout=15.0)
+        memcached.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    def med(values: list[Wrk], attr: str) -> float:
+        return float(statistics.median(getattr(v, attr) for v in values))
+
+    raw = med(runs["/raw"], "rps")
+    rows = [{"label": label, "path": path, "rps": med(runs[path], "rps"),
+             "ratio": med(runs[path], "rps") / raw, "p99": med(runs[path], "p99"),
+             "errors": sum(v.errors for v in runs[path])} for label, path in ROUTES]
+    high_rows = [{"path": p, "rps": med(h, "rps"), "p99": med(h, "p99"),
+                  "timeouts": int(med(h, "timeouts")), "errors": sum(v.errors for v in h)}
+                 for p, h in high.items()]
+    doc = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "rows": rows, "high": high_rows, "cold": cold,
+           "seconds": time.monotonic() - began}
+    print()
+    print(f"{'':42}{'req/s':>10}{'x raw':>8}{'p99 ms':>9}{'errors':>8}")
+    for row in rows:
+        print(f"{row['label']:42}{row['rps']:>10,.0f}{row['ratio']:>8.2f}"
+              f"{row['p99'] * 1000:>9.1f}{row['errors']:>8}")
+    fc = next(r for r in rows if r["path"] == "/fc")["rps"]
+    v1 = next(r for r in rows if r["path"] == "/v1/const")["rps"]
+    print(f"/v1 hit vs Flask-Caching @cached hit: {v1 / fc:.2f}x")
+    print(f"\nat {args.high} connections, {args.high_seconds:g} s, wrk --timeout 5s:")
+    for h in high_rows:
+        print(f"  {h['path']:12}{h['rps']:>10,.0f} req/s  p99 {h['p99'] * 1000:,.0f} ms  "
+              f"timeouts {h['timeouts']}  errors {h['errors']}")
+    print(f"\ncold key, {cold['readers']} simultaneous readers, 1 s origin: "
+          f"{cold['fetches']:g} origin fetch(es), {cold['ok']} answered 200, "
+          f"X-Cache {cold['x_cache']}, wait p50 {cold['p50']:.2f} s, max {cold['max']:.2f} s")
+    keys = "100000" if args.quick else "1000000"
+    print(f"... RSS through {int(keys):,} distinct keys (python -m bench.memory)", flush=True)
+    memory = subprocess.run([sys.executable, "-m", "bench.memory", "--keys", keys],
+                            capture_output=True, text=True, cwd=REPO_ROOT).stdout
+    print(memory)
+    for label, (per_hit, _) in profile.items():
+        print(f"profile {label}: {per_hit * 1e6:.0f} us per hit (in-process, cProfile off)")
+    if args.json:
+        args.json.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    write_report(doc, profile, memory, args)
+    return 0
+
+
+def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], memory: str,
+                 args: argparse.Namespace) -> None:
+    """docs/BENCHMARKS.md and its plot, from this run's numbers."""
+    docs = REPO_ROOT / "docs"
+    rows, high, cold = doc["rows"], doc["high"], doc["cold"]
+    plot = "benchmarks.png"
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+        left.barh([r["label"] for r in rows][::-1], [r["ratio"] for r in rows][::-1])
+        left.axvline(1.0, color="grey", lw=0.8)
+        left.set_xlabel(f"requests/s relative to raw WSGI ({args.connections} connections)")
+        right.bar([h["path"] for h in high], [h["p99"] * 1000 for h in high])
+        right.set_ylabel(f"p99 ms at {args.high} connections")
+        fig.tight_layout()
+        fig.savefig(docs / plot, dpi=90)
+        plt.close(fig)
+        plotted = f"![hit throughput and 1,000-connection tail]({plot})\n"
+    except ImportError:
+        plotted = "(matplotlib is not installed: no plot this run)\n"
+    lines = [
+        "# Benchmarks", "",
+        "Written by `make bench` (`python -m bench.throughput"
+        + (" --quick" if args.quick else "") + "`); every number below comes from one run, "
+        "on one machine, so the ratios hold even when the absolute numbers are noisy. "
+        f"{args.workers} gunicorn gevent workers with the shipped `deploy/gunicorn.conf.py` "
+        "(Prometheus multiprocess mode and the access log on), their own memcached, wrk "
+        f"with {args.connections} connections, {args.rounds} interleaved round(s) of "
+        f"{args.seconds:g} s per route, medians. {os.cpu_count()} CPUs shared with the load "
+        "generator and memcached.", "",
+        "| answer | req/s | x raw WSGI | p99 ms | errors |", "|---|---:|---:|---:|---:|",
+        *[f"| {r['label']} | {r['rps']:,.0f} | {r['ratio']:.2f} | {r['p99'] * 1000:.1f} | "
+          f"{r['errors']} |" for r in rows], "",
+        f"At {args.high} connections ({args.high_seconds:g} s, wrk `--timeout 5s`):", "",
+        "| path | req/s | p99 ms | timeouts | errors |", "|---|---:|---:|---:|---:|",
+        *[f"| `{h['path']}` | {h['rps']:,.0f} | {h['p99'] * 1000:,.0f} | {h['timeouts']} | "
+          f"{h['errors']} |" for h in high], "",
+        f"A cold key read by {cold['readers']} simultaneous readers (origin 1 s): "
+        f"{cold['fetches']:g} origin fetch(es), {cold['ok']} answers 200, X-Cache "
+        f"{cold['x_cache']}, wait p50 {cold['p50']:.2f} s, max {cold['max']:.2f} s.", "",
+        plotted,
+        "The herd (one hot key, a 3 s origin, 5 s windows) is `python -m bench`, run by "
+        "`make bench` right after this one; see `bench/README.md`.", "",
+        "## Memory", "", "```", memory.strip(), "```", "",
+        "## Where a hot hit's time goes", "",
+        "In-process (no gunicorn, no network), `bench/profile_hit.py`: the same fresh "
+        "`/v1` hit answered through Flask's dispatch (the fast path off: every hit before "
+        "issue 9) and through the fast path. Top functions by own time under cProfile.", "",
+    ]
+    for label, (per_hit, table) in profile.items():
+        lines += [f"### {label}: {per_hit * 1e6:.0f} µs per hit", "", "```", table, "```", ""]
+    (docs / "BENCHMARKS.md").write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {docs / 'BENCHMARKS.md'} and {docs / plot}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The fast path: fresh in-process hits answered in front of Flask's dispatch (issue 9).
+
+A hit that the worker's own tier (:class:`~service.tiers.LocalTier`) may answer costs
+neither memcached nor decoding nor most of Flask's per-request machinery: this WSGI layer
+wraps ``app.wsgi_app``, computes the key exactly as the front door would, and when the
+entry is FRESH in the local tier and was confirmed less than ``l1_ttl`` ago it answers
+with the same status, headers, body, 304/HEAD behaviour, metrics and ``X-Cache`` as the
+slow path (``tests/integration/test_fastpath.py`` compares the two response by response).
+The rendered answer (body, status, headers but the per-request ones) is kept with the
+local entry, so a hit encodes nothing either.
+
+Anything it is not sure about falls through to Flask, which then does what it always did:
+
+* a method other than GET/HEAD, a URL Flask would not route to a cached front door, a
+  ``before_request``/``after_request``/``url_value_preprocessor`` hook on the route (it
+  would not run here), a composite source;
+* for ``/v1/NAME``: parameters ``Source.check`` refuses (Flask answers the 400), or a
+  source generation this worker has not read within ``l1_ttl``;
+* for ``@swr.cached`` views: ``unless``, ``forced_update``, ``make_cache_key`` or a
+  callable ``key_prefix`` (they need Flask's request), a class-based view, or a view
+  wrapped in another decorator (the outer one, say a login check, must run);
+* the entry is absent, older than ``l1_ttl`` here, not FRESH, or XFetch draws an early
+  refresh (the slow path then makes its own draw, so a fast-path read can only make an
+  early refresh a little later, never skip the key's refresh), or its answer is not a
+  plain 2xx (no ``Location`` rewriting, no 204/206).
+
+What it skips, knowingly: Flask's ``request_started``/``request_finished`` signals and
+``teardown_request`` hooks (nothing was opened), and moving the entry up the admin
+ledger's LRU (it only serves keys the ledger already knows).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
+from werkzeug.wrappers import Request
+
+from . import keying, metrics
+from .errors import BadRequest
+from .freshness import Action, decide
+from .httpcache import cache_control
+from .state import EXTENSION, AppState
+from .tiers import _Local
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+_ENTITY = frozenset({"allow", "content-encoding", "content-language", "content-length",
+                     "content-md5", "content-range", "content-type", "last-modified"})
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """An answer without its per-request headers; shared by every hit of one entry."""
+
+    status: str                      # "200 OK"
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    # Werkzeug appends a missing Content-Length after every other header, when it
+    # produces the WSGI answer; this is that header (empty when the response had one).
+    trailing: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What ``@swr.cached`` tells the fast path about a view (set by the decorator)."""
+
+    wrapper: Callable[..., Any]      # the decorated view itself, to spot outer decorators
+    options: Any                     # decorators.Options
+    name: str                        # the function's cache name (``source_check``)
+
+
+def rendered(response: Response) -> Rendered | None:
+    """The reusable part of a front door's response, or ``None`` when it is not a plain
+    2xx the fast path can replay byte for byte."""
+    code = response.status_code
+    if not 200 <= code < 300 or code in (204, 206) or response.is_streamed:
+        return None
+    headers = list(response.headers.items())
+    if any(k.lower() in ("location", "content-location") for k, _ in headers):
+        return None
+    body = response.get_data()
+    trailing: tuple[tuple[str, str], ...] = ()
+    if not any(k.lower() == "content-length" for k, _ in headers):
+        trailing = (("Content-Length", str(len(body))),)
+    return Rendered(response.status, tuple(headers), body, trailing)
+
+
+class FastPath:
+    """WSGI middleware over ``app.wsgi_app``; see the module docstring.
+
+    :param enabled: ``False`` sends every request to Flask (tests compare both paths).
+    """
+
+    def __init__(self, app: Flask, wsgi_app: WSGIApp) -> None:
+        self.app = app
+        self.wsgi_app = wsgi_app
+        self.enabled = True
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse
+                 ) -> Iterable[bytes]:
+        if self.enabled and environ.get("REQUEST_METHOD") in ("GET", "HEAD"):
+            answer = self.answer(environ)
+            if answer is not None:
+                status, headers, body = answer
+                start_response(status, headers)
+                return [body]
+        return self.wsgi_app(environ, start_response)
+
+    # -- the decision --------------------------------------------------------------------
+
+    def answer(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        """The whole answer for a fresh local hit, or ``None`` to let Flask answer."""
+        state: AppState | None = self.app.extensions.get(EXTENSION)
+        if state is None:
+            return None
+        request = Request(environ)
+        try:
+            endpoint, args = self.app.create_url_adapter(request).match()  # type: ignore
+        except (HTTPException, RequestRedirect):
+            return None
+        if self._hooked(endpoint):
+            return None
+        view = self.app.view_functions.get(endpoint)
+        if view is None:
+            return None
+        found = self._source(state, view, args, request) or self._view(view, request)
+        if found is None:
+            return None
+        key, source, render = found
+        return self._serve(state, key, source, render, request)
+
+    def _hooked(self, endpoint: str) -> bool:
+        """Whether a hook would run for this endpoint (it must: let Flask answer)."""
+        names: list[str | None] = [None]
+        parts = endpoint.split(".")[:-1]
+        names += [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+        app = self.app
+        return any(app.before_request_funcs.get(n) or app.after_request_funcs.get(n)
+                   or app.url_value_preprocessors.get(n) for n in names)
+
+    def _source(self, state: AppState, view: Any, args: Mapping[str, Any], request: Request
+                ) -> tuple[str, str, Callable[[Any], Response]] | None:
+        from . import views  # views imports the state module: import it when first used
+
+        if view is not views.read_source:
+            return None
+        source = state.extra.get("sources", {}).get(args.get("name"))
+        if source is None or source.kind == "composite":
+            return None
+        try:
+            params = source.check(request.args.to_dict(flat=True))
+        except BadRequest:
+            return None
+        # The generation as views.generation would use it, without its memcached read.
+        cached = state.extra.get("generations", {}).get(source.name)
+        if cached is None or state.monotonic() - cached[1] >= state.tiers.l1_ttl:
+            return None
+        key = keying.source_key(source.name, cached[0], params)
+        return key, source.name, lambda value: views.render(source, value)
+
+    @staticmethod
+    def _view(view: Any, request: Request
+              ) -> tuple[str, str, Callable[[Any], Response]] | None:
+        from .responses import thaw
+
+        spec: ViewSpec | None = getattr(view, "swr_view", None)
+        if spec is None or spec.wrapper is not view:
+            return None
+        opts = spec.options
+        if (opts.unless is not None or opts.forced_update is not None
+                or opts.make_cache_key is not None or not isinstance(opts.key_prefix, str)):
+            return None
+        vary = {h: request.headers[h] for h in opts.vary if h in request.headers}
+        query = request.args.items(multi=True) if opts.query_string else None
+        key = keying.view_key(opts.key_prefix, request.path, query, vary)
+        if opts.source_check:
+            key += "@" + spec.name
+        return key, view.__name__, thaw
+
+    def _serve(self, state: AppState, key: str, source: str,
+               render: Callable[[Any], Response], request: Request
+               ) -> tuple[str, list[tuple[str, str]], bytes] | None:
+        tiers = state.tiers
+        item: _Local | None = tiers.local.get(key)
+        if item is None or state.monotonic() - item.checked_at >= tiers.l1_ttl:
+            return None
+        if state.ledger.get(key) is None:
+            return None  # the admin's ledger learns of keys through the slow path
+        entry = item.entry
+        now = state.clock()
+        decision = decide(entry.timing, now, state.region.xfetch_beta)
+        if decision.action is not Action.SERVE:
+            return None
+        if item.rendered is None:
+            try:
+                made = rendered(render(item.materialize().value))
+            except ValueError:
+                made = None
+            # False: this entry's answer cannot be replayed; do not try again.
+            tiers.local.attach(key, item, made or False, len(made.body) + 200 if made else 0)
+        answer = item.rendered
+        if not isinstance(answer, Rendered):
+            return None
+        metrics.tier_hits_total.labels("l1").inc()
+        metrics.requests_total.labels(source, "hit").inc()
+        headers = [*answer.headers, ("X-Cache", "HIT"),
+                   ("Age", str(math.floor(entry.timing.age(now)))),
+                   ("Cache-Control", cache_control(entry)), ("ETag", entry.etag),
+                   *answer.trailing]
+        if request.if_none_match.contains_weak(entry.etag.strip('"')):
+            # httpcache.apply's 304, as Werkzeug sends it: no body, no entity headers.
+            return ("304 NOT MODIFIED",
+                    [(k, v) for k, v in headers if k.lower() not in _ENTITY], b"")
+        body = b"" if request.method == "HEAD" else answer.body
+        return answer.status, headers, body
+
+
+def init_app(app: Flask) -> None:
+    """Put the fast path in front of ``app``'s dispatch (once)."""
+    if not isinstance(app.wsgi_app, FastPath):
+        app.wsgi_app = FastPath(app, app.wsgi_app)  # type: ignore[method-assign]

@@ -1,0 +1,172 @@
+"""The fast path answers exactly like Flask (issue 9, item 1).
+
+Every request is sent twice at the same (fake) instant: once with the fast path on, once
+with it off (Flask's own dispatch through the region and ``httpcache.apply``). Status,
+headers in order, body and the metrics each one moved must be identical; a counter on
+Flask's side says which requests the fast path answered itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+from flask import Flask, Response, jsonify, request
+from prometheus_client import REGISTRY
+
+from service import keying
+from service.app import swr
+from service.fastpath import FastPath
+from service.state import state_of
+from tests.conftest import FakeClock, settings_for
+
+pytestmark = pytest.mark.memcached
+
+
+@pytest.fixture
+def app(memcached: Any, make_app: Callable[..., Flask], clock: FakeClock) -> Flask:
+    settings = settings_for([memcached.address], refresh={"xfetch_beta": 1.0}, sources={
+        "echo": {"kind": "python", "target": "tests.sources_fixtures:echo",
+                 "max_age": 60, "stale_while_revalidate": 600, "stale_if_error": 3600},
+        "double": {"kind": "python", "target": "tests.sources_fixtures:double",
+                   "max_age": 30},
+    })
+    app = make_app(settings, clock=clock)
+
+    @app.get("/report")
+    @swr.cached(max_age=60, stale_while_revalidate=600, vary=["Accept-Language"])
+    def report() -> Response:
+        resp = jsonify(region=request.args.get("region", "eu"),
+                       lang=request.headers.get("Accept-Language", ""))
+        resp.headers["X-Origin"] = "report"
+        resp.headers.add("Link", "</a>; rel=preload")
+        resp.headers.add("Link", "</b>; rel=preload")
+        return resp
+
+    @app.get("/text")
+    @swr.cached(max_age=10, query_string=False)
+    def text() -> str:
+        return "plain text \u00e9"
+
+    @app.get("/unless")
+    @swr.cached(max_age=60, unless=lambda: False)
+    def unless() -> str:
+        return "not on the fast path"
+
+    return app
+
+
+class Counting:
+    """Counts the requests that reached Flask."""
+
+    def __init__(self, inner: Callable[..., Iterable[bytes]]) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        self.calls += 1
+        return self.inner(environ, start_response)
+
+
+def _metrics() -> dict[str, float]:
+    out = {}
+    for family in REGISTRY.collect():
+        if family.name in ("cache_requests", "cache_tier_hits"):
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    out[s.name + repr(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+
+
+def send(app: Flask, fast: bool, method: str, url: str, headers: dict[str, str]
+         ) -> tuple[Any, dict[str, float]]:
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    fp.enabled = fast
+    before = _metrics()
+    resp = app.test_client().open(url, method=method, headers=headers)
+    answer = (resp.status, list(resp.headers.items()), resp.get_data())
+    return answer, _delta(before, _metrics())
+
+
+REQUESTS: list[tuple[str, str, dict[str, str], bool]] = [
+    # method, url, headers, answered by the fast path once warm
+    ("GET", "/v1/echo?a=1&b=x%26y", {}, True),
+    ("GET", "/v1/echo?b=x%26y&a=1", {}, True),               # same key, other order
+    ("HEAD", "/v1/echo?a=1&b=x%26y", {}, True),
+    ("GET", "/v1/double?x=4", {}, True),
+    ("GET", "/v1/double?x=4&y=1", {}, False),                 # 400: unknown parameter
+    ("GET", "/v1/double", {}, False),                         # 400: missing parameter
+    ("GET", "/v1/nope", {}, False),                           # 404
+    ("GET", "/v1/", {}, False),                               # not a cached front door
+    ("POST", "/v1/echo?a=1", {}, False),                      # 405
+    ("GET", "/report?region=us", {}, True),
+    ("GET", "/report?region=us", {"Accept-Language": "fr"}, True),
+    ("HEAD", "/report?region=us", {"Accept-Language": "fr"}, True),
+    ("GET", "/text?ignored=1", {}, True),
+    ("GET", "/text/", {}, False),                             # 404 (or redirect)
+    ("GET", "/unless", {}, False),
+]
+
+
+def test_each_answer_is_the_same_through_the_fast_path_and_through_flask(
+        app: Flask, clock: FakeClock) -> None:
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    flask_side = fp.wsgi_app = Counting(fp.wsgi_app)
+    for method, url, headers, _ in REQUESTS:             # fill every entry (MISS)
+        send(app, False, "GET" if method == "HEAD" else method, url, headers)
+    clock.advance(1.0)                                   # Age 1, inside l1_ttl
+    for method, url, headers, fast in REQUESTS:
+        etag = dict(send(app, False, "GET", url, headers)[0][1]).get("ETag")
+        variants = [headers]
+        if etag:
+            variants += [{**headers, "If-None-Match": etag},
+                         {**headers, "If-None-Match": f'"other", W/{etag}'},
+                         {**headers, "If-None-Match": '"other"'}]
+        for h in variants:
+            slow, slow_metrics = send(app, False, method, url, h)
+            calls = flask_side.calls
+            quick, quick_metrics = send(app, True, method, url, h)
+            assert quick == slow, f"{method} {url} {h}"
+            assert quick_metrics == slow_metrics, f"{method} {url} {h}"
+            answered_fast = flask_side.calls == calls
+            assert answered_fast is fast, f"{method} {url} {h}"
+            if fast:
+                assert dict(quick[1])["X-Cache"] == "HIT"
+                assert quick_metrics, "the fast path counted nothing"
+
+
+def test_stale_entries_and_entries_past_l1_ttl_fall_through(app: Flask,
+                                                             clock: FakeClock) -> None:
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    flask_side = fp.wsgi_app = Counting(fp.wsgi_app)
+    client = app.test_client()
+    assert client.get("/report").headers["X-Cache"] == "MISS"
+    calls = flask_side.calls
+    assert client.get("/report").headers["X-Cache"] == "HIT"
+    assert flask_side.calls == calls                    # answered in front of Flask
+    clock.advance(state_of(app).tiers.l1_ttl)           # memcached must be asked again
+    assert client.get("/report").headers["X-Cache"] == "HIT"
+    assert flask_side.calls == calls + 1
+    clock.advance(60)                                   # stale now: Flask schedules it
+    assert client.get("/report").headers["X-Cache"] == "STALE"
+    assert flask_side.calls == calls + 2
+    assert state_of(app).refresher.wait(keying.view_key("view/%s", "/report", []),
+                                        timeout=10)
+
+
+def test_the_rendered_answer_is_kept_with_the_local_entry_and_counted(app: Flask) -> None:
+    client = app.test_client()
+    client.get("/v1/double?x=21")
+    client.get("/v1/double?x=21")
+    local = state_of(app).tiers.local
+    items = [i for i in local._items.values() if i.rendered]
+    assert len(items) == 1 and items[0].rendered.body == b"42"
+    assert local.bytes == sum(i.size for i in local._items.values())

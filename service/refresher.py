@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ from .freshness import backoff
 
 log = logging.getLogger(__name__)
 BACKOFF_BASE = 1.0
+MAX_FAILING_KEYS = 10_000
 
 
 @dataclass
@@ -63,7 +65,10 @@ class Refresher:
         self._pool: gevent.pool.Pool | None = None
         self._pid: int | None = None
         self._running: dict[str, gevent.Greenlet] = {}
-        self._failures: dict[str, tuple[int, float]] = {}
+        # Keys whose refreshes keep failing, oldest first; bounded, so a stream of
+        # distinct failing keys cannot grow it without limit (the oldest is forgotten:
+        # at worst that key is retried without its back-off).
+        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._periodic: dict[str, Periodic] = {}
         self._stopping = False
 
@@ -149,6 +154,9 @@ class Refresher:
             failures = self._failures.get(key, (0, 0.0))[0] + 1
             delay = backoff(failures, BACKOFF_BASE, self.backoff_max)
             self._failures[key] = (failures, self.monotonic() + delay)
+            self._failures.move_to_end(key)
+            while len(self._failures) > MAX_FAILING_KEYS:
+                self._failures.popitem(last=False)
             log.warning("refresh of %s failed %s time(s), next try in %.1fs: %s",
                         source, failures, delay, exc)
         else:

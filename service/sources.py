@@ -120,22 +120,33 @@ class Fetchers:
 
     def fetch_http(self, source: Source, params: Mapping[str, str]) -> dict[str, Any]:
         url = fill_url(source.settings.url or "", params)
+        limit = source.settings.max_body_bytes
+        # Details name the source and what went wrong, never the origin's address or the
+        # request's parameters: they reach clients (502 bodies) and logs.
         try:
-            response = self.http().request("GET", url, preload_content=True)
+            response = self.http().request("GET", url, preload_content=False)
+            try:
+                if response.status >= 500:
+                    raise OriginError(f"{source.name}: the origin answered {response.status}",
+                                      origin_status=response.status)
+                body = _read_bounded(response, limit)
+            finally:
+                response.release_conn()
         except urllib3.exceptions.NewConnectionError as exc:
             # Refused, unreachable or unresolvable. urllib3 makes this a subclass of its
             # connect *timeout* error, so it must be caught first: it is a 502, not a 504.
-            raise OriginError(f"{source.name}: cannot connect: {exc}") from exc
+            raise OriginError(f"{source.name}: cannot connect to the origin") from exc
         except (urllib3.exceptions.TimeoutError, TimeoutError) as exc:
-            raise OriginTimeout(f"{source.name}: {type(exc).__name__}") from exc
+            raise OriginTimeout(f"{source.name}: the origin timed out "
+                                f"({type(exc).__name__})") from exc
         except urllib3.exceptions.HTTPError as exc:
-            raise OriginError(f"{source.name}: {type(exc).__name__}: {exc}") from exc
-        if response.status >= 500:
-            raise OriginError(f"{source.name}: the origin answered {response.status}",
-                              origin_status=response.status)
+            raise OriginError(f"{source.name}: {type(exc).__name__} from the origin") from exc
+        if body is None:
+            raise OriginError(f"{source.name}: the origin's answer is larger than "
+                              f"max_body_bytes ({limit})")
         return {"status": response.status,
                 "content_type": response.headers.get("Content-Type", "application/octet-stream"),
-                "body": bytes(response.data)}
+                "body": body}
 
     def fetch_python(self, source: Source, params: Mapping[str, str]) -> Any:
         target = source.settings.target or ""
@@ -160,6 +171,19 @@ class Fetchers:
         self.processes.close()
         if self._http is not None:
             self._http.clear()
+
+
+def _read_bounded(response: Any, limit: int) -> bytes | None:
+    """The body, read in pieces; ``None`` as soon as it passes ``limit`` bytes (a huge
+    answer is refused early instead of being held whole in the worker's memory)."""
+    pieces: list[bytes] = []
+    size = 0
+    for piece in response.stream(64 * 1024):
+        size += len(piece)
+        if size > limit:
+            return None
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def placeholders(template: str) -> tuple[str, ...]:

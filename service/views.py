@@ -129,7 +129,23 @@ def read(state: AppState, source: Source, params: dict[str, str]) -> Result:
     """Read a source's value through the cache (composites: each part, concurrently)."""
     if source.kind == "composite":
         return _read_composite(state, source, params)
-    return state.region.get_or_load(job_for(state, source, params))
+    job = job_for(state, source, params)
+    result = state.region.get_or_load(job)
+    if source.kind == "http" and not _http_value(result.value):
+        # A well-formed envelope whose fields are not an http answer (written by hand,
+        # by another program, by an attacker): unusable, so treated as absent and
+        # replaced by a fetch, never rendered (a 500) and never served again.
+        state.region.invalidate(job.key)
+        result = state.region.get_or_load(job)
+    return result
+
+
+def _http_value(value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    status, ctype, body = value.get("status"), value.get("content_type"), value.get("body")
+    return (type(status) is int and 100 <= status < 600 and isinstance(body, bytes)
+            and isinstance(ctype, str) and not any(c in ctype for c in "\r\n\x00"))
 
 
 def _read_composite(state: AppState, source: Source, params: dict[str, str]) -> Result:

@@ -27,6 +27,8 @@ leases), and the niced child processes go. Nothing here runs in the master.
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
@@ -73,10 +75,30 @@ def stopping(app: Flask, timeout: float = 10.0) -> None:
 
 
 def post_worker_init(worker: Any) -> None:
-    """gunicorn hook: start the refresher in this worker, after fork and gevent's patch."""
+    """gunicorn hook: start the refresher in this worker, after fork and gevent's patch;
+    and make ``/readyz`` answer 503 from the moment the worker is told to stop."""
     app = find_app(getattr(worker, "wsgi", None))
     if app is not None:
         started(app)
+        state: AppState | None = app.extensions.get(EXTENSION)
+        if state is not None:
+            for sig in (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT):
+                signal.signal(sig, readiness_off(state, signal.getsignal(sig)))
+            # gunicorn does this for its own handler; installing ours resets it.
+            signal.siginterrupt(signal.SIGTERM, False)
+
+
+def readiness_off(state: AppState, previous: Any) -> Callable[[int, Any], None]:
+    """A signal handler that marks the worker as shutting down, then runs ``previous``
+    (gunicorn's own: stop accepting, finish in-flight requests). Requests still in flight
+    on keep-alive connections, and load balancers polling, see 503 from ``/readyz``."""
+
+    def handler(signum: int, frame: Any) -> None:
+        state.shutting_down = True
+        if callable(previous):
+            previous(signum, frame)
+
+    return handler
 
 
 def worker_exit(server: Any, worker: Any) -> None:

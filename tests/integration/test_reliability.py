@@ -163,3 +163,85 @@ def test_a_flushed_memcached_and_a_failing_origin_still_serve_the_local_copy(
         clock.advance(5)                              # past l1_ttl: memcached is asked
         answers = [state.region.get_or_load(job) for _ in range(20)]
     assert {(a.status, a.value) for a in answers} == {("STALE", "good copy")}
+
+
+def test_an_answer_over_max_body_bytes_is_a_clear_502(
+        memcached: Any, make_app: Any, origin_server: Any) -> None:
+    app: Flask = make_app(settings_for([memcached.address], sources={
+        "big": {"kind": "http", "url": origin_server.url + "/big?size={size}",
+                "max_age": 60, "max_body_bytes": 1000}}))
+    client = app.test_client()
+    assert client.get("/v1/big?size=1000").status_code == 200
+    over = client.get("/v1/big?size=5000000")
+    assert over.status_code == 502
+    assert "max_body_bytes" in over.get_json()["detail"]
+
+
+def test_error_details_name_neither_the_origin_nor_the_parameters(
+        memcached: Any, make_app: Any) -> None:
+    from tests.servers import free_port
+
+    port = free_port()
+    app: Flask = make_app(settings_for([memcached.address], sources={
+        "gone": {"kind": "http", "url": f"http://127.0.0.1:{port}/x?secret={{secret}}",
+                 "max_age": 60}}))
+    answer = app.test_client().get("/v1/gone?secret=hunter2")
+    assert answer.status_code == 502
+    detail = answer.get_json()["detail"]
+    assert str(port) not in detail and "127.0.0.1" not in detail and "hunter2" not in detail
+
+
+@pytest.mark.parametrize("value", [
+    {"status": "200", "content_type": "text/plain", "body": b"x"},       # a string status
+    {"status": 200, "content_type": "text/plain\r\nSet-Cookie: a=b", "body": b"x"},
+    {"status": 200, "content_type": "text/plain", "body": "not bytes"},
+    ["not", "a", "dict"],
+])
+def test_a_hostile_envelope_is_replaced_not_rendered(
+        memcached: Any, make_app: Any, origin_server: Any, value: Any) -> None:
+    app: Flask = make_app(settings_for([memcached.address], cache={"l1_max_entries": 0},
+                                       sources={"items": {
+                                           "kind": "http", "max_age": 60,
+                                           "url": origin_server.url + "/items?id={id}"}}))
+    client = app.test_client()
+    first = client.get("/v1/items?id=1")
+    state = state_of(app)
+    key = next(k for k, _ in state.ledger.items())
+    raw, _ = state.store.gets(key)
+    raw["value"] = value                               # well-formed envelope, hostile field
+    state.store.set(key, raw, 60)
+    again = client.get("/v1/items?id=1")
+    assert again.status_code == 200 and again.data != first.data   # fetched anew
+    assert origin_server.count("/items") == 2
+    assert client.get("/v1/items?id=1").headers["X-Cache"] == "HIT"   # healed
+
+
+def test_the_table_of_failing_keys_is_bounded(make_app: Any, memcached: Any) -> None:
+    from service import refresher as refresher_module
+
+    app: Flask = make_app(settings_for([memcached.address]))
+    state = state_of(app)
+    limit = refresher_module.MAX_FAILING_KEYS
+    refresher_module.MAX_FAILING_KEYS = 50
+    try:
+        def fail() -> None:
+            raise RuntimeError("down")
+        for i in range(200):
+            state.refresher.schedule(f"k{i}", fail)
+            assert state.refresher.join(timeout=5)
+        assert len(state.refresher._failures) == 50
+    finally:
+        refresher_module.MAX_FAILING_KEYS = limit
+
+
+def test_readyz_answers_503_once_the_worker_is_told_to_stop(
+        make_app: Any, memcached: Any) -> None:
+    from service.worker import readiness_off
+
+    app: Flask = make_app(settings_for([memcached.address]))
+    client = app.test_client()
+    assert client.get("/readyz").status_code == 200
+    seen: list[int] = []
+    handler = readiness_off(state_of(app), lambda signum, frame: seen.append(signum))
+    handler(15, None)                                  # what SIGTERM runs in a worker
+    assert client.get("/readyz").status_code == 503 and seen == [15]

@@ -25,7 +25,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 
 # ---- system packages: installed with apt-get when we are root, else explained ----------
 define need_pkg
-	@if ! command -v $(1) >/dev/null 2>&1; then \
+	@if ! PATH="$$PATH:/usr/sbin:/sbin" command -v $(1) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo ">>> installing $(2) with apt-get"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
@@ -36,9 +36,12 @@ define need_pkg
 endef
 
 # chromium: the admin page's tests drive Debian's headless chromium (tests/browser.py).
+# nutcracker is Debian's twemproxy: the tests run the fleet through it too (deploy/twemproxy.yml).
+# Debian installs it in /usr/sbin, which a non-root PATH may lack: need_pkg looks there too.
 sysdeps-test:
 	$(call need_pkg,memcached,memcached)
 	$(call need_pkg,chromium,chromium)
+	$(call need_pkg,nutcracker,nutcracker)
 
 sysdeps-bench:
 	$(call need_pkg,memcached,memcached)

@@ -35,6 +35,19 @@ class CircuitBreaker:
         self.probe_since = now
         return True
 
+    def routable(self, now: float) -> bool:
+        """Whether :meth:`allow` would let a call through at ``now`` (without taking the
+        half-open probe): the pool routes keys around a server for which it would not."""
+        if not self.is_open or now < self.open_until:
+            return not self.is_open
+        return self.probe_since is None or now >= self.probe_since + self.reset
+
+    def trip(self, now: float) -> None:
+        """Open at once: the server certainly is not there (its port refuses connections)."""
+        self.consecutive = max(self.consecutive, self.failures)
+        self.probe_since = None
+        self.open_until = now + self.reset
+
     def record_success(self) -> None:
         self.consecutive = 0
         self.probe_since = None

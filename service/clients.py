@@ -8,8 +8,9 @@ of its own (one socket per server, opened on first use) and gives it back when d
 Why not pymemcache's ``PooledClient``/``HashClient``: a full ``PooledClient`` raises
 instead of waiting, and ``HashClient`` drops a dead server and rehashes its keys (lease
 keys included) onto the others. Here a full pool makes the caller wait, bounded by
-``pool_timeout``; a dead server keeps its keys (they read as misses and the in-process
-tier answers) and a per-server circuit breaker stops us waiting on it for every call.
+``pool_timeout``; a per-server circuit breaker stops us waiting on a dead server for every
+call, and only while its circuit is open are its keys (lease keys with them) sent to their
+next rendezvous choice, the same one in every process (see :meth:`ClientPool.server_for`).
 
 Two ways to hold a connection:
 
@@ -124,6 +125,12 @@ class Connection:
             if kind != "server":
                 was_open = breaker.is_open
                 breaker.record_failure(self._pool.monotonic())
+                if kind == "connection" and self._pool.refuses(server):
+                    # Nothing listens there: the server is gone, not slow. Open its circuit
+                    # now, so this process moves its keys (and their leases) to the next
+                    # server at once instead of after `circuit_failures` more errors, each
+                    # of which could start a fetch without a lease.
+                    breaker.trip(self._pool.monotonic())
                 if breaker.is_open and not was_open:
                     # Said once per outage, in words a newcomer can act on.
                     log.warning(
@@ -222,9 +229,45 @@ class ClientPool:
         self._start()
 
     def server_for(self, key: bytes) -> str:
+        """The server of ``key``: its rendezvous winner, or while that one's circuit is
+        open, the next server in the key's rendezvous order whose circuit is not.
+
+        So a dead server's keys, lease keys included, move together to one live server,
+        the same one in every process that has seen it fail, and the fleet-wide lease keeps
+        working for them; the keys of the other servers do not move. They come back (to an
+        empty server, after a restart) when its circuit closes again. While a process
+        has not yet seen the failure it still asks the dead server, gets an error, and
+        (with nothing to coordinate on) fetches without a lease.
+        """
         if len(self.servers) == 1:
             return self.servers[0]
-        return str(self._hash.get_node(key.decode("ascii")))
+        name = key.decode("ascii")
+        score = self._hash.hash_function
+        # Highest score first, ties to the larger name: RendezvousHash.get_node's order.
+        ranked = sorted(self.servers, key=lambda s: (score(f"{s}-{name}"), s), reverse=True)
+        now = self.monotonic()
+        for server in ranked:
+            breaker = self.breakers[server]
+            if not breaker.routable(now):
+                continue
+            if breaker.is_open and self.refuses(server):
+                # Half-open, and still nothing listens: a connect says so without sending
+                # a real command (a lease or an entry) there to fail.
+                breaker.trip(now)
+                continue
+            return server
+        return ranked[0]
+
+    def refuses(self, server: str) -> bool:
+        """Whether ``server``'s port refuses a new connection (after a call failed)."""
+        try:
+            socket.create_connection(self._addresses[server],
+                                     timeout=self.settings.connect_timeout).close()
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False  # slow, unreachable, ...: not a certain death; count it as usual
+        return False
 
     def new_client(self, server: str) -> Client:
         s = self.settings

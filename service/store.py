@@ -25,12 +25,16 @@ import os
 import random
 import re
 import time
+import weakref
 from collections.abc import Iterable, Mapping
+from functools import partial
 from operator import methodcaller
 from typing import Any, Final
 
 import gevent
 import orjson
+from pymemcache.client.base import Client
+from pymemcache.exceptions import MemcacheClientError, MemcacheUnexpectedCloseError
 
 from . import codec, metrics
 from .clients import ClientPool, Connection, borrow
@@ -59,6 +63,26 @@ _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _COUNTER_MAX = 2**64 - 1
 # Rounds of read-compute-CAS (with growing pauses) before increment() gives up.
 _CAS_ATTEMPTS = 64
+# An absolute expiry (anything over 30 days is a Unix time) in 1970: memcached stores an
+# item written with it already expired, so a CAS write with it is a compare-and-delete.
+_LONG_AGO = _THIRTY_DAYS + 1
+_REFUSED: Final = object()
+# The servers of each pool that refused a meta command (see Store.delete_if).
+_no_meta: weakref.WeakKeyDictionary[ClientPool, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _meta_delete(mkey: bytes, token: bytes, client: Client) -> Any:
+    """``md <key> C<cas>``; :data:`_REFUSED` when the server does not take the command.
+
+    Caught here, inside the call, so that a proxy refusing one command is not counted as a
+    failure of the server (which would open its circuit for every command).
+    """
+    try:
+        return client.raw_command(b"md " + mkey + b" C" + token)
+    except (MemcacheClientError, MemcacheUnexpectedCloseError, ConnectionResetError,
+            BrokenPipeError):
+        client.close()  # whatever is left on the socket must not be read as an answer
+        return _REFUSED
 
 
 def expire_time(ttl: float | None) -> int:
@@ -234,24 +258,42 @@ class Store:
 
     def delete_if(self, key: str, expected: Any) -> bool:
         """Delete ``key`` only while it still holds ``expected``: read, compare, then
-        memcached's compare-and-delete (meta ``md <key> C<cas>``, memcached >= 1.6).
+        delete only if nobody wrote in between (compare-and-delete on the CAS token).
 
-        If anybody replaced the value after our ``gets`` the delete does nothing. (A
-        CAS-written short-lived tombstone is not a substitute: memcached expires items on
-        whole-second ticks, so a "1 s" tombstone can vanish at once and let a plain
-        delete remove somebody else's value.)
+        The compare-and-delete is memcached's meta ``md <key> C<cas>`` (memcached >= 1.6).
+        A server that refuses it (twemproxy closes the connection on any meta command;
+        memcached < 1.6 answers ``ERROR``) is remembered per pool, after checking with
+        ``version`` that it is alive (a dead server is an outage, not a missing command,
+        and feeds the circuit breaker as usual), and from then on gets the classic
+        equivalent: ``cas`` with the same token writing an empty value whose expiry is an
+        absolute time long past, which memcached stores already expired. That is as
+        atomic as ``md`` and leaves nothing behind. (A CAS-written *short-lived* tombstone
+        followed by a plain delete would not be: memcached expires items on whole-second
+        ticks, so a "1 s" tombstone can vanish at once and the plain delete then removes
+        somebody else's value.)
 
-        :raises CacheUnavailable: memcached could not be asked, or does not know meta
-            commands (older than 1.6).
+        :raises CacheUnavailable: memcached could not be asked.
         """
         value, token = self.gets(key)
         if value is MISS or value != expected or token is None:
             return False
         mkey = self.key(key)
+        refusing = _no_meta.setdefault(self.pool, set())
         with borrow(self.pool) as conn:
-            answer = conn.call(conn.server_for(mkey), "md",
-                               methodcaller("raw_command", b"md " + mkey + b" C" + token))
-        return bool(answer == b"HD")  # EX: changed since our gets; NF: already gone
+            server = conn.server_for(mkey)
+            if server not in refusing:
+                answer = conn.call(server, "md", partial(_meta_delete, mkey, token))
+                if answer is not _REFUSED:
+                    return bool(answer == b"HD")  # EX: changed since our gets; NF: gone
+                # Refused, or the connection closed: a proxy that does not speak meta
+                # commands, or a server that just died. Only a live server is remembered.
+                conn.call(server, "version", methodcaller("version"))
+                refusing.add(server)
+                log.warning("memcached %s does not accept meta commands (a proxy such as "
+                            "twemproxy, or memcached < 1.6): compare-and-delete uses cas "
+                            "with an expiry in the past there", server)
+            stored = conn.call(server, "cas", lambda c: c.cas(mkey, b"", token, _LONG_AGO))
+        return bool(stored)  # False: changed since our gets; None: already gone
 
     # -- counters ------------------------------------------------------------------------
 

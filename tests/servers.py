@@ -685,6 +685,169 @@ def memcached(
 
 
 # --------------------------------------------------------------------------------------------
+# twemproxy (Debian's nutcracker) in front of memcached servers
+# --------------------------------------------------------------------------------------------
+
+TWEMPROXY_START_TIMEOUT = 10.0
+TWEMPROXY_CONFIG = REPO_ROOT / "deploy" / "twemproxy.yml"
+
+
+def nutcracker_binary() -> str | None:
+    """Path of twemproxy's ``nutcracker`` (Debian puts it in /usr/sbin), or None."""
+    found = shutil.which("nutcracker") or shutil.which("nutcracker", path="/usr/sbin:/sbin")
+    return found
+
+
+def require_nutcracker() -> str:
+    """The nutcracker binary; fails the test on CI when it is missing, skips it elsewhere."""
+    binary = nutcracker_binary()
+    if binary is not None:
+        return binary
+    if os.environ.get("CI") == "true":
+        pytest.fail("nutcracker is not installed, and CI must have it: run `make test`")
+    pytest.skip("nutcracker (twemproxy) not found; install it with `apt-get install nutcracker` "
+                "(make test does this when run as root)")
+
+
+def twemproxy_config(template: str, listen: str, servers: Sequence[str]) -> str:
+    """``deploy/twemproxy.yml`` with its ``listen`` address and its servers' addresses
+    replaced, every other line (hashing, ejection, timeouts) kept as shipped."""
+    lines: list[str] = []
+    replaced = 0
+    for line in template.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("listen:"):
+            line = line[: line.index("listen:")] + f"listen: {listen}"
+        elif stripped.startswith("- ") and ":11211:" in stripped:
+            if replaced >= len(servers):
+                raise ValueError("more servers in deploy/twemproxy.yml than given")
+            indent = line[: line.index("-")]
+            _, weight_name = stripped[2:].split(":11211:", 1)
+            line = f"{indent}- {servers[replaced]}:{weight_name}"
+            replaced += 1
+        lines.append(line)
+    if replaced != len(servers):
+        raise ValueError(f"deploy/twemproxy.yml lists {replaced} servers, not {len(servers)}")
+    return "\n".join(lines) + "\n"
+
+
+class TwemproxyProcess:
+    """``nutcracker`` with the shipped configuration, listening on a free loopback port in
+    front of the given memcached servers (their ``host:port``, in the order of the file)."""
+
+    def __init__(self, binary: str, log_dir: Path, servers: Sequence[str]) -> None:
+        self.binary = binary
+        self.log_dir = log_dir
+        self.servers = list(servers)
+        self.host = LOOPBACK
+        self.port = free_port()
+        self.stats_port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"twemproxy-{self.port}.log"
+
+    @property
+    def config_path(self) -> Path:
+        return self.log_dir / f"twemproxy-{self.port}.yml"
+
+    def __repr__(self) -> str:
+        pid = None if self.proc is None else self.proc.pid
+        return f"<TwemproxyProcess {self.address} pid={pid}>"
+
+    def command(self) -> list[str]:
+        return [self.binary, "-c", str(self.config_path), "-s", str(self.stats_port),
+                "-a", self.host, "-o", str(self.log_path), "-v", "5"]
+
+    def is_running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, attempts: int = 3) -> TwemproxyProcess:
+        """Write the configuration, spawn nutcracker, wait until it answers ``version``
+        (which it forwards to a server: the proxy listens and reaches the fleet)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self._start_once()
+                return self
+            except _ExitedEarly as exc:
+                if attempt == attempts:
+                    raise RuntimeError(str(exc)) from None
+                self.port, self.stats_port = free_port(), free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(twemproxy_config(
+            TWEMPROXY_CONFIG.read_text(encoding="utf-8"), self.address, self.servers))
+        # nutcracker logs to -o itself; its stdout/stderr (start-up errors) go beside it.
+        self.proc = _spawn(self.command(), self.log_dir / f"twemproxy-{self.port}.out")
+        deadline = time.monotonic() + TWEMPROXY_START_TIMEOUT
+        for delay in _poll_intervals():
+            if self.proc.poll() is not None:
+                out = self.log_dir / f"twemproxy-{self.port}.out"
+                raise _ExitedEarly(
+                    f"nutcracker on {self.address} exited with code {self.proc.returncode}; "
+                    f"output:\n{log_tail(out)}\nlog tail:\n{log_tail(self.log_path)}")
+            if self.answers_version():
+                return
+            if time.monotonic() > deadline:
+                _reap(self.proc, signal.SIGKILL, STOP_TIMEOUT)
+                raise RuntimeError(
+                    f"nutcracker on {self.address} did not answer within "
+                    f"{TWEMPROXY_START_TIMEOUT:.0f}s; log tail:\n{log_tail(self.log_path)}")
+            time.sleep(delay)
+
+    def answers_version(self) -> bool:
+        try:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+                sock.sendall(b"version\r\n")
+                return _LineReader(sock).line().startswith(b"VERSION")
+        except OSError:
+            return False
+
+    def command_line(self, line: bytes, timeout: float = 5.0) -> bytes:
+        """Send one command line through the proxy; the first reply line, or b"" when the
+        proxy closed the connection instead of answering (what it does with a command it
+        does not know)."""
+        with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+            sock.sendall(line + b"\r\n")
+            try:
+                return _LineReader(sock).line()
+            except ConnectionError:
+                return b""
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait (SIGKILL after 5 s). Idempotent; None if never started."""
+        if self.proc is None:
+            return None
+        return _reap(self.proc, signal.SIGTERM, STOP_TIMEOUT)
+
+
+class TwemproxyFactory(Protocol):
+    def __call__(self, servers: Sequence[str]) -> TwemproxyProcess: ...
+
+
+@pytest.fixture
+def twemproxy_factory(tmp_path: Path) -> Iterator[TwemproxyFactory]:
+    """Start twemproxies: ``twemproxy_factory([m1.address, m2.address, m3.address])``, with
+    ``deploy/twemproxy.yml`` (as many servers as it lists). Stopped at teardown."""
+    binary = require_nutcracker()
+    with contextlib.ExitStack() as stack:
+
+        def start(servers: Sequence[str]) -> TwemproxyProcess:
+            proxy = TwemproxyProcess(binary, tmp_path, servers)
+            stack.callback(proxy.stop)
+            return proxy.start()
+
+        yield start
+
+
+# --------------------------------------------------------------------------------------------
 # HTTP origin (tests/origin.py in its own process)
 # --------------------------------------------------------------------------------------------
 
@@ -1069,6 +1232,8 @@ __all__ = [
     "PRIVATE_MEMCACHED",
     "SharedMemcached",
     "SharedMemcachedMisuse",
+    "TwemproxyFactory",
+    "TwemproxyProcess",
     "child_pids",
     "current_key_prefix",
     "free_port",
@@ -1081,10 +1246,12 @@ __all__ = [
     "memcached",
     "memcached_binary",
     "memcached_factory",
+    "nutcracker_binary",
     "origin_server",
     "origin_supply",
     "process_state",
     "pytest_configure",
     "require_memcached",
     "session_memcached",
+    "twemproxy_factory",
 ]

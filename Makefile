@@ -81,6 +81,7 @@ bench: $(VENV)/.installed-dev sysdeps-bench
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 	$(BIN)/python -m bench --workers 2
 	$(BIN)/python -m bench.dropin
+	$(BIN)/python -m bench.recovery
 
 # Stops what `make run` started first: deleting its pid files would orphan the processes.
 clean: stop

@@ -16,7 +16,7 @@ kind   payload
 ``j``  JSON that decodes to the value as it is: only exact ``dict`` (text keys),
        ``list``, ``str``, ``int`` (64-bit), finite ``float``, ``bool`` and ``None``
 ``t``  JSON with tags, below, for everything else
-``c``  a chunk manifest (see :mod:`service.store`): the value is split over items
+``c``  a chunk manifest (see :mod:`service.chunks`): the value is split over items
 =====  =====================================================================
 
 A tag is a one-key object whose key is NUL and a letter; a real dict that looks like one
@@ -152,7 +152,7 @@ def decode(data: bytes) -> Any:
     """Decode what :func:`encode` wrote.
 
     :raises CodecError: garbage, another program's bytes (a pickle, say), an unknown
-        version, kind, tag or class, or a chunk manifest (which :mod:`service.store`
+        version, kind, tag or class, or a chunk manifest (which :mod:`service.chunks`
         resolves first). Never anything else, whatever the bytes.
     """
     kind = kind_of(data)

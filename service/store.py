@@ -3,9 +3,9 @@
 This is the thin adapter every higher layer uses (the Flask-Caching backend, the
 two-tier cache, leases, counters), each with a :class:`Store` of its own namespace. It
 maps keys with :mod:`service.keys`, encodes values with :mod:`service.codec`, splits values
-larger than memcached's item size over several items, and borrows a pooled connection
-(:func:`service.clients.borrow`) for each operation only: a store needs no app context and
-holds no connection between calls.
+larger than memcached's item size over several items (:mod:`service.chunks`), and
+borrows a pooled connection (:func:`service.clients.borrow`) for each operation only: a
+store needs no app context and holds no connection between calls.
 
 Non-negative integers below 2**64 are stored as bare ASCII digits, which is what
 memcached's ``incr``/``decr`` work on, so a counter and a value written by ``set`` are the
@@ -18,13 +18,9 @@ logged and counted, and never raises.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
-import os
 import random
 import re
-import time
 import weakref
 from collections.abc import Iterable, Mapping
 from functools import partial
@@ -32,13 +28,15 @@ from operator import methodcaller
 from typing import Any, Final
 
 import gevent
-import orjson
 from pymemcache.client.base import Client
 from pymemcache.exceptions import MemcacheClientError, MemcacheUnexpectedCloseError
 
-from . import codec, metrics
-from .clients import ClientPool, Connection, borrow
+from . import chunks, codec, metrics
+from .clients import ClientPool, borrow
+from .connection import Connection
 from .errors import CodecError
+from .expiry import THIRTY_DAYS
+from .expiry import expire_time as expire_time
 from .keys import memcached_key
 
 log = logging.getLogger(__name__)
@@ -57,7 +55,6 @@ class _Miss:
 MISS: Final = _Miss()
 """Returned when a key is absent or its bytes do not decode (``None`` is a real value)."""
 
-_THIRTY_DAYS = 30 * 24 * 3600
 _ITEM_OVERHEAD = 512  # room for the item header, key and flags within the item size
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _COUNTER_MAX = 2**64 - 1
@@ -65,7 +62,7 @@ _COUNTER_MAX = 2**64 - 1
 _CAS_ATTEMPTS = 64
 # An absolute expiry (anything over 30 days is a Unix time) in 1970: memcached stores an
 # item written with it already expired, so a CAS write with it is a compare-and-delete.
-_LONG_AGO = _THIRTY_DAYS + 1
+_LONG_AGO = THIRTY_DAYS + 1
 _REFUSED: Final = object()
 # The servers of each pool that refused a meta command (see Store.delete_if).
 _no_meta: weakref.WeakKeyDictionary[ClientPool, set[str]] = weakref.WeakKeyDictionary()
@@ -83,21 +80,6 @@ def _meta_delete(mkey: bytes, token: bytes, client: Client) -> Any:
             BrokenPipeError):
         client.close()  # whatever is left on the socket must not be read as an answer
         return _REFUSED
-
-
-def expire_time(ttl: float | None) -> int:
-    """memcached's ``exptime`` for a TTL in seconds.
-
-    ``None`` or 0 means never; a negative TTL means already expired (memcached stores
-    the item and never returns it, like a cachelib backend given a negative timeout);
-    anything over 30 days must be sent as an absolute Unix time (memcached's rule).
-    """
-    if not ttl:
-        return 0
-    if ttl < 0:
-        return -1
-    seconds = math.ceil(ttl)
-    return seconds if seconds <= _THIRTY_DAYS else int(time.time()) + seconds
 
 
 def _is_counter(value: Any) -> bool:
@@ -171,7 +153,7 @@ class Store:
                     raise CodecError("digits followed by something else")
                 return int(digits)
             if codec.kind_of(data) == codec.KIND_CHUNKED:
-                data = self._read_chunks(key, data, conn)
+                data = chunks.read_chunks(conn, self.key, key, data)
             return codec.decode(data)
         except CodecError as exc:
             # Someone else's bytes (another app, an old release, an attacker's pickle):
@@ -183,7 +165,7 @@ class Store:
     # -- writes --------------------------------------------------------------------------
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> bool:
-        """Store ``value``; ``ttl`` as in :func:`expire_time`.
+        """Store ``value``; ``ttl`` as in :func:`~service.expiry.expire_time`.
 
         :raises CodecError: the codec cannot represent the value (nothing was written).
         """
@@ -386,57 +368,12 @@ class Store:
     def _prepare(self, conn: Connection, key: str, data: bytes,
                  ttl: float | None) -> tuple[bytes, bytes]:
         """The memcached key and the bytes to store under it (a manifest for a large value,
-        whose chunks this writes first)."""
+        whose chunks this writes first: see :mod:`service.chunks`)."""
         if len(data) > self.chunk_size:
             if expire_time(ttl) < 0:
                 # Stored already expired: nobody can read it, so write no chunks; a small
                 # item still replaces (and so hides) the previous value, as set() should.
                 data = codec.header(codec.KIND_BYTES)
             else:
-                data = self._write_chunks(conn, key, data, ttl)
+                data = chunks.write_chunks(conn, self.key, key, data, ttl, self.chunk_size)
         return self.key(key), data
-
-    def _chunk_key(self, key: str, chunk_set: str, index: int) -> str:
-        return f"{key}\x00chunk\x00{chunk_set}\x00{index}"
-
-    def _write_chunks(self, conn: Connection, key: str, data: bytes, ttl: float | None) -> bytes:
-        """Write the pieces of a large value and return the manifest to store under key.
-
-        The chunk set has a random id, so two writers of one key never mix pieces; the
-        manifest is written last (by the caller), so a reader never sees a partial set.
-        Pieces of a replaced or deleted value are left to expire or be evicted.
-        """
-        chunk_set = os.urandom(8).hex()
-        pieces = [data[i : i + self.chunk_size] for i in range(0, len(data), self.chunk_size)]
-        # Chunks outlive the manifest slightly, so a manifest never points at evicted
-        # pieces merely because of expiry; an evicted piece still reads as a miss.
-        exp = expire_time(ttl + 60 if ttl else None)
-        for index, piece in enumerate(pieces):
-            ckey = self.key(self._chunk_key(key, chunk_set, index))
-            conn.call(conn.server_for(ckey), "set", methodcaller("set", ckey, piece, exp))
-        metrics.large_values_total.labels("chunked").inc()
-        manifest = {
-            "id": chunk_set, "n": len(pieces), "len": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-        }
-        return codec.header(codec.KIND_CHUNKED) + orjson.dumps(manifest)
-
-    def _read_chunks(self, key: str, data: bytes, conn: Connection) -> bytes:
-        try:
-            manifest = orjson.loads(data[codec.HEADER_LEN :])
-            chunk_set, count = str(manifest["id"]), int(manifest["n"])
-            length, digest = int(manifest["len"]), str(manifest["sha256"])
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise CodecError(f"bad chunk manifest: {exc}") from exc
-        if not 0 < count <= 4096:
-            raise CodecError(f"bad chunk count {count}")
-        ckeys = [self.key(self._chunk_key(key, chunk_set, i)) for i in range(count)]
-        found: dict[bytes, bytes] = {}
-        for server, group in conn.by_server(ckeys).items():
-            found.update(conn.call(server, "get_many", methodcaller("get_many", group)))
-        if len(found) != count:
-            raise CodecError(f"{count - len(found)} of {count} chunks are gone")
-        whole = b"".join(found[k] for k in ckeys)
-        if len(whole) != length or hashlib.sha256(whole).hexdigest() != digest:
-            raise CodecError("chunks do not match their manifest")
-        return whole

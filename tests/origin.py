@@ -8,6 +8,8 @@ is counted by path, and its query string decides the answer:
 ``body``    response text (default: JSON ``{"path", "params", "n"}``, n = count for this path)
 ``ctype``   content type (default application/json; text/plain with ``size``)
 ``size``    answer this many bytes of ``x`` instead of a body
+``trickle`` seconds (float) between the body's bytes, sent one at a time (a slow origin
+            that answers at once and never finishes in time)
 
 Control endpoints (not counted): ``GET /__count`` -> ``{"total": N, "paths": {path: n}}`` and
 ``POST /__reset`` which zeroes the counts. Every answer carries Content-Length and an
@@ -86,14 +88,20 @@ class OriginHandler(BaseHTTPRequestHandler):
             sys.stderr.write(f"origin {self.address_string()} {format % args}\n")
 
     def _send(
-        self, status: int, body: bytes, ctype: str, count: int = 0, head_only: bool = False
+        self, status: int, body: bytes, ctype: str, count: int = 0, head_only: bool = False,
+        trickle: float = 0.0,
     ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Origin-Count", str(count))
         self.end_headers()
-        if not head_only and body:
+        if not head_only and body and trickle > 0:
+            for i in range(len(body)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(trickle)
+        elif not head_only and body:
             self.wfile.write(body)
 
     def _send_json(self, status: int, doc: object) -> None:
@@ -123,7 +131,8 @@ class OriginHandler(BaseHTTPRequestHandler):
         # 1xx/204/304 answers have no body; the headers still say how long it is (0).
         if status < 200 or status in (204, 304):
             body = b""
-        self._send(status, body, ctype, n)
+        trickle = params.get("trickle")
+        self._send(status, body, ctype, n, trickle=float(trickle) if trickle else 0.0)
 
     @staticmethod
     def _answer(path: str, params: dict[str, str], n: int) -> tuple[int, bytes, str]:

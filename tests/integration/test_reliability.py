@@ -245,3 +245,15 @@ def test_readyz_answers_503_once_the_worker_is_told_to_stop(
     handler = readiness_off(state_of(app), lambda signum, frame: seen.append(signum))
     handler(15, None)                                  # what SIGTERM runs in a worker
     assert client.get("/readyz").status_code == 503 and seen == [15]
+
+
+def test_a_trickling_origin_is_cut_at_fetch_timeout(
+        memcached: Any, make_app: Any, origin_server: Any) -> None:
+    # Headers at once, then one byte every 0.2 s: every read returns in time, so only a
+    # bound on the whole fetch, enforced from outside, stops it.
+    app: Flask = make_app(settings_for([memcached.address], refresh={"fetch_timeout": 1.0},
+                                       sources={"slow": {
+                                           "kind": "http", "max_age": 60,
+                                           "url": origin_server.url + "/t?trickle=0.2&size={n}"}}))
+    answer = app.test_client().get("/v1/slow?n=100")
+    assert answer.status_code == 504

@@ -257,3 +257,31 @@ def test_a_trickling_origin_is_cut_at_fetch_timeout(
                                            "url": origin_server.url + "/t?trickle=0.2&size={n}"}}))
     answer = app.test_client().get("/v1/slow?n=100")
     assert answer.status_code == 504
+
+
+@pytest.mark.parametrize("record", ["lease", "error"])
+def test_a_lease_or_error_record_without_expiry_heals_with_one_fetch(
+        memcached: Any, make_app: Any, record: str) -> None:
+    from service import codec
+    from service.lease import lease_key
+    from service.negative import error_key
+
+    app: Flask = make_app(settings_for([memcached.address], refresh={"lock_lease": 2}))
+    state = state_of(app)
+    if record == "lease":    # a token naming no live deadline, stored forever
+        key, value = lease_key("k"), codec.encode("some-host:1:abc")
+    else:                    # a remembered 502 with no end of its own, stored forever
+        key, value = error_key("k"), codec.encode({"status": 502, "detail": "stuck"})
+    memcached.raw_set(state.store.key(key), value, exptime=0)
+    calls = []
+
+    def fetch() -> str:
+        calls.append(1)
+        return "fresh"
+
+    job = Job("k", fetch, Windows(60), source="test")
+    with app.app_context():
+        first = state.region.get_or_load(job)
+        second = state.region.get_or_load(job)
+    assert (first.status, first.value) == ("MISS", "fresh")
+    assert second.status == "HIT" and calls == [1]

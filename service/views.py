@@ -90,25 +90,28 @@ def generation(state: AppState, name: str) -> int:
     try:
         value = state.store.get_counter(_generation_key(name))
         if value is None:
-            value = _new_generation(state, name)
+            value = _new_generation(state, name, cached[0] if cached is not None else None)
     except CacheUnavailable:
         value = cached[0] if cached is not None else 0
     cache[name] = (value, now)
     return value
 
 
-def _new_generation(state: AppState, name: str) -> int:
-    """A generation for a source whose counter is missing: never used before.
+def _new_generation(state: AppState, name: str, known: int | None = None) -> int:
+    """A generation for a source whose counter is missing (its server died, restarted
+    empty, or evicted it).
 
-    A counter that vanished (its server restarted, or it was evicted) must not start again
-    at a number it had: the entries of that old generation, on other servers, would be
-    served again, undoing an invalidation. A starting point from the wall clock (in
-    microseconds) is larger than any number of bumps before it; ``add`` makes every
-    worker agree on one.
+    It must never start again at a number it had before an invalidation, or the entries
+    of that old generation (on other servers) would be served again. A worker that knew
+    the current generation puts that one back: the source's entries stay valid, and an
+    invalidation of the source also deleted the entries it listed. A worker that knew
+    none starts from the wall clock (in microseconds), larger than any number of bumps
+    before it: every entry of the source is fetched anew. ``add`` makes the workers agree.
     """
     key = _generation_key(name)
-    state.store.add_counter(key, int(state.clock() * 1_000_000))
-    return state.store.get_counter(key) or 0
+    start = known if known is not None else int(state.clock() * 1_000_000)
+    state.store.add_counter(key, start)
+    return state.store.get_counter(key) or start
 
 
 def bump_generation(state: AppState, name: str) -> int:
@@ -119,7 +122,8 @@ def bump_generation(state: AppState, name: str) -> int:
     key = _generation_key(name)
     value = state.store.incr(key)
     if value is None:
-        _new_generation(state, name)
+        known = state.extra.get("generations", {}).get(name)
+        _new_generation(state, name, known[0] if known is not None else None)
         value = state.store.incr(key) or 0
     state.extra.setdefault("generations", {}).pop(name, None)
     return value

@@ -66,8 +66,18 @@ class Fleet:
     key_prefix: str
 
     def mkey(self, item: str) -> bytes:
-        """The memcached key of ``/v1/item?id=<item>``'s entry."""
-        return memcached_key(swr_namespace(self.settings), source_key("item", 0, {"id": item}))
+        """The memcached key of ``/v1/item?id=<item>``'s entry (in the source's current
+        generation, which starts from the clock: read it where it is stored)."""
+        return memcached_key(swr_namespace(self.settings),
+                             source_key("item", self.generation(), {"id": item}))
+
+    def generation(self) -> int:
+        gkey = memcached_key(swr_namespace(self.settings), "gen\x00item")
+        for server in self.servers:
+            found = server.raw_get(gkey) if server.is_running() else None
+            if found is not None:
+                return int(found[0].strip())
+        return 0
 
     def holder_of(self, item: str) -> MemcachedProcess | None:
         """The running server that has the item's entry (whoever put it there)."""

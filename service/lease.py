@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import socket
 import time
 from collections.abc import Callable
@@ -70,28 +69,6 @@ def item_lifetime(lock_lease: float) -> float:
     the holder's next renewal even for short leases.
     """
     return float(math.ceil(lock_lease) + 1)
-
-
-def poll_delays(first: float = 0.01, factor: float = 1.6, cap: float = 0.25,
-                rand: Callable[[], float] = random.random) -> Callable[[], float]:
-    """Delays for a waiter polling memcached for the holder's value.
-
-    Exponential up to ``cap`` with +/-50% jitter, so the waiters of a fleet do not poll in
-    step. Returns a function giving the next delay each time it is called.
-    """
-    state = {"next": first}
-
-    def next_delay() -> float:
-        base = state["next"]
-        state["next"] = min(cap, base * factor)
-        return base * (0.5 + rand())
-
-    return next_delay
-
-
-def may_take_over(lease_present: bool, entry_landed: bool) -> bool:
-    """A waiter fetches itself only when no value landed and the lease has lapsed."""
-    return not entry_landed and not lease_present
 
 
 @dataclass(frozen=True)

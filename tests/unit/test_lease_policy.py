@@ -1,8 +1,6 @@
-"""The lease's pure decisions: when to renew, how to poll, when a waiter takes over."""
+"""The lease's pure decisions: when to renew, what a lease value says, how long it lives."""
 
-import math
-
-from service.lease import lease_key, may_take_over, poll_delays, renew_every
+from service.lease import SKEW, alive, lease_key, lease_value, owner_of, renew_every
 
 
 def test_renewal_leaves_room_for_two_failed_renewals() -> None:
@@ -10,20 +8,13 @@ def test_renewal_leaves_room_for_two_failed_renewals() -> None:
     assert renew_every(0.01) == 0.05      # never a busy loop
 
 
-def test_poll_delays_grow_jittered_and_cap() -> None:
-    fixed = poll_delays(first=0.01, factor=2.0, cap=0.08, rand=lambda: 0.5)
-    assert [round(fixed(), 4) for _ in range(6)] == [0.01, 0.02, 0.04, 0.08, 0.08, 0.08]
-    low = poll_delays(first=0.1, rand=lambda: 0.0)
-    high = poll_delays(first=0.1, rand=lambda: 1.0)
-    assert low() == 0.05
-    assert math.isclose(high(), 0.15)        # +/-50% jitter around the step
-
-
-def test_a_waiter_takes_over_only_when_the_lease_lapsed_and_nothing_landed() -> None:
-    assert may_take_over(lease_present=False, entry_landed=False)
-    assert not may_take_over(lease_present=True, entry_landed=False)
-    assert not may_take_over(lease_present=False, entry_landed=True)
-    assert not may_take_over(lease_present=True, entry_landed=True)
+def test_a_lease_value_names_its_owner_and_lives_until_its_own_deadline() -> None:
+    value = lease_value("host:1:abc", 100.2)
+    assert value == "host:1:abc@101" and owner_of(value) == "host:1:abc"
+    assert alive(value, 101.0) and alive(value, 101.0 + SKEW)
+    assert not alive(value, 101.0 + SKEW + 0.1)       # past its own deadline: dead
+    for garbage in ("host:1:abc", "@5", "x@y", 7, None, b"t@1"):
+        assert owner_of(garbage) is None and not alive(garbage, 0.0)
 
 
 def test_lease_keys_are_distinct_from_entry_keys() -> None:

@@ -147,7 +147,10 @@ def test_the_access_log_says_how_the_cache_answered_and_how_long_it_took(fleet: 
     deadline = time.monotonic() + 10
     while len(found := pattern.findall(fleet.log_text())) < 3 and time.monotonic() < deadline:
         gevent.sleep(0.05)
-    assert found[0] == "MISS" and len(found) == 3 and set(found[1:]) <= {"HIT", "STALE"}
+    # Each worker writes its own batches, so lines of different workers may come in any
+    # order: one MISS (the first request), the others answered from the cache.
+    assert len(found) == 3 and found.count("MISS") == 1
+    assert set(found) <= {"MISS", "HIT", "STALE"}
 
 
 def test_sigterm_during_load_finishes_in_flight_requests(fleet: Any, origin_server: Any) -> None:

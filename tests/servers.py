@@ -735,10 +735,12 @@ class TwemproxyProcess:
     """``nutcracker`` with the shipped configuration, listening on a free loopback port in
     front of the given memcached servers (their ``host:port``, in the order of the file)."""
 
-    def __init__(self, binary: str, log_dir: Path, servers: Sequence[str]) -> None:
+    def __init__(self, binary: str, log_dir: Path, servers: Sequence[str],
+                 timeout_ms: int | None = None) -> None:
         self.binary = binary
         self.log_dir = log_dir
         self.servers = list(servers)
+        self.timeout_ms = timeout_ms
         self.host = LOOPBACK
         self.port = free_port()
         self.stats_port = free_port()
@@ -782,8 +784,11 @@ class TwemproxyProcess:
 
     def _start_once(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(twemproxy_config(
-            TWEMPROXY_CONFIG.read_text(encoding="utf-8"), self.address, self.servers))
+        config = twemproxy_config(
+            TWEMPROXY_CONFIG.read_text(encoding="utf-8"), self.address, self.servers)
+        if self.timeout_ms is not None:
+            config = re.sub(r"(?m)^(\s*timeout:\s*)\d+", rf"\g<1>{self.timeout_ms}", config)
+        self.config_path.write_text(config)
         # nutcracker logs to -o itself; its stdout/stderr (start-up errors) go beside it.
         self.proc = _spawn(self.command(), self.log_dir / f"twemproxy-{self.port}.out")
         deadline = time.monotonic() + TWEMPROXY_START_TIMEOUT
@@ -829,7 +834,8 @@ class TwemproxyProcess:
 
 
 class TwemproxyFactory(Protocol):
-    def __call__(self, servers: Sequence[str]) -> TwemproxyProcess: ...
+    def __call__(self, servers: Sequence[str], timeout_ms: int | None = None
+                 ) -> TwemproxyProcess: ...
 
 
 @pytest.fixture
@@ -839,8 +845,8 @@ def twemproxy_factory(tmp_path: Path) -> Iterator[TwemproxyFactory]:
     binary = require_nutcracker()
     with contextlib.ExitStack() as stack:
 
-        def start(servers: Sequence[str]) -> TwemproxyProcess:
-            proxy = TwemproxyProcess(binary, tmp_path, servers)
+        def start(servers: Sequence[str], timeout_ms: int | None = None) -> TwemproxyProcess:
+            proxy = TwemproxyProcess(binary, tmp_path, servers, timeout_ms)
             stack.callback(proxy.stop)
             return proxy.start()
 

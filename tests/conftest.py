@@ -146,7 +146,9 @@ def live_greenlets() -> list[greenlet.greenlet]:
     root = _thread_root(greenlet.getcurrent())
     found = []
     for obj in gc.get_objects():
-        if not isinstance(obj, greenlet.greenlet) or obj.parent is None:
+        # type(), not isinstance(): isinstance asks a weakref proxy for its __class__, and
+        # a proxy whose object is gone raises ReferenceError.
+        if not issubclass(type(obj), greenlet.greenlet) or obj.parent is None:
             continue  # not a greenlet, or a thread's main greenlet
         if isinstance(obj, gevent.Greenlet):
             alive = bool(obj) and not obj.dead  # started or scheduled, not finished

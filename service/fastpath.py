@@ -19,10 +19,14 @@ Anything it is not sure about falls through to Flask, which then does what it al
 * for ``@swr.cached`` views: ``unless``, ``forced_update``, ``make_cache_key`` or a
   callable ``key_prefix`` (they need Flask's request), a class-based view, or a view
   wrapped in another decorator (the outer one, say a login check, must run);
-* the entry is absent, older than ``l1_ttl`` here, not FRESH, or XFetch draws an early
-  refresh (the slow path then makes its own draw, so a fast-path read can only make an
-  early refresh a little later, never skip the key's refresh), or its answer is not a
-  plain 2xx (no ``Location`` rewriting, no 204/206).
+* the entry is absent, older than ``l1_ttl`` here, or its answer is not a plain 2xx (no
+  ``Location`` rewriting, no 204/206);
+* the entry is STALE, or XFetch draws an early refresh, and this worker's refresher is not
+  refreshing the key yet: Flask's path schedules the refresh (it makes its own draw, so a
+  fast-path read can only make an early refresh a little later, never skip it). While the
+  refresh runs, the slow path would only answer the same STALE (or HIT) copy and find the
+  refresh already scheduled, so the fast path answers those reads itself: a refresh costs
+  this worker's readers nothing.
 
 What it skips, knowingly: Flask's ``request_started``/``request_finished`` signals and
 ``teardown_request`` hooks (nothing was opened), and moving the entry up the admin
@@ -45,7 +49,7 @@ from werkzeug.wrappers import Request
 
 from . import keying, metrics
 from .errors import BadRequest
-from .freshness import Action, decide
+from .freshness import Action, State, decide
 from .httpcache import cache_control
 from .state import EXTENSION, AppState
 from .tiers import _Local
@@ -125,11 +129,13 @@ class _Answer:
     """The headers of one local item's hits, for the second of age they were built in.
     The item is referenced weakly: an evicted entry's value is not kept alive here."""
 
-    __slots__ = ("item", "age", "headers")
+    __slots__ = ("item", "age", "status", "headers")
 
-    def __init__(self, item: _Local, age: int, headers: tuple[tuple[str, str], ...]) -> None:
+    def __init__(self, item: _Local, age: int, status: str,
+                 headers: tuple[tuple[str, str], ...]) -> None:
         self.item = weakref.ref(item)
         self.age = age
+        self.status = status
         self.headers = headers
 
 
@@ -166,7 +172,7 @@ class FastPath:
         self._routes: dict[tuple[str, ...], Any] = {}
         self._keys: dict[tuple[Any, ...], Any] = {}
         self._answers: dict[str, _Answer] = {}
-        self._counters: dict[str, tuple[Any, Any]] = {}
+        self._counters: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
                  ) -> Iterable[bytes]:
@@ -299,7 +305,14 @@ class FastPath:
         entry = item.entry
         now = state.clock()
         decision = decide(entry.timing, now, state.region.xfetch_beta)
-        if decision.action is not Action.SERVE:
+        if decision.action is Action.SERVE:
+            status = "HIT"
+        elif (decision.action is Action.SERVE_AND_REFRESH
+              and state.refresher.is_running(key)):
+            # Region.get_or_load would serve this copy and its refresh_later would find
+            # the refresh already running: the same answer, without Flask.
+            status = "HIT" if decision.state is State.FRESH else "STALE"
+        else:
             return None
         if item.rendered is None:
             try:
@@ -311,18 +324,21 @@ class FastPath:
         answer = item.rendered
         if not isinstance(answer, Rendered):
             return None
-        counters = self._counters.get(source)
+        counters = self._counters.get((source, status))
         if counters is None:
-            counters = self._counters[source] = (metrics.tier_hits_total.labels("l1"),
-                                                 metrics.requests_total.labels(source, "hit"))
+            counters = self._counters[(source, status)] = (
+                metrics.tier_hits_total.labels("l1"),
+                metrics.requests_total.labels(source, status.lower()))
         counters[0].inc()
         counters[1].inc()
         age = math.floor(entry.timing.age(now))
         built = self._answers.get(key)
-        if built is None or built.item() is not item or built.age != age:
-            built = _Answer(item, age, (*answer.headers, ("X-Cache", "HIT"), ("Age", str(age)),
-                                        ("Cache-Control", cache_control(entry)),
-                                        ("ETag", entry.etag), *answer.trailing))
+        if (built is None or built.item() is not item or built.age != age
+                or built.status != status):
+            built = _Answer(item, age, status, (
+                *answer.headers, ("X-Cache", status), ("Age", str(age)),
+                ("Cache-Control", cache_control(entry)), ("ETag", entry.etag),
+                *answer.trailing))
             _remember(self._answers, key, built, self.MEMO_LIMIT)
         if_none_match = environ.get("HTTP_IF_NONE_MATCH")
         if if_none_match and parse_etags(if_none_match).contains_weak(entry.etag.strip('"')):

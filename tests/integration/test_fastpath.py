@@ -226,3 +226,64 @@ def test_the_memos_are_bounded(app: Flask, clock: FakeClock) -> None:
         client.get(f"/text?n={i}")
     assert len(fp._routes) <= 8 and len(fp._keys) <= 8 and len(fp._answers) <= 8
     assert client.get("/v1/double?x=39").headers["X-Cache"] == "HIT"
+
+
+def test_stale_reads_while_this_worker_refreshes_are_answered_like_flask(
+        app: Flask, clock: FakeClock) -> None:
+    """A STALE entry whose refresh already runs in this worker: Flask would serve the same
+    copy and schedule nothing, so the fast path answers it, byte for byte the same; with
+    no refresh running, Flask answers (it schedules the refresh)."""
+    import gevent
+
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    flask_side = fp.wsgi_app = Counting(fp.wsgi_app)
+    refresher = state_of(app).refresher
+    urls = [("/report?region=us", {}), ("/report?region=us", {"Accept-Language": "fr"}),
+            ("/v1/echo?a=1", {})]
+    for url, headers in urls:                            # fill (MISS)
+        send(app, False, "GET", url, headers)
+    keys = [_key_of(app, url, headers) for url, headers in urls]
+    clock.advance(61.0)                                  # stale, inside swr
+    refresher.start()
+    for (url, headers), key in zip(urls, keys, strict=True):
+        # Stands in for a refresh in flight: schedule() sees the key running.
+        blocker = gevent.spawn(gevent.sleep, 30)
+        refresher._running[key] = blocker
+        try:
+            send(app, False, "GET", url, headers)        # memcached confirms it (l1_ttl)
+            for method, h in (("GET", headers), ("HEAD", headers), ("GET", headers)):
+                slow, slow_metrics = send(app, False, method, url, h)
+                calls = flask_side.calls
+                quick, quick_metrics = send(app, True, method, url, h)
+                assert quick == slow, f"{method} {url} {h}"
+                assert quick_metrics == slow_metrics, f"{method} {url} {h}"
+                assert flask_side.calls == calls, f"{method} {url}: not answered fast"
+                assert dict(quick[1])["X-Cache"] == "STALE"
+                etag = dict(quick[1])["ETag"]
+                slow, _ = send(app, False, method, url, {**h, "If-None-Match": etag})
+                quick, _ = send(app, True, method, url, {**h, "If-None-Match": etag})
+                assert quick == slow and quick[0] == "304 NOT MODIFIED"
+        finally:
+            refresher._running.pop(key, None)
+            blocker.kill()
+        calls = flask_side.calls
+        assert dict(send(app, True, "GET", url, headers)[0][1])["X-Cache"] == "STALE"
+        assert flask_side.calls == calls + 1             # no refresh running: Flask's
+        assert refresher.wait(key, timeout=10)
+
+
+def _key_of(app: Flask, url: str, headers: dict[str, str]) -> str:
+    """The key the fast path computes for ``url`` (the keys it memoized are Flask's)."""
+    from werkzeug.test import EnvironBuilder
+
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    environ = EnvironBuilder(path=url.split("?")[0], query_string=url.partition("?")[2],
+                             headers=headers).get_environ()
+    target = fp._target(environ)
+    assert target is not None
+    found = (fp._source(state_of(app), target, environ) if target.spec is None
+             else fp._view(target, environ))
+    assert found is not None
+    return found[0]

@@ -126,8 +126,9 @@ def herd(server: Gunicorn, log: Path, connections: int, duration: float) -> dict
     first_fill = min((x.end for x in ok), default=float("inf"))
     after = [x for x in ok if x.start >= first_fill]
     spans = [(a - load.started_at, b - load.started_at) for a, b in fetches]
-    during = [x for x in after if any(x.start < b and x.end > a for a, b in spans)]
-    hot = sorted(x.latency for x in after if x not in during)
+    overlaps = [any(x.start < b and x.end > a for a, b in spans) for x in after]
+    during = [x for x, o in zip(after, overlaps, strict=True) if o]
+    hot = sorted(x.latency for x, o in zip(after, overlaps, strict=True) if not o)
     p99 = hot[int(0.99 * (len(hot) - 1))] if hot else float("nan")
     slow_reads = sorted(x.latency for x in during)
     during_p99 = (slow_reads[int(0.99 * (len(slow_reads) - 1))] if slow_reads
@@ -217,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server: Gunicorn | None = None
     variants: dict[str, Gunicorn] = {}
     began = time.monotonic()
+    load_average = os.getloadavg()[0]
     try:
         memcached.start()
         settings = workdir / "settings.toml"
@@ -293,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for (c, p), h in high.items()]
     doc = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "rows": rows, "high": high_rows, "cold": cold, "herd": herded,
-           "seconds": time.monotonic() - began}
+           "seconds": time.monotonic() - began, "load_average": load_average}
     print()
     print(f"{'':42}{'req/s':>10}{'x raw':>8}{'p99 ms':>9}{'errors':>8}")
     for row in rows:
@@ -397,7 +399,8 @@ def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], mem
         "(Prometheus multiprocess mode and the access log on), their own memcached, wrk "
         f"with {args.connections} connections, {args.rounds} interleaved round(s) of "
         f"{args.seconds:g} s per route, medians. {os.cpu_count()} CPUs shared with the load "
-        "generator and memcached.", "",
+        f"generator and memcached; load average {doc['load_average']:.2f} when it started.",
+        "",
         "| answer | req/s | x raw WSGI | p99 ms | errors |", "|---|---:|---:|---:|---:|",
         *[f"| {r['label']} | {r['rps']:,.0f} | {r['ratio']:.2f} | {r['p99'] * 1000:.1f} | "
           f"{r['errors']} |" for r in rows], "",

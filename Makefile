@@ -23,6 +23,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	@touch $@
 
+$(VENV)/.installed-bench: $(VENV)/.installed-dev
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,bench]'
+	@touch $@
+
 # ---- system packages: installed with apt-get when we are root, else explained ----------
 define need_pkg
 	@if ! PATH="$$PATH:/usr/sbin:/sbin" command -v $(1) >/dev/null 2>&1; then \
@@ -76,8 +80,7 @@ lint: $(VENV)/.installed-dev
 
 # The hit table, 1,000 connections, a cold key, RSS and a profile (writes docs/BENCHMARKS.md),
 # then the herd. BENCH_ARGS=--quick for a short smoke run.
-bench: $(VENV)/.installed-dev sysdeps-bench
-	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/python -m pip install --quiet matplotlib
+bench: $(VENV)/.installed-bench sysdeps-bench
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 	$(BIN)/python -m bench --workers 2
 	$(BIN)/python -m bench.dropin

@@ -10,7 +10,10 @@
 * ``/v1/const``: the service's ``/v1`` source (a ``python`` source, cached);
 * ``/swr``: a view decorated with ``@swr.cached``;
 * ``/v1/slow?id=N``: a source whose origin takes ``BENCH_SLOW_SECONDS`` (default 1 s): the
-  cold key 300 readers hit at once.
+  cold key 300 readers hit at once;
+* ``/v1/herd``: one hot key whose origin takes ``BENCH_HERD_SECONDS`` (default 3 s) and
+  appends when it started and ended (wall clock) to the file ``BENCH_HERD_LOG``, so the
+  bench knows every fetch of the fleet and which reads overlapped one.
 
 ``SERVICE_SETTINGS`` names the settings file (the bench writes it, with the sources).
 """
@@ -42,6 +45,19 @@ def slow(id: str = "") -> dict[str, Any]:  # noqa: A002 - the query parameter's 
     """The ``/v1/slow`` source: an origin that takes a while (runs in the thread pool)."""
     time.sleep(float(os.environ.get("BENCH_SLOW_SECONDS", "1")))
     return {"id": id, "at": time.time()}
+
+
+def herd() -> dict[str, Any]:
+    """The ``/v1/herd`` source: a slow origin that records each fetch (any worker)."""
+    started = time.time()
+    time.sleep(float(os.environ.get("BENCH_HERD_SECONDS", "3")))
+    ended = time.time()
+    log = os.environ.get("BENCH_HERD_LOG")
+    if log:
+        # One short O_APPEND write per fetch: lines from two workers never interleave.
+        with open(log, "a", encoding="ascii") as f:
+            f.write(f"{started:.6f} {ended:.6f}\n")
+    return {"answer": 42, "at": ended}
 
 
 def create_hits_app() -> Flask:

@@ -9,7 +9,10 @@ In one run, so every ratio compares numbers measured minutes apart on the same m
 2. 1,000 connections on a hot key (raw WSGI and ``/v1`` hit, interleaved): requests/s,
    p99 and timeouts (wrk ``--timeout 5s``);
 3. a cold key read by 300 simultaneous readers (origin 1 s): how many origin fetches, how
-   long the readers waited.
+   long the readers waited, the slowest of them;
+4. the herd: one hot ``/v1`` key, a 3 s origin, 4 s windows (``stale_while_revalidate``
+   60 s), 32 closed-loop connections: origin fetches per window, and the slowest read
+   that overlapped a refresh against the p99 of the hot reads that did not.
 
 It prints the table and writes ``docs/BENCHMARKS.md`` (with ``bench/memory.py``'s RSS
 figures, a PNG plot and the profile of a hot hit from ``bench/profile_hit.py`` when they
@@ -93,7 +96,53 @@ def write_settings(path: Path, memcached: Memcached) -> None:
         '[sources.const]\nkind = "python"\ntarget = "bench.hits_app:const"\n'
         "max_age = 3600\n"
         '[sources.slow]\nkind = "python"\ntarget = "bench.hits_app:slow"\n'
-        "max_age = 3600\n", encoding="utf-8")
+        "max_age = 3600\n"
+        '[sources.herd]\nkind = "python"\ntarget = "bench.hits_app:herd"\n'
+        f"max_age = {HERD_MAX_AGE:g}\nstale_while_revalidate = 60\n", encoding="utf-8")
+
+
+# The 1,000-connection row is also measured, interleaved, on servers started with these
+# gunicorn arguments on top of deploy/gunicorn.conf.py (docs/BENCHMARKS.md says why).
+HIGH_VARIANTS = ("--reuse-port", "--reuse-port --worker-connections=250")
+HERD_MAX_AGE = 4.0
+HERD_ORIGIN_SECONDS = 3.0
+
+
+def herd(server: Gunicorn, log: Path, connections: int, duration: float) -> dict[str, Any]:
+    """One hot key under load while it expires and is refreshed in the background.
+
+    Each fetch of the origin (any worker) appends its wall-clock start and end to ``log``.
+    Reads sent before the first fill landed (everyone waits for a cold key) are left out;
+    of the others, a read that overlapped a fetch is a read *during a refresh*, the rest
+    are hot reads. The target: no read during a refresh slower than 2x the hot reads' p99.
+    """
+    log.write_text("", encoding="ascii")
+    load = loadgen.run(LOOPBACK, server.port, "/v1/herd", connections, duration, timeout=30)
+    time.sleep(HERD_ORIGIN_SECONDS + 0.5)    # a refresh started at the end lands in the log
+    fetches = [tuple(float(x) for x in line.split())
+               for line in log.read_text(encoding="ascii").splitlines() if line.strip()]
+    fetches = [f for f in fetches if f[0] < load.started_at + load.wall]
+    ok = [x for x in load.samples if x.status == 200]
+    first_fill = min((x.end for x in ok), default=float("inf"))
+    after = [x for x in ok if x.start >= first_fill]
+    spans = [(a - load.started_at, b - load.started_at) for a, b in fetches]
+    overlaps = [any(x.start < b and x.end > a for a, b in spans) for x in after]
+    during = [x for x, o in zip(after, overlaps, strict=True) if o]
+    hot = sorted(x.latency for x, o in zip(after, overlaps, strict=True) if not o)
+    p99 = hot[int(0.99 * (len(hot) - 1))] if hot else float("nan")
+    slow_reads = sorted(x.latency for x in during)
+    during_p99 = (slow_reads[int(0.99 * (len(slow_reads) - 1))] if slow_reads
+                  else float("nan"))
+    slowest = max((x.latency for x in during), default=float("nan"))
+    windows = load.wall / HERD_MAX_AGE
+    return {"duration": load.wall, "connections": connections, "requests": len(load.samples),
+            "errors": len(load.samples) - len(ok), "fetches": len(fetches),
+            "windows": windows, "per_window": len(fetches) / windows,
+            "first_fill": first_fill, "reads_during": len(during), "hot_reads": len(hot),
+            "hot_p99": p99, "slowest_during": slowest, "during_p99": during_p99,
+            "ratio": slowest / p99,
+            "x_cache": dict(Counter(x.x_cache for x in load.samples)),
+            "misses_after_fill": sum(1 for x in after if x.x_cache == "MISS")}
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -144,10 +193,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--high", type=int, default=1000, help="connections of the high row")
     p.add_argument("--high-seconds", type=float, default=10.0)
+    p.add_argument("--high-variant", action="append", default=None, metavar="ARGS",
+                   help="gunicorn arguments of another server (GUNICORN_CMD_ARGS) whose "
+                   "high row is interleaved with the shipped config's; repeatable "
+                   f"(default: {' and '.join(repr(v) for v in HIGH_VARIANTS)}; '' for none)")
+    p.add_argument("--herd-seconds", type=float, default=20.0)
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
+    if args.high_variant is None:
+        args.high_variant = list(HIGH_VARIANTS)
+    args.high_variant = [v for v in args.high_variant if v]
     if args.quick:
-        args.rounds, args.seconds, args.high_seconds = 1, 2.0, 4.0
+        args.rounds, args.seconds, args.high_seconds, args.herd_seconds = 1, 2.0, 4.0, 12.0
     return args
 
 
@@ -159,15 +216,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="swr-hits-"))
     memcached = Memcached(workdir)
     server: Gunicorn | None = None
+    variants: dict[str, Gunicorn] = {}
     began = time.monotonic()
+    load_average = os.getloadavg()[0]
     try:
         memcached.start()
         settings = workdir / "settings.toml"
         write_settings(settings, memcached)
-        server = Gunicorn(workdir, settings, args.workers, {}, metrics=True,
-                          app="bench.hits_app:app")
+        herd_log = workdir / "herd.log"
+        server = Gunicorn(workdir, settings, args.workers,
+                          {"BENCH_HERD_LOG": str(herd_log),
+                           "BENCH_HERD_SECONDS": f"{HERD_ORIGIN_SECONDS:g}"},
+                          metrics=True, app="bench.hits_app:app")
         server.start()
+        for i, extra in enumerate(args.high_variant):
+            vdir = workdir / f"variant{i}"
+            vdir.mkdir()
+            variants[extra] = Gunicorn(vdir, settings, args.workers,
+                                       {"GUNICORN_CMD_ARGS": extra}, metrics=True,
+                                       app="bench.hits_app:app").start()
         time.sleep(0.5)
+        for variant in variants.values():
+            for _ in range(4 * args.workers):
+                http_get(variant.url + "/v1/const")
         for _, path in ROUTES:  # fill every cache, in every worker
             for _ in range(4 * args.workers):
                 http_get(server.url + path)
@@ -181,13 +252,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs[path].append(wrk(server.url + path, args.connections, args.seconds))
             print(f"... round {r + 1}: " + ", ".join(
                 f"{p} {runs[p][-1].rps:,.0f}/s" for _, p in ROUTES), flush=True)
-        high: dict[str, list[Wrk]] = {"/raw": [], "/v1/const": []}
+        configs = {"shipped": server, **variants}
+        high: dict[tuple[str, str], list[Wrk]] = {
+            (c, p): [] for c in configs for p in ("/raw", "/v1/const")}
         for _ in range(max(1, args.rounds - 1)):
-            for path in high:
-                high[path].append(wrk(server.url + path, args.high, args.high_seconds))
-        print(f"... {args.high} connections: " + ", ".join(
-            f"{p} {h[-1].rps:,.0f}/s" for p, h in high.items()), flush=True)
+            for (config, path), results in high.items():
+                results.append(wrk(configs[config].url + path, args.high, args.high_seconds))
+            print(f"... {args.high} connections: " + ", ".join(
+                f"{c} {p} {h[-1].rps:,.0f}/s p99 {h[-1].p99 * 1000:,.0f} ms"
+                for (c, p), h in high.items()), flush=True)
+        for variant in variants.values():
+            variant.check_alive()
+            variant.stop(timeout=15.0)
+        variants.clear()
         cold = cold_key(server)
+        print(f"... herd: /v1/herd, {args.connections} connections for "
+              f"{args.herd_seconds:g} s", flush=True)
+        herded = herd(server, herd_log, args.connections, args.herd_seconds)
         server.check_alive()
         server.stop(timeout=15.0)
         server = None
@@ -197,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop(timeout=15.0)
+        for variant in variants.values():
+            variant.stop(timeout=15.0)
         memcached.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -207,12 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = [{"label": label, "path": path, "rps": med(runs[path], "rps"),
              "ratio": med(runs[path], "rps") / raw, "p99": med(runs[path], "p99"),
              "errors": sum(v.errors for v in runs[path])} for label, path in ROUTES]
-    high_rows = [{"path": p, "rps": med(h, "rps"), "p99": med(h, "p99"),
+    high_rows = [{"config": c, "path": p, "rps": med(h, "rps"), "p99": med(h, "p99"),
                   "timeouts": int(med(h, "timeouts")), "errors": sum(v.errors for v in h)}
-                 for p, h in high.items()]
+                 for (c, p), h in high.items()]
     doc = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "rows": rows, "high": high_rows, "cold": cold,
-           "seconds": time.monotonic() - began}
+           "rows": rows, "high": high_rows, "cold": cold, "herd": herded,
+           "seconds": time.monotonic() - began, "load_average": load_average}
     print()
     print(f"{'':42}{'req/s':>10}{'x raw':>8}{'p99 ms':>9}{'errors':>8}")
     for row in rows:
@@ -223,11 +306,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"/v1 hit vs Flask-Caching @cached hit: {v1 / fc:.2f}x")
     print(f"\nat {args.high} connections, {args.high_seconds:g} s, wrk --timeout 5s:")
     for h in high_rows:
-        print(f"  {h['path']:12}{h['rps']:>10,.0f} req/s  p99 {h['p99'] * 1000:,.0f} ms  "
-              f"timeouts {h['timeouts']}  errors {h['errors']}")
+        print(f"  {h['config']:40} {h['path']:12}{h['rps']:>10,.0f} req/s  "
+              f"p99 {h['p99'] * 1000:,.0f} ms  timeouts {h['timeouts']}  errors {h['errors']}")
     print(f"\ncold key, {cold['readers']} simultaneous readers, 1 s origin: "
           f"{cold['fetches']:g} origin fetch(es), {cold['ok']} answered 200, "
-          f"X-Cache {cold['x_cache']}, wait p50 {cold['p50']:.2f} s, max {cold['max']:.2f} s")
+          f"X-Cache {cold['x_cache']}, wait p50 {cold['p50']:.2f} s, slowest reader "
+          f"{cold['max']:.2f} s")
+    print(herd_line(herded))
+    print("\ntargets:")
+    for target, value, ok in targets(doc):
+        print(f"  {'MET    ' if ok else 'NOT MET'} {target}: {value}")
     keys = "100000" if args.quick else "1000000"
     print(f"... RSS through {int(keys):,} distinct keys (python -m bench.memory)", flush=True)
     memory = subprocess.run([sys.executable, "-m", "bench.memory", "--keys", keys],
@@ -241,11 +329,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def targets(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 9's targets, each as (target, what this run measured, met)."""
+    by_path = {r["path"]: r for r in doc["rows"]}
+    v1, swr, fc = by_path["/v1/const"], by_path["/swr"], by_path["/fc"]
+    high = {h["path"]: h for h in doc["high"] if h["config"] == "shipped"}
+    raw_h, v1_h = high["/raw"], high["/v1/const"]
+    h = doc["herd"]
+    return [
+        ("`/v1/NAME` hit >= 0.9x raw WSGI", f"{v1['ratio']:.2f}x", v1["ratio"] >= 0.9),
+        ("`/v1/NAME` hit >= 2x Flask-Caching `@cached` hit", f"{v1['rps'] / fc['rps']:.2f}x",
+         v1["rps"] / fc["rps"] >= 2.0),
+        ("`@swr.cached` hit >= 0.8x raw WSGI", f"{swr['ratio']:.2f}x", swr["ratio"] >= 0.8),
+        ("one origin fetch per key per window (herd; <= 1.25 counted as one)",
+         f"{h['per_window']:.2f} per window", h["per_window"] <= 1.25),
+        ("during refreshes no read slower than 2x the hot-read p99 (herd)",
+         f"{h['slowest_during'] * 1000:,.0f} ms vs {h['hot_p99'] * 1000:,.1f} ms: "
+         f"{h['ratio']:.1f}x", h["ratio"] <= 2.0),
+        ("1,000 connections: `/v1` p99 no worse than raw WSGI's (shipped config)",
+         f"{v1_h['p99'] * 1000:,.0f} ms vs {raw_h['p99'] * 1000:,.0f} ms",
+         v1_h["p99"] <= raw_h["p99"]),
+        ("1,000 connections: no more timeouts than raw WSGI (shipped config)",
+         f"{v1_h['timeouts']} vs {raw_h['timeouts']}", v1_h["timeouts"] <= raw_h["timeouts"]),
+    ]
+
+
+def herd_line(h: dict[str, Any]) -> str:
+    return (f"herd: one hot key, {HERD_ORIGIN_SECONDS:g} s origin, {HERD_MAX_AGE:g} s windows, "
+            f"{h['connections']} connections for {h['duration']:.1f} s: {h['fetches']} origin "
+            f"fetch(es) in {h['windows']:.1f} windows ({h['per_window']:.2f} per window); "
+            f"slowest of {h['reads_during']:,} reads during refreshes "
+            f"{h['slowest_during'] * 1000:,.0f} ms vs hot-read p99 {h['hot_p99'] * 1000:,.1f} ms "
+            f"({h['hot_reads']:,} reads): {h['ratio']:.1f}x (target <= 2x); p99 during refreshes "
+            f"{h['during_p99'] * 1000:,.1f} ms; MISS after the first "
+            f"fill {h['misses_after_fill']}, errors {h['errors']}, X-Cache {h['x_cache']}")
+
+
 def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], memory: str,
                  args: argparse.Namespace) -> None:
     """docs/BENCHMARKS.md and its plot, from this run's numbers."""
     docs = REPO_ROOT / "docs"
-    rows, high, cold = doc["rows"], doc["high"], doc["cold"]
+    rows, high, cold, herded = doc["rows"], doc["high"], doc["cold"], doc["herd"]
     plot = "benchmarks.png"
     try:
         import matplotlib
@@ -257,8 +381,9 @@ def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], mem
         left.barh([r["label"] for r in rows][::-1], [r["ratio"] for r in rows][::-1])
         left.axvline(1.0, color="grey", lw=0.8)
         left.set_xlabel(f"requests/s relative to raw WSGI ({args.connections} connections)")
-        right.bar([h["path"] for h in high], [h["p99"] * 1000 for h in high])
-        right.set_ylabel(f"p99 ms at {args.high} connections")
+        right.barh([f"{h['config']} {h['path']}" for h in high][::-1],
+                   [h["p99"] * 1000 for h in high][::-1])
+        right.set_xlabel(f"p99 ms at {args.high} connections")
         fig.tight_layout()
         fig.savefig(docs / plot, dpi=90)
         plt.close(fig)
@@ -274,26 +399,39 @@ def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], mem
         "(Prometheus multiprocess mode and the access log on), their own memcached, wrk "
         f"with {args.connections} connections, {args.rounds} interleaved round(s) of "
         f"{args.seconds:g} s per route, medians. {os.cpu_count()} CPUs shared with the load "
-        "generator and memcached.", "",
+        f"generator and memcached; load average {doc['load_average']:.2f} when it started.",
+        "",
         "| answer | req/s | x raw WSGI | p99 ms | errors |", "|---|---:|---:|---:|---:|",
         *[f"| {r['label']} | {r['rps']:,.0f} | {r['ratio']:.2f} | {r['p99'] * 1000:.1f} | "
           f"{r['errors']} |" for r in rows], "",
-        f"At {args.high} connections ({args.high_seconds:g} s, wrk `--timeout 5s`):", "",
-        "| path | req/s | p99 ms | timeouts | errors |", "|---|---:|---:|---:|---:|",
-        *[f"| `{h['path']}` | {h['rps']:,.0f} | {h['p99'] * 1000:,.0f} | {h['timeouts']} | "
-          f"{h['errors']} |" for h in high], "",
+        f"At {args.high} connections ({args.high_seconds:g} s, wrk `--timeout 5s`; "
+        "`shipped` is `deploy/gunicorn.conf.py`, the others add the gunicorn arguments "
+        "shown; all interleaved, medians):", "",
+        "| gunicorn | path | req/s | p99 ms | timeouts | errors |",
+        "|---|---|---:|---:|---:|---:|",
+        *[f"| `{h['config']}` | `{h['path']}` | {h['rps']:,.0f} | {h['p99'] * 1000:,.0f} | "
+          f"{h['timeouts']} | {h['errors']} |" for h in high], "",
         f"A cold key read by {cold['readers']} simultaneous readers (origin 1 s): "
         f"{cold['fetches']:g} origin fetch(es), {cold['ok']} answers 200, X-Cache "
-        f"{cold['x_cache']}, wait p50 {cold['p50']:.2f} s, max {cold['max']:.2f} s.", "",
+        f"{cold['x_cache']}, wait p50 {cold['p50']:.2f} s, slowest of the {cold['readers']} "
+        f"readers {cold['max']:.2f} s.", "",
+        "The " + herd_line(herded) + ".", "",
+        "## Issue 9's targets, judged on this run", "",
+        "| target | this run | met |", "|---|---|---|",
+        *[f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in targets(doc)], "",
         plotted,
-        "The herd (one hot key, a 3 s origin, 5 s windows) is `python -m bench`, run by "
-        "`make bench` right after this one; see `bench/README.md`.", "",
+        "The herd bench comparing `@swr.cached` with plain `@cached` (4 workers) is "
+        "`python -m bench`, run by `make bench` right after this one; see `bench/README.md`.",
+        "",
         "## Memory", "", "```", memory.strip(), "```", "",
         "## Where a hot hit's time goes", "",
         "In-process (no gunicorn, no network), `bench/profile_hit.py`: the same fresh "
         "`/v1` hit answered through Flask's dispatch (the fast path off: every hit before "
         "issue 9) and through the fast path. Top functions by own time under cProfile.", "",
     ]
+    findings = REPO_ROOT / "bench" / "findings.md"
+    if findings.exists():
+        lines += [findings.read_text(encoding="utf-8").strip(), ""]
     for label, (per_hit, table) in profile.items():
         lines += [f"### {label}: {per_hit * 1e6:.0f} µs per hit", "", "```", table, "```", ""]
     (docs / "BENCHMARKS.md").write_text("\n".join(lines), encoding="utf-8")

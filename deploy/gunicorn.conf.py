@@ -26,7 +26,14 @@ workers = int(os.environ.get("SERVICE_WORKERS", multiprocessing.cpu_count()))
 # answered from the in-process tier, so 1000 is cheap; they share the worker's
 # [cache] pool_size memcached connections (a request holds one only while it talks to
 # memcached). Past this number gunicorn stops accepting, which is the back-pressure we want.
+# Keep it above the keep-alive connections one worker is handed: a busy keep-alive
+# connection never frees its slot, so the ones past the limit wait unaccepted.
 worker_connections = 1000
+# reuse_port stays off: the workers share one listening socket, and the one whose hub is
+# free accepts. Measured against reuse_port = True (one socket per worker, the kernel
+# splits connections evenly, also to a busy worker) and worker_connections = 250 at 1,000
+# connections, interleaved in one make bench run: neither improved the /v1 p99 or the
+# timeouts beyond the noise (docs/BENCHMARKS.md, "1,000 connections").
 # The app is imported in each worker after fork, never in the master: the memcached pool,
 # the refresher greenlets and the process pool belong to a worker. With preload_app the
 # master would import the app, and anything started there would not survive the fork.

@@ -19,10 +19,14 @@ Anything it is not sure about falls through to Flask, which then does what it al
 * for ``@swr.cached`` views: ``unless``, ``forced_update``, ``make_cache_key`` or a
   callable ``key_prefix`` (they need Flask's request), a class-based view, or a view
   wrapped in another decorator (the outer one, say a login check, must run);
-* the entry is absent, older than ``l1_ttl`` here, not FRESH, or XFetch draws an early
-  refresh (the slow path then makes its own draw, so a fast-path read can only make an
-  early refresh a little later, never skip the key's refresh), or its answer is not a
-  plain 2xx (no ``Location`` rewriting, no 204/206).
+* the entry is absent, older than ``l1_ttl`` here, or its answer is not a plain 2xx (no
+  ``Location`` rewriting, no 204/206);
+* the entry is STALE, or XFetch draws an early refresh, and this worker's refresher is not
+  refreshing the key yet: Flask's path schedules the refresh (it makes its own draw, so a
+  fast-path read can only make an early refresh a little later, never skip it). While the
+  refresh runs, the slow path would only answer the same STALE (or HIT) copy and find the
+  refresh already scheduled, so the fast path answers those reads itself: a refresh costs
+  this worker's readers nothing.
 
 What it skips, knowingly: Flask's ``request_started``/``request_finished`` signals and
 ``teardown_request`` hooks (nothing was opened), and moving the entry up the admin
@@ -32,18 +36,20 @@ ledger's LRU (it only serves keys the ledger already knows).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
+from werkzeug.http import parse_etags
 from werkzeug.routing import RequestRedirect
 from werkzeug.wrappers import Request
 
 from . import keying, metrics
 from .errors import BadRequest
-from .freshness import Action, decide
+from .freshness import Action, State, decide
 from .httpcache import cache_control
 from .state import EXTENSION, AppState
 from .tiers import _Local
@@ -92,16 +98,81 @@ def rendered(response: Response) -> Rendered | None:
     return Rendered(response.status, tuple(headers), body, trailing)
 
 
+class _Target:
+    """Where a (method, host, path) routes, as far as the fast path is concerned: a
+    ``/v1`` source (``name``) or an ``@swr.cached`` view (``spec``). One per path."""
+
+    __slots__ = ("view", "name", "spec", "vary")
+
+    def __init__(self, view: Any, name: str | None, spec: ViewSpec | None) -> None:
+        self.view = view
+        self.name = name
+        self.spec = spec
+        # The WSGI environ keys of the ``vary`` headers, as EnvironHeaders looks them up.
+        self.vary: tuple[tuple[str, str], ...] = ()
+        if spec is not None:
+            self.vary = tuple((h, _environ_key(h)) for h in spec.options.vary)
+
+
+def _thaw(value: Any) -> Response:
+    from .responses import thaw  # responses imports Flask's request globals: when used
+
+    return thaw(value)
+
+
+def _environ_key(header: str) -> str:
+    key = header.upper().replace("-", "_")
+    return key if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + key
+
+
+class _Answer:
+    """The headers of one local item's hits, for the second of age they were built in.
+    The item is referenced weakly: an evicted entry's value is not kept alive here."""
+
+    __slots__ = ("item", "age", "status", "headers")
+
+    def __init__(self, item: _Local, age: int, status: str,
+                 headers: tuple[tuple[str, str], ...]) -> None:
+        self.item = weakref.ref(item)
+        self.age = age
+        self.status = status
+        self.headers = headers
+
+
+_NOT_FAST = object()
+"""A memo value: Flask answers this one (no cached front door, a hook, a 400...)."""
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    # Bounded by starting afresh: a full memo is a sign of many distinct URLs, where
+    # recency says little; refilling costs one slow computation per URL.
+    if len(memo) >= limit:
+        memo.clear()
+    memo[key] = value
+
+
 class FastPath:
     """WSGI middleware over ``app.wsgi_app``; see the module docstring.
 
+    Per-hit work is memoized by what it is a pure function of, each memo bounded by
+    ``MEMO_LIMIT`` entries: the routing decision by (method, host, script root, path,
+    scheme), the key by the raw query string (and the raw ``vary`` header values, and the
+    source's generation), and the response headers by the local item and its whole-second
+    age.
+
     :param enabled: ``False`` sends every request to Flask (tests compare both paths).
     """
+
+    MEMO_LIMIT = 4096
 
     def __init__(self, app: Flask, wsgi_app: WSGIApp) -> None:
         self.app = app
         self.wsgi_app = wsgi_app
         self.enabled = True
+        self._routes: dict[tuple[str, ...], Any] = {}
+        self._keys: dict[tuple[Any, ...], Any] = {}
+        self._answers: dict[str, _Answer] = {}
+        self._counters: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
                  ) -> Iterable[bytes]:
@@ -120,9 +191,37 @@ class FastPath:
         state: AppState | None = self.app.extensions.get(EXTENSION)
         if state is None:
             return None
-        request = Request(environ)
+        target = self._target(environ)
+        if target is None:
+            return None
+        if target.spec is None:
+            found = self._source(state, target, environ)
+        else:
+            found = self._view(target, environ)
+        if found is None:
+            return None
+        key, source, render = found
+        return self._serve(state, key, source, render, environ)
+
+    def _target(self, environ: dict[str, Any]) -> _Target | None:
+        """The route's target, memoized once Flask has handled a request (before that,
+        routes and hooks may still be added)."""
+        route = (environ["REQUEST_METHOD"], environ.get("HTTP_HOST", ""),
+                 environ.get("SERVER_NAME", ""), environ.get("SERVER_PORT", ""),
+                 environ.get("SCRIPT_NAME", ""), environ.get("PATH_INFO", ""),
+                 environ.get("wsgi.url_scheme", ""))
+        target = self._routes.get(route)
+        if target is None:
+            target = self._route(environ) or _NOT_FAST
+            if self.app._got_first_request:
+                _remember(self._routes, route, target, self.MEMO_LIMIT)
+        return target if isinstance(target, _Target) else None
+
+    def _route(self, environ: dict[str, Any]) -> _Target | None:
+        from . import views  # views imports the state module: import it when first used
+
         try:
-            endpoint, args = self.app.create_url_adapter(request).match()  # type: ignore
+            endpoint, args = self.app.create_url_adapter(Request(environ)).match()  # type: ignore
         except (HTTPException, RequestRedirect):
             return None
         if self._hooked(endpoint):
@@ -130,11 +229,16 @@ class FastPath:
         view = self.app.view_functions.get(endpoint)
         if view is None:
             return None
-        found = self._source(state, view, args, request) or self._view(view, request)
-        if found is None:
+        if view is views.read_source:
+            return _Target(view, args.get("name"), None)
+        spec: ViewSpec | None = getattr(view, "swr_view", None)
+        if spec is None or spec.wrapper is not view:
             return None
-        key, source, render = found
-        return self._serve(state, key, source, render, request)
+        opts = spec.options
+        if (opts.unless is not None or opts.forced_update is not None
+                or opts.make_cache_key is not None or not isinstance(opts.key_prefix, str)):
+            return None
+        return _Target(view, None, spec)
 
     def _hooked(self, endpoint: str) -> bool:
         """Whether a hook would run for this endpoint (it must: let Flask answer)."""
@@ -145,47 +249,52 @@ class FastPath:
         return any(app.before_request_funcs.get(n) or app.after_request_funcs.get(n)
                    or app.url_value_preprocessors.get(n) for n in names)
 
-    def _source(self, state: AppState, view: Any, args: Mapping[str, Any], request: Request
+    def _source(self, state: AppState, target: _Target, environ: dict[str, Any]
                 ) -> tuple[str, str, Callable[[Any], Response]] | None:
-        from . import views  # views imports the state module: import it when first used
-
-        if view is not views.read_source:
-            return None
-        source = state.extra.get("sources", {}).get(args.get("name"))
+        source = state.extra.get("sources", {}).get(target.name)
         if source is None or source.kind == "composite":
-            return None
-        try:
-            params = source.check(request.args.to_dict(flat=True))
-        except BadRequest:
             return None
         # The generation as views.generation would use it, without its memcached read.
         cached = state.extra.get("generations", {}).get(source.name)
         if cached is None or state.monotonic() - cached[1] >= state.tiers.l1_ttl:
             return None
-        key = keying.source_key(source.name, cached[0], params)
-        return key, source.name, lambda value: views.render(source, value)
+        memo = (source.name, cached[0], environ.get("QUERY_STRING", ""))
+        known = self._keys.get(memo)
+        # The source object is kept with the key: settings reloaded make a new one.
+        if known is None or known[0] is not source:
+            from . import views
 
-    @staticmethod
-    def _view(view: Any, request: Request
+            try:
+                params = source.check(Request(environ).args.to_dict(flat=True))
+                key: Any = keying.source_key(source.name, cached[0], params)
+            except BadRequest:
+                key = _NOT_FAST
+            known = (source, key, lambda value: views.render(source, value))
+            _remember(self._keys, memo, known, self.MEMO_LIMIT)
+        if known[1] is _NOT_FAST:
+            return None
+        return known[1], source.name, known[2]
+
+    def _view(self, target: _Target, environ: dict[str, Any]
               ) -> tuple[str, str, Callable[[Any], Response]] | None:
-        from .responses import thaw
-
-        spec: ViewSpec | None = getattr(view, "swr_view", None)
-        if spec is None or spec.wrapper is not view:
-            return None
+        spec = target.spec
+        assert spec is not None
         opts = spec.options
-        if (opts.unless is not None or opts.forced_update is not None
-                or opts.make_cache_key is not None or not isinstance(opts.key_prefix, str)):
-            return None
-        vary = {h: request.headers[h] for h in opts.vary if h in request.headers}
-        query = request.args.items(multi=True) if opts.query_string else None
-        key = keying.view_key(opts.key_prefix, request.path, query, vary)
-        if opts.source_check:
-            key += "@" + spec.name
-        return key, view.__name__, thaw
+        memo = (target, environ.get("QUERY_STRING", "") if opts.query_string else None,
+                *(environ.get(k) for _, k in target.vary))
+        key = self._keys.get(memo)
+        if key is None:
+            request = Request(environ)
+            vary = {h: request.headers[h] for h in opts.vary if h in request.headers}
+            query = request.args.items(multi=True) if opts.query_string else None
+            key = keying.view_key(opts.key_prefix, request.path, query, vary)
+            if opts.source_check:
+                key += "@" + spec.name
+            _remember(self._keys, memo, key, self.MEMO_LIMIT)
+        return key, target.view.__name__, _thaw
 
     def _serve(self, state: AppState, key: str, source: str,
-               render: Callable[[Any], Response], request: Request
+               render: Callable[[Any], Response], environ: dict[str, Any]
                ) -> tuple[str, list[tuple[str, str]], bytes] | None:
         tiers = state.tiers
         item: _Local | None = tiers.local.get(key)
@@ -196,7 +305,14 @@ class FastPath:
         entry = item.entry
         now = state.clock()
         decision = decide(entry.timing, now, state.region.xfetch_beta)
-        if decision.action is not Action.SERVE:
+        if decision.action is Action.SERVE:
+            status = "HIT"
+        elif (decision.action is Action.SERVE_AND_REFRESH
+              and state.refresher.is_running(key)):
+            # Region.get_or_load would serve this copy and its refresh_later would find
+            # the refresh already running: the same answer, without Flask.
+            status = "HIT" if decision.state is State.FRESH else "STALE"
+        else:
             return None
         if item.rendered is None:
             try:
@@ -208,18 +324,29 @@ class FastPath:
         answer = item.rendered
         if not isinstance(answer, Rendered):
             return None
-        metrics.tier_hits_total.labels("l1").inc()
-        metrics.requests_total.labels(source, "hit").inc()
-        headers = [*answer.headers, ("X-Cache", "HIT"),
-                   ("Age", str(math.floor(entry.timing.age(now)))),
-                   ("Cache-Control", cache_control(entry)), ("ETag", entry.etag),
-                   *answer.trailing]
-        if request.if_none_match.contains_weak(entry.etag.strip('"')):
+        counters = self._counters.get((source, status))
+        if counters is None:
+            counters = self._counters[(source, status)] = (
+                metrics.tier_hits_total.labels("l1"),
+                metrics.requests_total.labels(source, status.lower()))
+        counters[0].inc()
+        counters[1].inc()
+        age = math.floor(entry.timing.age(now))
+        built = self._answers.get(key)
+        if (built is None or built.item() is not item or built.age != age
+                or built.status != status):
+            built = _Answer(item, age, status, (
+                *answer.headers, ("X-Cache", status), ("Age", str(age)),
+                ("Cache-Control", cache_control(entry)), ("ETag", entry.etag),
+                *answer.trailing))
+            _remember(self._answers, key, built, self.MEMO_LIMIT)
+        if_none_match = environ.get("HTTP_IF_NONE_MATCH")
+        if if_none_match and parse_etags(if_none_match).contains_weak(entry.etag.strip('"')):
             # httpcache.apply's 304, as Werkzeug sends it: no body, no entity headers.
             return ("304 NOT MODIFIED",
-                    [(k, v) for k, v in headers if k.lower() not in _ENTITY], b"")
-        body = b"" if request.method == "HEAD" else answer.body
-        return answer.status, headers, body
+                    [(k, v) for k, v in built.headers if k.lower() not in _ENTITY], b"")
+        body = b"" if environ["REQUEST_METHOD"] == "HEAD" else answer.body
+        return answer.status, list(built.headers), body
 
 
 def init_app(app: Flask) -> None:

@@ -170,3 +170,120 @@ def test_the_rendered_answer_is_kept_with_the_local_entry_and_counted(app: Flask
     items = [i for i in local._items.values() if i.rendered]
     assert len(items) == 1 and items[0].rendered.body == b"42"
     assert local.bytes == sum(i.size for i in local._items.values())
+
+
+def test_memoized_routes_keys_and_headers_answer_like_flask_on_every_repeat(
+        app: Flask, clock: FakeClock) -> None:
+    """The fast path memoizes the route per path, the key per raw query string (and
+    ``vary`` values, and generation) and the headers per whole second of age: repeats,
+    a 400 after a 200 on the same path, another ``vary`` value on the same query string,
+    a new second of age and a bumped generation must still answer exactly as Flask."""
+    from service import views
+
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    flask_side = fp.wsgi_app = Counting(fp.wsgi_app)
+    urls = [("/v1/double?x=4", {}), ("/v1/double?x=4&y=1", {}), ("/v1/double?x=5", {}),
+            ("/report?region=us", {}), ("/report?region=us", {"Accept-Language": "fr"}),
+            ("/report?region=us", {"Accept-Language": "de"}), ("/text?a=1", {}),
+            ("/text?a=2", {})]
+
+    def compare(expect_fast: bool | None = None) -> None:
+        for url, headers in urls:
+            for method in ("GET", "HEAD", "GET"):       # the second GET hits every memo
+                slow, slow_metrics = send(app, False, method, url, headers)
+                calls = flask_side.calls
+                quick, quick_metrics = send(app, True, method, url, headers)
+                assert quick == slow, f"{method} {url} {headers}"
+                assert quick_metrics == slow_metrics, f"{method} {url} {headers}"
+                if expect_fast is not None and "y=1" not in url:
+                    assert (flask_side.calls == calls) is expect_fast, f"{method} {url}"
+
+    for url, headers in urls:                            # fill (MISS)
+        send(app, False, "GET", url, headers)
+    clock.advance(0.2)
+    compare(expect_fast=True)
+    clock.advance(0.3)                                   # the same second of age
+    compare(expect_fast=True)
+    clock.advance(0.6)                                   # Age goes up by one
+    compare(expect_fast=True)
+    with app.test_request_context():
+        views.bump_generation(state_of(app), "double")   # every /v1/double key is new
+    for url in ("/v1/double?x=4", "/v1/double?x=5"):     # no old-generation key served
+        assert dict(send(app, True, "GET", url, {})[0][1])["X-Cache"] == "MISS"
+    clock.advance(0.5)                                   # still inside l1_ttl (2 s)
+    compare(expect_fast=True)
+
+
+def test_the_memos_are_bounded(app: Flask, clock: FakeClock) -> None:
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    fp.MEMO_LIMIT = 8
+    client = app.test_client()
+    for i in range(40):
+        client.get(f"/v1/double?x={i}")
+        client.get(f"/v1/double?x={i}")
+        client.get(f"/text?n={i}")
+    assert len(fp._routes) <= 8 and len(fp._keys) <= 8 and len(fp._answers) <= 8
+    assert client.get("/v1/double?x=39").headers["X-Cache"] == "HIT"
+
+
+def test_stale_reads_while_this_worker_refreshes_are_answered_like_flask(
+        app: Flask, clock: FakeClock) -> None:
+    """A STALE entry whose refresh already runs in this worker: Flask would serve the same
+    copy and schedule nothing, so the fast path answers it, byte for byte the same; with
+    no refresh running, Flask answers (it schedules the refresh)."""
+    import gevent
+
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    flask_side = fp.wsgi_app = Counting(fp.wsgi_app)
+    refresher = state_of(app).refresher
+    urls = [("/report?region=us", {}), ("/report?region=us", {"Accept-Language": "fr"}),
+            ("/v1/echo?a=1", {})]
+    for url, headers in urls:                            # fill (MISS)
+        send(app, False, "GET", url, headers)
+    keys = [_key_of(app, url, headers) for url, headers in urls]
+    clock.advance(61.0)                                  # stale, inside swr
+    refresher.start()
+    for (url, headers), key in zip(urls, keys, strict=True):
+        # Stands in for a refresh in flight: schedule() sees the key running.
+        blocker = gevent.spawn(gevent.sleep, 30)
+        refresher._running[key] = blocker
+        try:
+            send(app, False, "GET", url, headers)        # memcached confirms it (l1_ttl)
+            for method, h in (("GET", headers), ("HEAD", headers), ("GET", headers)):
+                slow, slow_metrics = send(app, False, method, url, h)
+                calls = flask_side.calls
+                quick, quick_metrics = send(app, True, method, url, h)
+                assert quick == slow, f"{method} {url} {h}"
+                assert quick_metrics == slow_metrics, f"{method} {url} {h}"
+                assert flask_side.calls == calls, f"{method} {url}: not answered fast"
+                assert dict(quick[1])["X-Cache"] == "STALE"
+                etag = dict(quick[1])["ETag"]
+                slow, _ = send(app, False, method, url, {**h, "If-None-Match": etag})
+                quick, _ = send(app, True, method, url, {**h, "If-None-Match": etag})
+                assert quick == slow and quick[0] == "304 NOT MODIFIED"
+        finally:
+            refresher._running.pop(key, None)
+            blocker.kill()
+        calls = flask_side.calls
+        assert dict(send(app, True, "GET", url, headers)[0][1])["X-Cache"] == "STALE"
+        assert flask_side.calls == calls + 1             # no refresh running: Flask's
+        assert refresher.wait(key, timeout=10)
+
+
+def _key_of(app: Flask, url: str, headers: dict[str, str]) -> str:
+    """The key the fast path computes for ``url`` (the keys it memoized are Flask's)."""
+    from werkzeug.test import EnvironBuilder
+
+    fp = app.wsgi_app
+    assert isinstance(fp, FastPath)
+    environ = EnvironBuilder(path=url.split("?")[0], query_string=url.partition("?")[2],
+                             headers=headers).get_environ()
+    target = fp._target(environ)
+    assert target is not None
+    found = (fp._source(state_of(app), target, environ) if target.spec is None
+             else fp._view(target, environ))
+    assert found is not None
+    return found[0]

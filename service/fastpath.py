@@ -21,12 +21,13 @@ Anything it is not sure about falls through to Flask, which then does what it al
   wrapped in another decorator (the outer one, say a login check, must run);
 * the entry is absent, older than ``l1_ttl`` here, or its answer is not a plain 2xx (no
   ``Location`` rewriting, no 204/206);
-* the entry is STALE, or XFetch draws an early refresh, and this worker's refresher is not
-  refreshing the key yet: Flask's path schedules the refresh (it makes its own draw, so a
-  fast-path read can only make an early refresh a little later, never skip it). While the
-  refresh runs, the slow path would only answer the same STALE (or HIT) copy and find the
-  refresh already scheduled, so the fast path answers those reads itself: a refresh costs
-  this worker's readers nothing.
+* the entry is STALE, or XFetch draws an early refresh, and nobody is refreshing the key
+  yet (neither this worker's refresher, nor another worker whose lease it just found):
+  Flask's path schedules the refresh (it makes its own draw, so a fast-path read can only
+  make an early refresh a little later, never skip it). While the refresh runs, the slow
+  path would only answer the same STALE (or HIT) copy and find the refresh already
+  scheduled, so the fast path answers those reads itself: a refresh costs this worker's
+  readers nothing.
 
 What it skips, knowingly: Flask's ``request_started``/``request_finished`` signals and
 ``teardown_request`` hooks (nothing was opened), and moving the entry up the admin
@@ -308,9 +309,10 @@ class FastPath:
         if decision.action is Action.SERVE:
             status = "HIT"
         elif (decision.action is Action.SERVE_AND_REFRESH
-              and state.refresher.is_running(key)):
+              and (state.refresher.is_running(key) or state.loader.held_elsewhere(key))):
             # Region.get_or_load would serve this copy and its refresh_later would find
-            # the refresh already running: the same answer, without Flask.
+            # the refresh already running (here, or in another worker that holds the
+            # lease): the same answer, without Flask.
             status = "HIT" if decision.state is State.FRESH else "STALE"
         else:
             return None

@@ -20,6 +20,7 @@ fenced with ``gets``/``cas``: a holder whose lease lapsed never overwrites a new
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ from .tiers import Found, TwoTier
 from .waiting import GiveUp, Raise, Serve, TakeOver, Wait, next_step, poll_delays
 
 log = logging.getLogger(__name__)
+MAX_ELSEWHERE = 10_000  # keys remembered as being refreshed by another worker
 
 class _Uncacheable:
     __slots__ = ()
@@ -129,6 +131,7 @@ class Loader:
         self.observer = observer
         self.fetcher = Fetcher(leases, settings.fetch_timeout)
         self._flights: dict[str, _Flight] = {}
+        self._elsewhere: OrderedDict[str, float] = OrderedDict()
 
     # -- entry points ------------------------------------------------------------------
 
@@ -182,6 +185,7 @@ class Loader:
         try:
             held, lease, found = self._take_lease(job.key)
             if held:
+                self._note_elsewhere(job.key)
                 return None  # another worker is on it
             if found is not None and usable(found.entry):
                 # Somebody stored a newer entry after the reader saw the old one (we got
@@ -198,6 +202,27 @@ class Loader:
             raise
         finally:
             del self._flights[job.key]
+
+    def held_elsewhere(self, key: str) -> bool:
+        """Whether a refresh of ``key`` found, a moment ago, another worker holding its
+        lease. Until that moment passes, stale reads of this worker need not schedule
+        refreshes that would only ask memcached for the lease again (one ``add`` and one
+        greenlet per stale read, for nothing)."""
+        until = self._elsewhere.get(key)
+        if until is None:
+            return False
+        if self.monotonic() < until:
+            return True
+        del self._elsewhere[key]
+        return False
+
+    def _note_elsewhere(self, key: str) -> None:
+        # At most a third of the lease: the holder renews at that pace, so if it died the
+        # lease lapses and a later stale read here schedules the refresh again.
+        self._elsewhere[key] = self.monotonic() + min(1.0, self.leases.lock_lease / 3)
+        self._elsewhere.move_to_end(key)
+        while len(self._elsewhere) > MAX_ELSEWHERE:
+            self._elsewhere.popitem(last=False)
 
     # -- the cold path -----------------------------------------------------------------
 

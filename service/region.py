@@ -119,6 +119,8 @@ class Region:
             means the work is done. ``None`` forces the fetch (the admin's button).
         :return: whether a refresh was scheduled in this worker.
         """
+        if seen is not None and self.loader.held_elsewhere(job.key):
+            return False  # another worker is refreshing it right now
         usable = self.never if seen is None else self.newer_than(seen)
         return self.refresher.schedule(job.key, lambda: self.loader.refresh(job, usable),
                                        job.source)

@@ -311,3 +311,22 @@ def test_a_lease_without_a_live_deadline_is_taken_over_at_once(pipe: Pipeline) -
     assert pipe.region.get_or_load(pipe.job()).value == "v"
     assert pipe.region.get_or_load(pipe.job(key="k2")).value == "v"
     assert pipe.calls == ["k", "k2"]
+
+
+def test_stale_reads_do_not_ask_for_a_lease_another_worker_holds_for_a_moment(
+        pipe: Pipeline) -> None:
+    pipe.store_entry("k", "old", pipe.clock())
+    pipe.clock.advance(15)                                   # stale
+    pipe.store.add(lease_key("k"), lease_value("another-worker", time.time() + 30), 30)
+    assert pipe.region.get_or_load(pipe.job()).status == "STALE"
+    assert pipe.refresher.join(timeout=5)                    # it found the lease held
+    adds = pipe.store.calls.count("add")
+    for _ in range(20):
+        assert pipe.region.get_or_load(pipe.job()).status == "STALE"
+    assert pipe.refresher.join(timeout=5)
+    assert pipe.store.calls.count("add") == adds             # no lease asked for again
+    pipe.clock.advance(1.1)                                  # the moment passed
+    assert pipe.region.get_or_load(pipe.job()).status == "STALE"
+    assert pipe.refresher.join(timeout=5)
+    assert pipe.store.calls.count("add") == adds + 1         # asked again, once
+    assert pipe.calls == []                                  # the holder does the work

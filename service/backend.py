@@ -138,24 +138,21 @@ class MemcachedCache(BaseCache):
     # -- writes --------------------------------------------------------------------------
 
     def set(self, key: str, value: Any, timeout: Timeout = None) -> bool:
-        seconds = self._normalize_timeout(timeout)
-        try:
-            claimed = self.herd.set_claimed(key, value, seconds)
-            if claimed is not None:
-                return claimed  # this caller's recompute: written fenced, lease released
-            return self.store.set(key, self.herd.envelope(value, seconds),
-                                  self.herd.memcached_ttl(seconds))
-        except CodecError as exc:
-            log.warning("not cached under %r: %s", key, exc)
-        except CacheUnavailable:
-            pass
-        return False
+        return self._write(self.store.set, key, value, timeout, recompute=True)
 
     def add(self, key: str, value: Any, timeout: Timeout = None) -> bool:
+        return self._write(self.store.add, key, value, timeout, recompute=False)
+
+    def _write(self, op: Callable[[str, Any, float], bool], key: str, value: Any,
+               timeout: Timeout, recompute: bool) -> bool:
         seconds = self._normalize_timeout(timeout)
         try:
-            return self.store.add(key, self.herd.envelope(value, seconds),
-                                  self.herd.memcached_ttl(seconds))
+            if recompute:
+                claimed = self.herd.set_claimed(key, value, seconds)
+                if claimed is not None:
+                    return claimed  # this caller's recompute: written fenced, lease released
+            return bool(op(key, self.herd.envelope(value, seconds),
+                           self.herd.memcached_ttl(seconds)))
         except CodecError as exc:
             log.warning("not cached under %r: %s", key, exc)
         except CacheUnavailable:

@@ -171,8 +171,11 @@ class Coalescer:
         (stored forever, already expired) or must stay a counter (an integer)."""
         if timeout <= 0 or type(value) is int:
             return value
+        return self._entry(value, timeout).to_wire()
+
+    def _entry(self, value: Any, timeout: float) -> Entry:
         windows = Windows(float(timeout), self.stale_while_revalidate, self.stale_if_error)
-        return Entry(value, Timing(self.clock(), windows), "").to_wire()
+        return Entry(value, Timing(self.clock(), windows), "")
 
     def memcached_ttl(self, timeout: float) -> float:
         """memcached's expiry for a value set with ``timeout``: the end of its last window."""
@@ -192,9 +195,7 @@ class Coalescer:
         try:
             if timeout <= 0 or type(value) is int:
                 return bool(self.store.set(key, value, timeout))
-            entry = Entry(value, Timing(self.clock(), Windows(
-                float(timeout), self.stale_while_revalidate, self.stale_if_error)), "")
-            if not self.tiers.write(key, entry, held.cas, self.clock()):
+            if not self.tiers.write(key, self._entry(value, timeout), held.cas, self.clock()):
                 metrics.lease_total.labels("fenced").inc()  # a newer value is stored
             return True
         except CacheUnavailable:

@@ -164,9 +164,9 @@ def child_exit(server, worker):
 # right moment to start per-worker greenlets and threads (post_fork runs before the
 # patch). worker_exit runs in the worker as it exits: running refreshes finish and release
 # their leases, then the process pool stops. A library user's own gunicorn config imports
-# the same two hooks (see the README). They are imported inside the functions: this file is
-# evaluated in the master, which must not import the app's modules (urllib3 imports ssl
-# before gevent patches the worker).
+# the same hooks, and post_request below (see the README). They are imported inside the
+# functions: this file is evaluated in the master, which must not import the app's
+# modules (urllib3 imports ssl before gevent patches the worker).
 def post_worker_init(worker):
     from service.worker import post_worker_init as start
 
@@ -180,3 +180,14 @@ def worker_exit(server, worker):
     flush = getattr(worker.log, "flush_access", None)
     if flush is not None:
         flush()  # the access lines still buffered
+
+
+# -- fairness between keep-alive connections ------------------------------------------------
+# A keep-alive connection whose next request is already waiting is served again and again
+# by its greenlet without the hub ever running (a cache hit never blocks), and the worker's
+# other connections wait: p99 of seconds under load. Yielding after each response gives
+# every ready connection its turn (service.worker.post_request says more).
+def post_request(worker, req, environ, resp):
+    from service.worker import post_request as yield_to_others
+
+    yield_to_others(worker, req, environ, resp)

@@ -40,6 +40,7 @@ from typing import Any
 import gevent
 import gevent.monkey
 from flask import Flask
+from gevent.hub import Waiter
 
 from . import metrics, monitor
 from .state import EXTENSION, AppState
@@ -118,20 +119,48 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
-    """gunicorn hook: after each response, let the worker's other greenlets run.
+    """gunicorn hook: after each response on a keep-alive connection, wait until every
+    other connection of the worker that is ready has had its turn.
 
     Why: gunicorn's gevent worker serves a keep-alive connection in one greenlet that
     loops read request, answer, read the next. A gevent socket only gives the hub a turn
     when a call would block, and a cache hit never blocks: when the client has sent its
     next request by the time the answer is out (a load balancer, a busy keep-alive client,
     wrk), that greenlet reads it at once and goes on, and every other connection of the
-    worker waits, for seconds under load (measured: p99 1.8-2.8 s at 32 connections, and
-    the hub monitor reporting the hub blocked; with this hook 30-90 ms). Yielding once per
-    request puts the greenlet behind the others that are ready, and lets the hub poll for
-    I/O at least every ``gevent.getswitchinterval()`` seconds. It costs a few microseconds
-    per request. Outside gevent (a sync worker) there is nothing to yield to.
+    worker waits, for seconds under load. ``gevent.sleep(0)`` is not enough at 1,000
+    connections: a greenlet resumed from it runs before the loop polls again, so whoever
+    yielded last is served first and connections waiting on the poll fall behind (p99 3.6 s
+    with sleep(0), 0.3-0.7 s with this, in one run). Waiting for the loop to be idle
+    serves the ready connections round-robin, one request each. The wait is bounded by
+    :data:`FAIRNESS_WAIT_MAX`, for a loop that is never idle (code elsewhere in the
+    worker that spins on ``sleep(0)``). A connection about to close, a request that failed
+    before it had a response, or a worker without gevent (sync) has no one to yield to.
     """
-    if gevent.monkey.is_module_patched("socket"):
-        # The only switch a hit makes: without it, this connection's next request would
-        # be read before any other connection of this worker is looked at.
-        gevent.sleep(0)
+    if resp is None or resp.should_close() or not gevent.monkey.is_module_patched("socket"):
+        return
+    wait_for_idle_loop(FAIRNESS_WAIT_MAX)
+
+
+FAIRNESS_WAIT_MAX = 1.0
+"""Seconds :func:`post_request` waits at most for the worker's loop to be idle."""
+
+
+def wait_for_idle_loop(at_most: float) -> None:
+    """Let every greenlet and I/O event that is ready run first; return once the loop has
+    nothing else to do, or after ``at_most`` seconds (``gevent.idle`` with a bound, using
+    one timer rather than a ``Timeout`` object: this runs once per request)."""
+    hub = gevent.get_hub()
+    waiter: Waiter[Any] = Waiter(hub)
+    idle = hub.loop.idle()
+    timer = hub.loop.timer(at_most)
+    idle.start(waiter.switch, None)
+    timer.start(waiter.switch, None)
+    try:
+        waiter.get()
+    finally:
+        # Both stopped before either can fire again: the second, if it was due in the
+        # same loop iteration, is cleared and never switches to this greenlet later.
+        idle.stop()
+        timer.stop()
+        idle.close()
+        timer.close()

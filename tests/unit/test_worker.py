@@ -1,19 +1,68 @@
-"""``service.worker.post_request``: the per-request yield of a gevent worker."""
+"""``service.worker.post_request``: after a keep-alive response, a gevent worker's
+connection greenlet waits for everything else that is ready (bounded)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import gevent
 
-from service.worker import post_request
+from service.worker import post_request, wait_for_idle_loop
 
 
-def test_post_request_lets_a_ready_greenlet_run_before_it_returns() -> None:
+class Response:
+    """What the hook reads of gunicorn's ``Response``."""
+
+    def __init__(self, closing: bool) -> None:
+        self.closing = closing
+
+    def should_close(self) -> bool:
+        return self.closing
+
+
+def steps(ran: list[str], n: int) -> None:
+    """A greenlet that is ready ``n`` times in a row (each step a separate turn)."""
+    for i in range(n):
+        ran.append(f"step {i}")
+        gevent.sleep(0)
+
+
+def test_post_request_returns_after_every_ready_greenlet_ran_all_its_turns() -> None:
+    ran: list[str] = []
+    other = gevent.spawn(steps, ran, 3)
+    try:
+        post_request(None, None, {}, Response(closing=False))
+        # sleep(0) would come back after the other's first turn; an idle loop means the
+        # other greenlet had all of them (and finished).
+        assert ran == ["step 0", "step 1", "step 2"]
+        assert other.dead
+    finally:
+        other.kill()
+
+
+def test_post_request_does_not_wait_when_the_connection_closes_or_has_no_response() -> None:
     ran: list[str] = []
     other = gevent.spawn(ran.append, "other")
     try:
+        post_request(None, None, {}, Response(closing=True))
         post_request(None, None, {}, None)
-        # The other greenlet was ready; the hook gave it its turn before the connection's
-        # greenlet went on to read its next request.
-        assert ran == ["other"]
+        assert ran == []          # the greenlet is about to end: nobody to wait for
     finally:
         other.kill()
+
+
+def test_the_wait_is_bounded_when_the_loop_is_never_idle() -> None:
+    spinning = True
+
+    def spin() -> None:           # some other code of the worker that never lets it idle
+        while spinning:
+            gevent.sleep(0)
+
+    spinner: Any = gevent.spawn(spin)
+    try:
+        wait_for_idle_loop(0.05)
+        assert not spinner.dead   # returned by its bound, while the loop was still busy
+    finally:
+        spinning = False
+        spinner.join(timeout=5)
+        spinner.kill()

@@ -66,3 +66,17 @@ def test_the_wait_is_bounded_when_the_loop_is_never_idle() -> None:
         spinning = False
         spinner.join(timeout=5)
         spinner.kill()
+
+
+def test_the_objects_a_worker_loaded_are_kept_out_of_full_collections() -> None:
+    import gc
+
+    from service.worker import freeze_startup_objects
+
+    loaded = object.__new__(Response)          # something the worker made before serving
+    try:
+        freeze_startup_objects()
+        assert gc.get_freeze_count() > 0
+        assert not any(o is loaded for o in gc.get_objects(generation=2))
+    finally:
+        gc.unfreeze()

@@ -121,16 +121,22 @@ def decide(
 ) -> Decision:
     """What a read does with what it found (``None``: nothing in either tier)."""
     if timing is None:
-        return Decision(Action.FETCH, None)
+        return _DECISIONS[Action.FETCH, None]
     s = state(timing, now)
     if s is State.FRESH:
         refresh = early_refresh(timing, now, beta, rand)
-        return Decision(Action.SERVE_AND_REFRESH if refresh else Action.SERVE, s)
+        return _DECISIONS[Action.SERVE_AND_REFRESH if refresh else Action.SERVE, s]
     if s is State.STALE:
-        return Decision(Action.SERVE_AND_REFRESH, s)
+        return _DECISIONS[Action.SERVE_AND_REFRESH, s]
     if s is State.ERROR_ONLY:
-        return Decision(Action.FETCH_OR_SERVE_ON_ERROR, s)
-    return Decision(Action.FETCH, s)
+        return _DECISIONS[Action.FETCH_OR_SERVE_ON_ERROR, s]
+    return _DECISIONS[Action.FETCH, s]
+
+
+# Every decision there can be, made once: decide() runs on every read, fast path
+# included, and a frozen dataclass costs more to build than the whole decision.
+_DECISIONS: dict[tuple[Action, State | None], Decision] = {
+    (a, s): Decision(a, s) for a in Action for s in (*State, None)}
 
 
 def backoff(failures: int, base: float, cap: float, rand: Callable[[], float] = random.random

@@ -290,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw = med(runs["/raw"], "rps")
     rows = [{"label": label, "path": path, "rps": med(runs[path], "rps"),
              "ratio": med(runs[path], "rps") / raw, "p99": med(runs[path], "p99"),
+             # Each round's ratio to that round's raw WSGI run: how much of the spread is
+             # the machine (shown next to the table; the targets use the medians).
+             "per_round": [w.rps / r.rps for w, r in zip(runs[path], runs["/raw"],
+                                                           strict=True)],
              "errors": sum(v.errors for v in runs[path])} for label, path in ROUTES]
     high_rows = [{"config": c, "path": p, "rps": med(h, "rps"), "p99": med(h, "p99"),
                   "timeouts": int(med(h, "timeouts")), "errors": sum(v.errors for v in h)}
@@ -302,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in rows:
         print(f"{row['label']:42}{row['rps']:>10,.0f}{row['ratio']:>8.2f}"
               f"{row['p99'] * 1000:>9.1f}{row['errors']:>8}")
+    print("x raw per round (each against that round's raw run): " + "; ".join(
+        f"{r['path']} " + " ".join(f"{x:.2f}" for x in r["per_round"])
+        for r in rows if r["path"] != "/raw"))
     fc = next(r for r in rows if r["path"] == "/fc")["rps"]
     v1 = next(r for r in rows if r["path"] == "/v1/const")["rps"]
     print(f"/v1 hit vs Flask-Caching @cached hit: {v1 / fc:.2f}x")
@@ -406,6 +413,9 @@ def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], mem
         "| answer | req/s | x raw WSGI | p99 ms | errors |", "|---|---:|---:|---:|---:|",
         *[f"| {r['label']} | {r['rps']:,.0f} | {r['ratio']:.2f} | {r['p99'] * 1000:.1f} | "
           f"{r['errors']} |" for r in rows], "",
+        "Each round against that round's raw WSGI run (the spread is the machine's): "
+        + "; ".join(f"`{r['path']}` " + ", ".join(f"{x:.2f}" for x in r["per_round"])
+                    for r in rows if r["path"] != "/raw") + ".", "",
         f"At {args.high} connections ({args.high_seconds:g} s, wrk `--timeout 5s`; "
         "`shipped` is `deploy/gunicorn.conf.py`, the others add the gunicorn arguments "
         "shown; all interleaved, medians):", "",

@@ -148,7 +148,7 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     worker that spins on ``sleep(0)``). A connection about to close, a request that failed
     before it had a response, or a worker without gevent (sync) has no one to yield to.
     """
-    if resp is None or resp.should_close() or not gevent.monkey.is_module_patched("socket"):
+    if not gevent.monkey.is_module_patched("socket") or resp is None or resp.should_close():
         return
     wait_for_idle_loop(FAIRNESS_WAIT_MAX)
 

@@ -106,9 +106,14 @@ class Coalescer:
             self._count("hit")
             return entry.value
         if now_state is State.STALE:
-            if self._claim(key, entry):
+            claimed = self._claim(key, entry)
+            if claimed is True:
                 self._count("miss")
                 return None
+            if isinstance(claimed, Entry):
+                # A newer value landed (and its lease came free) since our read.
+                self._count("hit")
+                return claimed.value
             self._count("stale")
             return entry.value
         if now_state is State.ERROR_ONLY and self.errors.recall(key) is not None:

@@ -105,6 +105,29 @@ def test_stale_answers_at_once_while_exactly_one_caller_recomputes(
     assert app.test_client().get("/report").data == b"report #2"
 
 
+def test_a_stale_read_that_gets_the_lease_after_a_new_value_landed_serves_that_value(
+        unchanged: Any, clock: FakeClock) -> None:
+    # Another worker's recompute lands, and its lease is given back, between this read
+    # seeing the stale entry and asking for the lease: the read must answer the new
+    # value (dogpile's re-read after taking the lease), not recompute again.
+    app, origin, backend = unchanged
+    app.test_client().get("/report")
+    clock.advance(61)                             # past timeout, inside the SWR window
+    herd = backend.herd
+    acquire = herd.leases.acquire
+
+    def the_other_worker_finishes_first(key: str) -> Any:
+        herd.leases.acquire = acquire
+        clock.advance(1)
+        backend.set("view//report", "report from the other worker", timeout=60)
+        return acquire(key)
+
+    herd.leases.acquire = the_other_worker_finishes_first  # type: ignore[method-assign]
+    assert app.test_client().get("/report").data == b"report from the other worker"
+    assert origin.calls == 1                      # no second recompute
+    assert herd.leases.holder("view//report") is None   # the lease went back at once
+
+
 def test_a_failed_recompute_gives_the_lease_back_and_stale_if_error_serves(
         unchanged: Any, clock: FakeClock, memcached: Any) -> None:
     app, origin, backend = unchanged

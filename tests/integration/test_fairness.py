@@ -1,6 +1,7 @@
 """Real gunicorn with deploy/gunicorn.conf.py, one gevent worker: a keep-alive connection
 whose requests are always already waiting must not keep the worker's other connections
-waiting (``service.worker.post_request``)."""
+waiting, and keep-alive connections must keep their turn while new connections keep
+arriving (``service.worker.post_request``)."""
 
 from __future__ import annotations
 
@@ -36,13 +37,17 @@ def read_response(sock: socket.socket) -> bytes:
     return head
 
 
-def test_a_connection_with_requests_always_waiting_does_not_starve_the_others(
-    tmp_path: Path, memcached: Any, key_prefix: str, gunicorn_factory: Any
-) -> None:
+@pytest.fixture
+def server(tmp_path: Path, memcached: Any, key_prefix: str, gunicorn_factory: Any) -> Any:
     settings = tmp_path / "settings.toml"
     settings.write_text(f'[cache]\nservers = ["{memcached.address}"]\n'
                         f'key_prefix = "{key_prefix}"\n')
-    server = gunicorn_factory(settings, workers=1)
+    return gunicorn_factory(settings, workers=1)
+
+
+def test_a_connection_with_requests_always_waiting_does_not_starve_the_others(
+    server: Any
+) -> None:
     busy = socket.create_connection((server.host, server.port), timeout=60)
     other = socket.create_connection((server.host, server.port), timeout=60)
     received = bytearray()
@@ -79,3 +84,41 @@ def test_a_connection_with_requests_always_waiting_does_not_starve_the_others(
             reader.kill()
         busy.close()
         other.close()
+
+
+CLOSERS = 20
+KEEP_ALIVE_REQUESTS = 30
+
+
+def test_keep_alive_connections_keep_their_turn_while_new_connections_keep_arriving(
+    server: Any
+) -> None:
+    closed: list[int] = []          # one entry per answered new-connection request
+    stop = False
+
+    def closer() -> None:           # a client that opens a connection per request
+        while not stop:
+            with socket.create_connection((server.host, server.port), timeout=30) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                while sock.recv(65536):
+                    pass
+            closed.append(1)
+
+    closers = [gevent.spawn(closer) for _ in range(CLOSERS)]
+    keep_alive = socket.create_connection((server.host, server.port), timeout=30)
+    try:
+        answered = 0
+        # Round-robin would give the keep-alive connection about one request for every
+        # CLOSERS new ones. Waiting for an idle loop (which never comes while connections
+        # keep arriving) gave it one per second: hundreds of new ones for each of its own.
+        while answered < KEEP_ALIVE_REQUESTS and len(closed) < 200 * KEEP_ALIVE_REQUESTS:
+            keep_alive.sendall(REQUEST)
+            assert read_response(keep_alive).startswith(STATUS_LINE)
+            answered += 1
+        assert answered == KEEP_ALIVE_REQUESTS, (answered, len(closed))
+        assert closed, "the new connections were answered too"
+    finally:
+        stop = True
+        gevent.joinall(closers, timeout=30)
+        gevent.killall(closers)
+        keep_alive.close()

@@ -32,8 +32,8 @@ def test_post_request_returns_after_every_ready_greenlet_ran_all_its_turns() -> 
     other = gevent.spawn(steps, ran, 3)
     try:
         post_request(None, None, {}, Response(closing=False))
-        # sleep(0) would come back after the other's first turn; an idle loop means the
-        # other greenlet had all of them (and finished).
+        # sleep(0) would come back after the other's first turn; the next turn of the
+        # loop comes only after everything that was ready ran (here: the other, to its end).
         assert ran == ["step 0", "step 1", "step 2"]
         assert other.dead
     finally:

@@ -29,11 +29,11 @@ workers = int(os.environ.get("SERVICE_WORKERS", multiprocessing.cpu_count()))
 # Keep it above the keep-alive connections one worker is handed: a busy keep-alive
 # connection never frees its slot, so the ones past the limit wait unaccepted.
 worker_connections = 1000
-# reuse_port stays off: the workers share one listening socket, and the one whose hub is
-# free accepts. Measured against reuse_port = True (one socket per worker, the kernel
-# splits connections evenly, also to a busy worker) and worker_connections = 250 at 1,000
-# connections, interleaved in one make bench run: neither improved the /v1 p99 or the
-# timeouts beyond the noise (docs/BENCHMARKS.md, "1,000 connections").
+# reuse_port stays off: the workers share one listening socket, and each takes every
+# connection waiting there when its loop comes round (post_worker_init lifts gunicorn's one
+# per turn: service.worker.accept_in_batches), so the less busy worker, back sooner, takes
+# more. With reuse_port the kernel splits connections evenly, also to a busy worker, and
+# the connections queued at a worker that exits (a reload, max_requests) are reset.
 # The app is imported in each worker after fork, never in the master: the memcached pool,
 # the refresher greenlets and the process pool belong to a worker. With preload_app the
 # master would import the app, and anything started there would not survive the fork.

@@ -1,7 +1,8 @@
-"""Real gunicorn with deploy/gunicorn.conf.py, one gevent worker: a keep-alive connection
-whose requests are always already waiting must not keep the worker's other connections
-waiting, and keep-alive connections must keep their turn while new connections keep
-arriving (``service.worker.post_request``)."""
+"""Real gunicorn with deploy/gunicorn.conf.py: a keep-alive connection whose requests are
+always already waiting must not keep the worker's other connections waiting, keep-alive
+connections must keep their turn while new connections keep arriving
+(``service.worker.post_request``), and a burst of new connections is accepted within a
+turn or two, not one turn per connection (``service.worker.accept_in_batches``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import gevent
 import pytest
+from gevent.event import Event
 
 pytestmark = [pytest.mark.memcached, pytest.mark.gunicorn]
 
@@ -20,7 +22,12 @@ PIPELINED = 3000
 
 
 def read_response(sock: socket.socket) -> bytes:
-    """One whole HTTP/1.1 response (head and a Content-Length body) from ``sock``."""
+    """The head of one whole HTTP/1.1 response (head and a Content-Length body)."""
+    return read_answer(sock)[0]
+
+
+def read_answer(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One whole HTTP/1.1 response from ``sock``: its head and its Content-Length body."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(4096)
@@ -34,7 +41,7 @@ def read_response(sock: socket.socket) -> bytes:
         assert chunk, "connection closed in the body"
         body += chunk
     assert len(body) == length, "one response at a time: nothing else was asked"
-    return head
+    return head, body
 
 
 @pytest.fixture
@@ -122,3 +129,68 @@ def test_keep_alive_connections_keep_their_turn_while_new_connections_keep_arriv
         gevent.joinall(closers, timeout=30)
         gevent.killall(closers)
         keep_alive.close()
+
+
+SPIN = b"GET /spin HTTP/1.1\r\nHost: t\r\n\r\n"
+PID = b"GET /pid HTTP/1.1\r\nHost: t\r\n\r\n"
+SPINS = 500      # 5 s of CPU per worker (tests.turns_app.SPIN_SECONDS each): outlasts the test
+BURST = 60
+
+
+def test_a_burst_of_new_connections_is_accepted_in_a_turn_or_two_by_busy_workers(
+    tmp_path: Path, gunicorn_factory: Any
+) -> None:
+    settings = tmp_path / "settings.toml"
+    settings.write_text("")
+    server = gunicorn_factory(settings, workers=2, app="tests.turns_app:app")
+    address = (server.host, server.port)
+    hogs: dict[bytes, socket.socket] = {}      # one busy connection per worker, by pid
+    others: list[socket.socket] = []
+    greenlets: list[gevent.Greenlet] = []
+    received: dict[bytes, bytearray] = {}
+    both_busy = Event()
+
+    def answered() -> int:
+        return sum(data.count(STATUS_LINE) for data in received.values())
+
+    def hog(pid: bytes, sock: socket.socket) -> None:
+        while chunk := sock.recv(65536):
+            received[pid].extend(chunk)
+            if len(received) == 2 and min(d.count(STATUS_LINE) for d in received.values()) >= 3:
+                both_busy.set()
+
+    try:
+        # An idle worker takes every new connection as fast as they come, so the second
+        # hog is looked for while the first worker is kept busy by the first one.
+        while len(hogs) < 2 and len(others) < 200:
+            sock = socket.create_connection(address, timeout=60)
+            sock.sendall(PID)
+            pid = read_answer(sock)[1]
+            if pid in hogs:
+                others.append(sock)
+                continue
+            hogs[pid] = sock
+            received[pid] = bytearray()
+            greenlets.append(gevent.spawn(hog, pid, sock))
+            # Pipelined: the hog's next request is always waiting, so each of the worker's
+            # turns is at least one SPIN long (post_request gives it one request per turn).
+            greenlets.append(gevent.spawn(sock.sendall, SPIN * SPINS))
+        assert len(hogs) == 2, "both workers took a connection"
+        assert both_busy.wait(timeout=60), "both workers busy"
+
+        burst = [socket.create_connection(address, timeout=60) for _ in range(BURST)]
+        others.extend(burst)
+        for sock in burst:
+            sock.sendall(PID)
+        before = answered()
+        for sock in burst:
+            assert read_response(sock).startswith(STATUS_LINE)
+        meanwhile = answered() - before
+        # Accepting one connection per turn (gunicorn's choice for several workers), the
+        # last of the burst waits about BURST / 2 turns of each worker, each one a SPIN of
+        # its hog; accepting what is waiting, a turn or two.
+        assert meanwhile < BURST // 2, meanwhile
+    finally:
+        gevent.killall(greenlets)
+        for sock in [*hogs.values(), *others]:
+            sock.close()

@@ -25,7 +25,7 @@ import the app's modules before gevent patches the workers).
 loaded (``post_fork`` runs too early, before the patch): it starts the refresher (and
 the periodic jobs) and the hub monitor, freezes the objects loaded so far (see
 :func:`freeze_startup_objects`), and lets the worker accept new connections in batches
-(see :func:`accept_in_batches`). ``worker_exit`` runs in the worker as it shuts
+(see :mod:`service.acceptor`). ``worker_exit`` runs in the worker as it shuts
 down: ``/readyz`` answers 503 from then on, running refreshes finish (and release their
 leases), and the niced child processes go. ``post_request`` runs in the worker after each
 response and lets the worker's other connections have their turn (see
@@ -44,9 +44,9 @@ import gevent
 import gevent.monkey
 from flask import Flask
 from gevent.hub import Waiter
-from gevent.server import StreamServer
 
 from . import metrics, monitor
+from .acceptor import accept_in_batches
 from .state import EXTENSION, AppState
 
 log = logging.getLogger(__name__)
@@ -101,56 +101,6 @@ def post_worker_init(worker: Any) -> None:
             # gunicorn does this for its own handler; installing ours resets it.
             signal.siginterrupt(signal.SIGTERM, False)
         freeze_startup_objects()
-
-
-#: New connections a gevent worker accepts per turn of its loop: gevent's own default.
-ACCEPT_PER_TURN = 100
-
-
-class BatchAcceptServer(StreamServer):  # type: ignore[misc]
-    """gevent's ``StreamServer``, accepting up to :data:`ACCEPT_PER_TURN` connections each
-    time the listening socket is ready; the 1 gunicorn sets is ignored."""
-
-    @property
-    def max_accept(self) -> int:
-        return ACCEPT_PER_TURN
-
-    @max_accept.setter
-    def max_accept(self, value: int) -> None:
-        pass  # gunicorn's 1 for several workers: see accept_in_batches
-
-
-def accept_in_batches(worker: Any) -> None:
-    """Let this gevent worker accept every waiting connection (up to
-    :data:`ACCEPT_PER_TURN`) each turn of its loop, not one.
-
-    Why: with more than one worker, gunicorn's gevent worker accepts one connection per
-    turn of its loop, so that one worker does not take them all. But a turn serves every
-    connection that has a request ready (:func:`post_request`), and takes longer the more
-    connections the worker has: with 500 busy connections a turn is 100-150 ms, and a
-    burst of new connections waits in the listen queue one turn per connection before it.
-    At 1,000 connections that was the whole tail: p99 1.5-2.8 s and 60-150 requests over
-    5 s, for the raw WSGI app as much as for a cache hit, against p99 0.3-0.7 s and none
-    with batches (``python -m bench.throughput``). Batches keep the workers even anyway:
-    a worker with fewer connections comes round to its listening socket sooner, and takes
-    the waiting connections before the busier one does.
-
-    Called by :func:`post_worker_init`, in the worker, before gunicorn builds its server
-    (the class gunicorn instantiates is swapped in this process only). The pywsgi worker
-    (``gevent_pywsgi``) builds another server, which keeps gevent's default already.
-    """
-    from gunicorn.workers import ggevent
-
-    if not isinstance(worker, ggevent.GeventWorker) or worker.server_class is not None:
-        return
-    found = getattr(ggevent, "StreamServer", None)
-    if found is BatchAcceptServer:
-        return
-    if found is not StreamServer:
-        log.warning("gunicorn's gevent worker does not build gevent's StreamServer here: "
-                    "new connections are accepted as gunicorn decides")
-        return
-    ggevent.StreamServer = BatchAcceptServer
 
 
 def freeze_startup_objects() -> None:

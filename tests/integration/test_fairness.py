@@ -194,3 +194,4 @@ def test_a_burst_of_new_connections_is_accepted_in_a_turn_or_two_by_busy_workers
         gevent.killall(greenlets)
         for sock in [*hogs.values(), *others]:
             sock.close()
+

@@ -29,11 +29,12 @@ workers = int(os.environ.get("SERVICE_WORKERS", multiprocessing.cpu_count()))
 # Keep it above the keep-alive connections one worker is handed: a busy keep-alive
 # connection never frees its slot, so the ones past the limit wait unaccepted.
 worker_connections = 1000
-# reuse_port stays off: the workers share one listening socket, and each takes every
-# connection waiting there when its loop comes round (post_worker_init lifts gunicorn's one
-# per turn: service.worker.accept_in_batches), so the less busy worker, back sooner, takes
-# more. With reuse_port the kernel splits connections evenly, also to a busy worker, and
-# the connections queued at a worker that exits (a reload, max_requests) are reset.
+# reuse_port stays off: the workers share one listening socket. post_worker_init makes each
+# take every connection waiting when its loop comes round (gunicorn's gevent worker takes
+# one per turn when there are several workers) and leave new connections to a clearly less
+# busy worker first (service/acceptor.py: a board of open connections per worker, in
+# /dev/shm/swr-accept-<master pid>). With reuse_port the kernel splits connections by
+# count, also to a busy worker, and resets those queued at a worker that exits (a reload).
 # The app is imported in each worker after fork, never in the master: the memcached pool,
 # the refresher greenlets and the process pool belong to a worker. With preload_app the
 # master would import the app, and anything started there would not survive the fork.

@@ -45,8 +45,7 @@ import gevent.monkey
 from flask import Flask
 from gevent.hub import Waiter
 
-from . import metrics, monitor
-from .acceptor import accept_in_batches
+from . import acceptor, metrics, monitor
 from .state import EXTENSION, AppState
 
 log = logging.getLogger(__name__)
@@ -90,7 +89,7 @@ def stopping(app: Flask, timeout: float = 10.0) -> None:
 def post_worker_init(worker: Any) -> None:
     """gunicorn hook: start the refresher in this worker, after fork and gevent's patch;
     and make ``/readyz`` answer 503 from the moment the worker is told to stop."""
-    accept_in_batches(worker)
+    acceptor.accept_in_batches(worker)
     app = find_app(getattr(worker, "wsgi", None))
     if app is not None:
         started(app)
@@ -127,6 +126,7 @@ def readiness_off(state: AppState, previous: Any) -> Callable[[int, Any], None]:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """gunicorn hook: drain this worker's refresher as it exits."""
+    acceptor.release(worker)
     app = find_app(getattr(worker, "wsgi", None))
     if app is not None:
         graceful = float(getattr(getattr(server, "cfg", None), "graceful_timeout", 20) or 20)

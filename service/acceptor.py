@@ -212,10 +212,13 @@ class BatchAcceptServer(StreamServer):  # type: ignore[misc]
     def max_accept(self, value: int) -> None:
         pass  # gunicorn's 1 for several workers: see the module's docstring
 
+    #: Connections accepted and not yet done: counted here, not read off the pool, whose
+    #: greenlets leave it a little after their connections close.
+    _open = 0
+
     def connections(self) -> int:
-        """Connections this worker has open (each one holds a slot of the pool)."""
-        pool = self.pool
-        return 0 if pool is None else int(pool.size - pool.free_count())
+        """Connections this worker has open."""
+        return self._open
 
     def do_read(self) -> Any:
         """Accept one connection (``_do_read`` calls this up to :data:`ACCEPT_PER_TURN`
@@ -224,7 +227,7 @@ class BatchAcceptServer(StreamServer):  # type: ignore[misc]
         board = self.board
         if board is None:
             return super().do_read()
-        mine = self.connections()
+        mine = self._open
         if self._passes > 0:
             self._passes -= 1
         else:
@@ -236,7 +239,8 @@ class BatchAcceptServer(StreamServer):  # type: ignore[misc]
         if accepted is None:
             self._passes = 0     # nothing waits: the next connection is looked at afresh
         else:
-            board.publish(mine + 1)   # its greenlet joins the pool right after this
+            self._open += 1
+            board.publish(self._open)
         return accepted
 
     _passes = 0
@@ -267,6 +271,15 @@ class BatchAcceptServer(StreamServer):  # type: ignore[misc]
         # must not cost a wait per connection), then it is looked at again.
         self._passes = PASSES_AFTER_WAIT
         self.start_accepting()
+
+    def do_close(self, *args: Any) -> None:
+        """A connection is done (its handler returned): the others see one fewer now, not
+        at this worker's next accept, or they would keep counting connections a finished
+        load left behind and leave the next burst to this worker."""
+        super().do_close(*args)
+        if self.board is not None:
+            self._open = max(0, self._open - 1)
+            self.board.publish(self._open)
 
     def start(self) -> None:
         super().start()

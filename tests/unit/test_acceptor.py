@@ -213,3 +213,38 @@ def test_a_busier_worker_leaves_connections_to_a_live_idle_peer_then_takes_them(
 def test_no_wait_for_a_busier_peer_or_a_dead_one(tmp_path: Path) -> None:
     assert serve_busy(tmp_path, peer_connections=50, peer_pid=os.getppid()) == (0, 6)
     assert serve_busy(tmp_path, peer_connections=0, peer_pid=gone_pid()) == (0, 6)
+
+
+def test_the_board_counts_connections_closed_all_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "board"
+    BatchAcceptServer.board = Board(path, pid=os.getpid())
+    peer = Board(path, pid=os.getppid())
+    peer.join()
+
+    def handle(sock: Any, address: Any) -> None:
+        while sock.recv(100):
+            pass
+
+    server = BatchAcceptServer(("127.0.0.1", 0), handle=handle, spawn=100)
+    server.start()
+    clients = [socket.create_connection(server.address, timeout=5) for _ in range(5)]
+    try:
+        for _ in range(100):            # until the server has taken all five
+            if peer.peers() == [(os.getpid(), 5)]:
+                break
+            gevent.sleep(0.01)
+        assert peer.peers() == [(os.getpid(), 5)]
+        for client in clients:
+            client.close()
+        # All five end in the same turn of the loop, before their greenlets leave the
+        # pool: counting the pool would leave 4 on the board, and the other workers would
+        # then leave the next burst to this one.
+        for _ in range(100):
+            if peer.peers() == [(os.getpid(), 0)]:
+                break
+            gevent.sleep(0.01)
+        assert peer.peers() == [(os.getpid(), 0)]
+    finally:
+        server.stop(timeout=1)
+        peer.release()
+        BatchAcceptServer.board = None

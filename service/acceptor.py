@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 #: New connections a gevent worker accepts each time its listening socket is ready:
 #: gevent's own default.
 ACCEPT_PER_TURN = 100
-#: How long a busier worker leaves waiting connections to a less busy one (libev rounds
-#: its timers up to whole milliseconds anyway).
+#: How long a busier worker leaves waiting connections to a less busy one: a few times
+#: what an idle worker can take to wake on a shared machine, short beside a turn of a
+#: busy worker (libev rounds timers up to whole milliseconds anyway). Every measurement
+#: in bench/findings.md ran with 3 ms.
 PEER_WAIT = 0.003
 #: Connections a worker takes after a wait before it looks at the board again.
 PASSES_AFTER_WAIT = 8
@@ -99,9 +101,10 @@ class Board:
     """Open connections per worker, in a file every worker of one master maps.
 
     Each worker claims a free slot (or one whose pid is gone) under an exclusive lock of
-    the file, writes its count when connections wait, and frees its slot when it stops
-    accepting. Reads and writes of a slot are one 8-byte copy each; a count read while
-    its worker writes it is one accept behind, which is all the precision needed.
+    the file once its server accepts, writes its count at every accept and close, and
+    frees its slot when it stops accepting. Reads and writes of a slot are one 8-byte
+    copy each; a count read while its worker writes it is one connection behind, which is
+    all the precision needed.
     """
 
     def __init__(self, path: Path, pid: int | None = None) -> None:

@@ -199,9 +199,10 @@ class BatchAcceptServer(StreamServer):  # type: ignore[misc]
     time the listening socket is ready (the 1 gunicorn sets is ignored), and leaving them
     for :data:`PEER_WAIT` to a less busy worker on the :attr:`board`.
 
-    It works through ``BaseServer``'s accept machinery: ``_do_read`` (called when the
-    socket is ready), ``start_accepting``/``stop_accepting`` and the ``_timer`` they
-    manage; ``tests/unit/test_acceptor.py`` runs it on the installed gevent.
+    It works through ``BaseServer``'s accept machinery: ``do_read`` (once per connection
+    of a batch), ``do_close`` (once per connection done), ``start_accepting`` and
+    ``stop_accepting`` and the ``_timer`` they manage; ``tests/unit/test_acceptor.py``
+    runs it on the installed gevent.
     """
 
     #: Set by :func:`accept_in_batches` in the worker (this class is per process).
@@ -218,10 +219,8 @@ class BatchAcceptServer(StreamServer):  # type: ignore[misc]
     #: Connections accepted and not yet done: counted here, not read off the pool, whose
     #: greenlets leave it a little after their connections close.
     _open = 0
-
-    def connections(self) -> int:
-        """Connections this worker has open."""
-        return self._open
+    #: Connections still to accept without looking at the board (after a wait).
+    _passes = 0
 
     def do_read(self) -> Any:
         """Accept one connection (``_do_read`` calls this up to :data:`ACCEPT_PER_TURN`
@@ -245,8 +244,6 @@ class BatchAcceptServer(StreamServer):  # type: ignore[misc]
             self._open += 1
             board.publish(self._open)
         return accepted
-
-    _passes = 0
 
     def _busier_than_a_peer(self, board: Board, mine: int) -> bool:
         peers = board.peers()

@@ -24,10 +24,11 @@ import the app's modules before gevent patches the workers).
 ``post_worker_init`` runs in the worker after gevent has patched it and the app is
 loaded (``post_fork`` runs too early, before the patch): it starts the refresher (and
 the periodic jobs) and the hub monitor, freezes the objects loaded so far (see
-:func:`freeze_startup_objects`), and lets the worker accept new connections in batches
-(see :mod:`service.acceptor`). ``worker_exit`` runs in the worker as it shuts
-down: ``/readyz`` answers 503 from then on, running refreshes finish (and release their
-leases), and the niced child processes go. ``post_request`` runs in the worker after each
+:func:`freeze_startup_objects`), and lets the worker accept new connections in batches,
+the least busy worker first (see :mod:`service.acceptor`). ``worker_exit`` runs in the
+worker as it shuts down: ``/readyz`` answers 503 from then on, running refreshes finish
+(and release their leases), its slot on the accept board is freed, and the niced child
+processes go. ``post_request`` runs in the worker after each
 response and lets the worker's other connections have their turn (see
 :func:`post_request`). Nothing here runs in the master.
 """

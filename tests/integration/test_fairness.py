@@ -137,12 +137,19 @@ SPINS = 500      # 5 s of CPU per worker (tests.turns_app.SPIN_SECONDS each): ou
 BURST = 60
 
 
-def test_a_burst_of_new_connections_is_accepted_in_a_turn_or_two_by_busy_workers(
-    tmp_path: Path, gunicorn_factory: Any
-) -> None:
+@pytest.fixture
+def two_workers(tmp_path: Path, gunicorn_factory: Any) -> Any:
+    """gunicorn with deploy/gunicorn.conf.py and 2 workers serving tests.turns_app: every
+    answer says which worker gave it."""
     settings = tmp_path / "settings.toml"
     settings.write_text("")
-    server = gunicorn_factory(settings, workers=2, app="tests.turns_app:app")
+    return gunicorn_factory(settings, workers=2, app="tests.turns_app:app")
+
+
+def test_a_burst_of_new_connections_is_accepted_in_a_turn_or_two_by_busy_workers(
+    two_workers: Any
+) -> None:
+    server = two_workers
     address = (server.host, server.port)
     hogs: dict[bytes, socket.socket] = {}      # one busy connection per worker, by pid
     others: list[socket.socket] = []
@@ -196,14 +203,8 @@ def test_a_burst_of_new_connections_is_accepted_in_a_turn_or_two_by_busy_workers
             sock.close()
 
 
-
-
-def test_connections_are_spread_over_the_workers_as_they_come(
-    tmp_path: Path, gunicorn_factory: Any
-) -> None:
-    settings = tmp_path / "settings.toml"
-    settings.write_text("")
-    server = gunicorn_factory(settings, workers=2, app="tests.turns_app:app")
+def test_connections_are_spread_over_the_workers_as_they_come(two_workers: Any) -> None:
+    server = two_workers
     opened: list[socket.socket] = []
 
     def open_connections(n: int, keep: bool = True) -> list[bytes]:

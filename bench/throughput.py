@@ -395,10 +395,10 @@ def herd_line(h: dict[str, Any]) -> str:
             f"{h['slowest_during'] * 1000:,.0f} ms vs hot-read p99 {h['hot_p99'] * 1000:,.1f} ms "
             f"({h['hot_reads']:,} reads): {h['ratio']:.1f}x (target <= 2x); p99 during refreshes "
             f"{h['during_p99'] * 1000:,.1f} ms; slowest hot read "
-            f"{h.get('hot_max', float('nan')) * 1000:,.0f} ms; the server's own time for "
-            f"the {h.get('server_reads', 0):,} non-MISS reads (access log, queueing "
-            f"excluded): p99 {h.get('server_p99', float('nan')) * 1000:,.1f} ms, max "
-            f"{h.get('server_max', float('nan')) * 1000:,.0f} ms; MISS after the first "
+            f"{h['hot_max'] * 1000:,.0f} ms; the server's own time for "
+            f"the {h['server_reads']:,} non-MISS reads (access log, queueing "
+            f"excluded): p99 {h['server_p99'] * 1000:,.1f} ms, max "
+            f"{h['server_max'] * 1000:,.0f} ms; MISS after the first "
             f"fill {h['misses_after_fill']}, errors {h['errors']}, X-Cache {h['x_cache']}")
 
 

@@ -37,12 +37,12 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, render_template, request, url_for
 
-from . import adminentries, adminstats
+from . import adminentries, adminstats, generations
 from .errors import BadRequest, CacheUnavailable, HTTPError, NotFound, Unavailable
 from .logs import event
 from .registry import Record
 from .state import AppState, state_of
-from .views import bump_generation, job_for
+from .views import job_for
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
@@ -250,7 +250,7 @@ def invalidate_source(name: str) -> Response:
             if source is None and not recs:
                 raise NotFound(f"no source, view or function named {name!r} has entries")
             if source is not None:
-                bump_generation(st, name)
+                generations.bump(st, name)
             _invalidate(st, recs)
             scope = "source" if not params else "entry"
     except CacheUnavailable as exc:

@@ -44,7 +44,7 @@ from flask import (
     request,
 )
 
-from . import httpcache, keying
+from . import generations, httpcache, keying
 from .fastpath import ViewSpec
 from .fetching import Runner
 from .freshness import Windows
@@ -114,28 +114,61 @@ def decorate(f: Callable[..., Any], opts: Options, state: StateGetter,
         wrapper.swr_view = ViewSpec(wrapper, opts, name)  # type: ignore[attr-defined]
 
     def make_call_key(*a: Any, **kw: Any) -> str:
-        return call_key(f, opts, name, a, kw)
+        return call_key(state(), f, opts, name, a, kw, function_only)
 
     wrapper.make_call_key = make_call_key  # type: ignore[attr-defined]
+    if opts.make_cache_key is None and (function_only or not _static(opts.key_prefix)):
+        # Keys with a generation: every call can be forgotten at once (delete_memoized).
+        family = generations.function_family(name)
+        wrapper.forget_calls = lambda: generations.bump(state(), family)  # type: ignore
     return wrapper
 
 
-def call_key(f: Callable[..., Any], opts: Options, name: str, args: Iterable[Any],
-             kwargs: Mapping[str, Any]) -> str:
+def call_key(st: AppState, f: Callable[..., Any], opts: Options, name: str,
+             args: Iterable[Any], kwargs: Mapping[str, Any], function_only: bool) -> str:
     """The key of one call of a decorated function (also used to invalidate it)."""
     if opts.make_cache_key is not None:
         return str(opts.make_cache_key(*args, **kwargs))
-    return keying.call_key(name, f, list(args), kwargs, opts.args_to_ignore)
+    if not function_only and _static(opts.key_prefix):
+        # Flask-Caching's @cached(key_prefix="all_comments") on a helper: that very key,
+        # so cache.delete("all_comments") invalidates it.
+        return opts.key_prefix() if callable(opts.key_prefix) else opts.key_prefix
+    generation = generations.current(st, generations.function_family(name))
+    return keying.call_key(name, generation, f, list(args), kwargs, opts.args_to_ignore)
+
+
+def delete_memoized(st: AppState, f: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> None:
+    """Flask-Caching's ``delete_memoized``: forget the call of ``f`` with these arguments,
+    or, given none, every call of ``f`` (its generation is bumped: every worker and host
+    computes anew, the others within ``l1_ttl``).
+
+    A bound method (``obj.method``) stands for the function with ``obj`` as its first
+    argument. Without arguments it forgets the calls of every instance, not only ``obj``'s
+    (Flask-Caching forgets ``obj``'s only): more than asked, never less.
+
+    :raises TypeError: ``f`` is not decorated with ``memoize`` or ``cached``.
+    :raises CacheUnavailable: memcached could not be asked.
+    """
+    target: Any = f
+    if inspect.ismethod(f):
+        target = f.__func__
+        if args or kwargs:
+            args = (f.__self__, *args)
+    make_call_key = getattr(target, "make_call_key", None)
+    if make_call_key is None:
+        raise TypeError(f"{f!r} is not decorated with memoize or cached")
+    forget_calls = getattr(target, "forget_calls", None)
+    if not args and not kwargs and forget_calls is not None:
+        forget_calls()
+    else:
+        st.region.invalidate(make_call_key(*args, **kwargs))
 
 
 def _serve_call(st: AppState, f: Callable[..., Any], args: tuple[Any, ...],
                 kwargs: dict[str, Any], opts: Options, name: str, function_only: bool
                 ) -> Result:
-    key = call_key(f, opts, name, args, kwargs)
-    if not function_only and opts.make_cache_key is None and _static(opts.key_prefix):
-        # Flask-Caching's @cached(key_prefix="all_comments") on a helper: that very key,
-        # so cache.delete("all_comments") invalidates it.
-        key = opts.key_prefix() if callable(opts.key_prefix) else opts.key_prefix
+    key = call_key(st, f, opts, name, args, kwargs, function_only)
     job = Job(
         key=key,
         fetch=functools.partial(f, *args, **kwargs),

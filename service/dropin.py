@@ -26,7 +26,7 @@ import flask_caching
 from flask import Flask, current_app, has_app_context
 
 from . import clients
-from .decorators import Options, decorate
+from .decorators import Options, decorate, delete_memoized
 from .flaskconfig import library_settings
 from .state import EXTENSION, AppState, build, state_of
 
@@ -89,14 +89,21 @@ class Cache(flask_caching.Cache):
         return lambda f: decorate(f, opts, self._state, function_only=True)  # type: ignore
 
     def delete_memoized(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Invalidate one call of a decorated function (with its arguments), as in
-        Flask-Caching. Without arguments Flask-Caching forgets every call; here that is
-        the call without arguments only (keys are not enumerable in memcached)."""
-        make_call_key = getattr(f, "make_call_key", None)
-        if make_call_key is None:
+        """Forget one call of a decorated function (with its arguments), or, without
+        arguments, every call of it, as in Flask-Caching (a function decorated by plain
+        Flask-Caching is left to it)."""
+        if getattr(getattr(f, "__func__", f), "make_call_key", None) is None:
             super().delete_memoized(f, *args, **kwargs)  # type: ignore[arg-type]
             return
-        self._state().region.invalidate(make_call_key(*args, **kwargs))
+        delete_memoized(self._state(), f, args, kwargs)
+
+    def delete_memoized_verhash(self, f: Callable[..., Any], *args: Any) -> None:
+        """Flask-Caching's "forget every call of ``f``" by its version hash: here, by its
+        generation (``delete_memoized(f)``)."""
+        if getattr(getattr(f, "__func__", f), "forget_calls", None) is None:
+            super().delete_memoized_verhash(f, *args)  # type: ignore[arg-type]
+            return
+        delete_memoized(self._state(), f, (), {})
 
     def delete(self, *args: Any, **kwargs: Any) -> bool:
         """Delete a key from the backend and, with the same name, a decorator's entry."""

@@ -44,7 +44,7 @@ from flask_caching import Cache
 from . import clients, fastpath
 from .backend import flask_caching_config
 from .config import Settings
-from .decorators import Options, decorate
+from .decorators import Options, decorate, delete_memoized
 from .flaskconfig import library_settings
 from .freshness import Windows
 from .loader import Job
@@ -135,12 +135,10 @@ class SWR:
         return lambda f: decorate(f, opts, self.state, function_only=True)  # type: ignore
 
     def delete_memoized(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        """Invalidate one call of a function decorated with :meth:`memoize` or
-        :meth:`cached` (same arguments, same key)."""
-        make_call_key = getattr(f, "make_call_key", None)
-        if make_call_key is None:
-            raise TypeError(f"{f!r} is not decorated with swr.memoize or swr.cached")
-        self.state().region.invalidate(make_call_key(*args, **kwargs))
+        """Forget one call of a function decorated with :meth:`memoize` or :meth:`cached`
+        (same arguments, same key), or, without arguments, every call of it, as
+        Flask-Caching does (see :func:`service.decorators.delete_memoized`)."""
+        delete_memoized(self.state(), f, args, kwargs)
 
     # -- periodic functions ------------------------------------------------------------------
 

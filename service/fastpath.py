@@ -48,7 +48,7 @@ from werkzeug.http import parse_etags
 from werkzeug.routing import RequestRedirect
 from werkzeug.wrappers import Request
 
-from . import keying, metrics
+from . import generations, keying, metrics
 from .errors import BadRequest
 from .freshness import Action, State, decide
 from .httpcache import cache_control
@@ -255,8 +255,8 @@ class FastPath:
         source = state.extra.get("sources", {}).get(target.name)
         if source is None or source.kind == "composite":
             return None
-        # The generation as views.generation would use it, without its memcached read.
-        cached = state.extra.get("generations", {}).get(source.name)
+        # The generation as the slow path would use it, without its memcached read.
+        cached = generations.remembered(state, source.name)
         if cached is None or state.monotonic() - cached[1] >= state.tiers.l1_ttl:
             return None
         memo = (source.name, cached[0], environ.get("QUERY_STRING", ""))

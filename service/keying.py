@@ -62,10 +62,11 @@ def function_name(f: Callable[..., Any], source_check: bool = False) -> str:
     return name
 
 
-def call_key(name: str, f: Callable[..., Any], args: Sequence[Any],
+def call_key(name: str, generation: int, f: Callable[..., Any], args: Sequence[Any],
              kwargs: Mapping[str, Any], ignore: Iterable[str] = ()) -> str:
-    """The key of one call of a memoized function: its name and its arguments,
-    normalised through the signature so ``f(1, b=2)`` and ``f(1, 2)`` share a key.
+    """The key of one call of a memoized function: its name, its generation (bumped to
+    forget every call, :mod:`service.generations`) and its arguments, normalised through
+    the signature so ``f(1, b=2)`` and ``f(1, 2)`` share a key.
 
     Arguments are encoded with the safe codec; one it cannot encode (an object without a
     value form) contributes its ``repr``, as in Flask-Caching's ``memoize``.
@@ -80,4 +81,4 @@ def call_key(name: str, f: Callable[..., Any], args: Sequence[Any],
         blob = codec.encode(items)
     except CodecError:
         blob = repr(items).encode("utf-8", "surrogatepass")
-    return f"fn:{name}:{hashlib.sha256(blob).hexdigest()[:32]}"
+    return f"fn:{name}:{generation}:{hashlib.sha256(blob).hexdigest()[:32]}"

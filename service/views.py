@@ -17,7 +17,7 @@ import gevent
 import orjson
 from flask import Blueprint, Flask, Response, jsonify, request
 
-from . import keying
+from . import generations, keying
 from .entry import Entry
 from .errors import BadRequest, CacheUnavailable, ItemRefused, NotFound, Unavailable
 from .freshness import Timing
@@ -59,7 +59,8 @@ def job_for(state: AppState, source: Source, params: dict[str, str]) -> Job:
     fetchers: Fetchers = state.extra["fetchers"]
     fetch = fetchers.fetch_http if source.kind == "http" else fetchers.fetch_python
     return Job(
-        key=keying.source_key(source.name, generation(state, source.name), params),
+        key=keying.source_key(source.name, generations.current(state, source.name),
+                              params),
         fetch=lambda: fetch(source, params), windows=source.windows, source=source.name,
         params=params, storable=_storable_http if source.kind == "http" else _same,
     )
@@ -70,62 +71,6 @@ def _storable_http(value: Any) -> Any:
 
 
 def _same(value: Any) -> Any:
-    return value
-
-
-def _generation_key(name: str) -> str:
-    return f"gen\x00{name}"
-
-
-def generation(state: AppState, name: str) -> int:
-    """The source's generation, part of every key of the source: bumping it invalidates
-    all of them at once (:func:`bump_generation`)."""
-    # Read from memcached at most once per l1_ttl per worker: invalidating a whole source
-    # reaches every worker within l1_ttl, like any other change.
-    cache: dict[str, tuple[int, float]] = state.extra.setdefault("generations", {})
-    now = state.monotonic()
-    cached = cache.get(name)
-    if cached is not None and now - cached[1] < state.tiers.l1_ttl:
-        return cached[0]
-    try:
-        value = state.store.get_counter(_generation_key(name))
-        if value is None:
-            value = _new_generation(state, name, cached[0] if cached is not None else None)
-    except CacheUnavailable:
-        value = cached[0] if cached is not None else 0
-    cache[name] = (value, now)
-    return value
-
-
-def _new_generation(state: AppState, name: str, known: int | None = None) -> int:
-    """A generation for a source whose counter is missing (its server died, restarted
-    empty, or evicted it).
-
-    It must never start again at a number it had before an invalidation, or the entries
-    of that old generation (on other servers) would be served again. A worker that knew
-    the current generation puts that one back: the source's entries stay valid, and an
-    invalidation of the source also deleted the entries it listed. A worker that knew
-    none starts from the wall clock (in microseconds), larger than any number of bumps
-    before it: every entry of the source is fetched anew. ``add`` makes the workers agree.
-    """
-    key = _generation_key(name)
-    start = known if known is not None else int(state.clock() * 1_000_000)
-    state.store.add_counter(key, start)
-    return state.store.get_counter(key) or start
-
-
-def bump_generation(state: AppState, name: str) -> int:
-    """Invalidate every entry of a source, in every worker and host (within l1_ttl).
-
-    :raises CacheUnavailable: memcached could not be asked.
-    """
-    key = _generation_key(name)
-    value = state.store.incr(key)
-    if value is None:
-        known = state.extra.get("generations", {}).get(name)
-        _new_generation(state, name, known[0] if known is not None else None)
-        value = state.store.incr(key) or 0
-    state.extra.setdefault("generations", {}).pop(name, None)
     return value
 
 

@@ -15,7 +15,7 @@ import pytest
 from flask import Flask, Response, jsonify, request
 from prometheus_client import REGISTRY
 
-from service import keying
+from service import generations, keying
 from service.app import swr
 from service.fastpath import FastPath
 from service.state import state_of
@@ -178,7 +178,6 @@ def test_memoized_routes_keys_and_headers_answer_like_flask_on_every_repeat(
     ``vary`` values, and generation) and the headers per whole second of age: repeats,
     a 400 after a 200 on the same path, another ``vary`` value on the same query string,
     a new second of age and a bumped generation must still answer exactly as Flask."""
-    from service import views
 
     fp = app.wsgi_app
     assert isinstance(fp, FastPath)
@@ -208,7 +207,7 @@ def test_memoized_routes_keys_and_headers_answer_like_flask_on_every_repeat(
     clock.advance(0.6)                                   # Age goes up by one
     compare(expect_fast=True)
     with app.test_request_context():
-        views.bump_generation(state_of(app), "double")   # every /v1/double key is new
+        generations.bump(state_of(app), "double")   # every /v1/double key is new
     for url in ("/v1/double?x=4", "/v1/double?x=5"):     # no old-generation key served
         assert dict(send(app, True, "GET", url, {})[0][1])["X-Cache"] == "MISS"
     clock.advance(0.5)                                   # still inside l1_ttl (2 s)

@@ -1,0 +1,107 @@
+"""Generations (service.generations): when a worker asks memcached, what a bump reaches,
+and what a lost counter restarts at. An in-memory store shared by two "workers" and a
+fake clock; the integration tests (test_delete_memoized, test_fastpath, test_admin) run
+the same code against memcached."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from service import generations
+from service.errors import CacheUnavailable
+from tests.conftest import FakeClock
+from tests.memstore import MemoryStore
+
+L1_TTL = 2.0
+
+
+def worker(store: MemoryStore, clock: FakeClock) -> Any:
+    """The parts of an AppState that generations uses: one per worker, same store."""
+    return SimpleNamespace(store=store, clock=clock, monotonic=clock, extra={},
+                           tiers=SimpleNamespace(l1_ttl=L1_TTL))
+
+
+@pytest.fixture
+def fleet(clock: FakeClock) -> tuple[MemoryStore, Any, Any]:
+    store = MemoryStore(clock)
+    return store, worker(store, clock), worker(store, clock)
+
+
+def test_a_worker_asks_memcached_at_most_once_per_l1_ttl(
+        fleet: tuple[MemoryStore, Any, Any], clock: FakeClock) -> None:
+    store, a, _ = fleet
+    first = generations.current(a, "report")
+    reads = store.calls.count("gets")
+    clock.advance(L1_TTL - 0.01)
+    assert generations.current(a, "report") == first
+    assert store.calls.count("gets") == reads          # answered from the worker's copy
+    clock.advance(0.01)
+    assert generations.current(a, "report") == first
+    assert store.calls.count("gets") == reads + 1      # l1_ttl passed: asked again
+
+
+def test_a_bump_reaches_its_worker_at_once_and_the_others_within_l1_ttl(
+        fleet: tuple[MemoryStore, Any, Any], clock: FakeClock) -> None:
+    _, a, b = fleet
+    before = generations.current(a, "report")
+    assert generations.current(b, "report") == before
+    bumped = generations.bump(a, "report")
+    assert bumped == before + 1
+    assert generations.current(a, "report") == bumped   # the bumping worker: at once
+    assert generations.current(b, "report") == before   # another: still its copy...
+    clock.advance(L1_TTL)
+    assert generations.current(b, "report") == bumped   # ...until l1_ttl has passed
+
+
+def test_families_are_counted_apart(fleet: tuple[MemoryStore, Any, Any]) -> None:
+    _, a, _ = fleet
+    source = generations.current(a, "report")
+    function = generations.current(a, generations.function_family("app.report"))
+    generations.bump(a, generations.function_family("app.report"))
+    assert generations.current(a, "report") == source
+    assert generations.current(a, generations.function_family("app.report")) == function + 1
+
+
+def test_a_lost_counter_never_restarts_at_a_number_used_before(
+        fleet: tuple[MemoryStore, Any, Any], clock: FakeClock) -> None:
+    store, a, b = fleet
+    generations.current(a, "report")
+    known = generations.bump(a, "report")
+    generations.current(a, "report")
+    store.items.clear()                     # memcached restarted empty
+    clock.advance(L1_TTL)
+    # A worker that knew the number puts it back: entries of that generation stay valid.
+    assert generations.current(a, "report") == known
+    store.items.clear()
+    fresh = worker(store, clock)            # a worker that never read it
+    started = generations.current(fresh, "report")
+    assert started == int(clock() * 1_000_000) > known
+    clock.advance(L1_TTL)
+    assert generations.current(b, "report") == started   # and the fleet agrees on it
+
+
+def test_a_bump_of_a_lost_counter_still_moves_past_the_known_number(
+        fleet: tuple[MemoryStore, Any, Any]) -> None:
+    store, a, _ = fleet
+    known = generations.current(a, "report")
+    store.items.clear()
+    assert generations.bump(a, "report") == known + 1
+
+
+def test_memcached_down_reads_the_last_known_number_and_refuses_a_bump(
+        fleet: tuple[MemoryStore, Any, Any], clock: FakeClock) -> None:
+    store, a, b = fleet
+    known = generations.current(a, "report")
+    store.down = True
+    clock.advance(L1_TTL)
+    assert generations.current(a, "report") == known
+    assert generations.current(b, "report") == 0        # never knew one: nothing to keep
+    with pytest.raises(CacheUnavailable):
+        generations.bump(a, "report")
+    store.down = False
+    clock.advance(L1_TTL)
+    assert generations.current(a, "report") == known    # nothing was bumped
+    assert generations.current(b, "report") == known    # and b finds the real number

@@ -1,0 +1,153 @@
+"""The shipped access logger (deploy/gunicorn.conf.py) writes exactly gunicorn's lines.
+
+``BufferedAccessLogger.access`` computes only the atoms a format uses and appends the
+line to its buffer itself; gunicorn builds every atom and goes through stdlib logging.
+Each case compares our line with gunicorn's own ``atoms`` read through its ``SafeAtoms``
+(what its ``access`` formats), for the default format, the shipped one and formats that
+use every atom, named headers in any case, repeated and missing names, and quotes.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import logging
+import os
+import runpy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from gunicorn.config import Config
+from gunicorn.glogging import Logger
+
+CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
+NOW = "[29/Nov/2026:00:00:00 +0000]"
+
+EVERY_ATOM = ("%(h)s|%(l)s|%(u)s|%(t)s|%(r)s|%(s)s|%(m)s|%(U)s|%(q)s|%(H)s|%(b)s|%(B)s|"
+              "%(f)s|%(a)s|%(T)s|%(D)s|%(M)s|%(L)s|%(p)s")
+NAMED = ("%({x-cache}o)s|%({X-CACHE}o)s|%({Set-Cookie}o)s|%({user-agent}i)s|%({host}i)s|"
+         "%({wsgi.url_scheme}e)s|%({REMOTE_ADDR}e)s|%({wsgi.input}e)s|%({missing}i)s|"
+         "%({x-cache}z)s|%({}i)s|%(nope)s|%(H)s")
+NUMBERS = "%(T)d %(D)08d %(M)d %(B)s %(s)s"
+
+
+@pytest.fixture(scope="module")
+def conf() -> Iterator[dict[str, Any]]:
+    # The file sets PROMETHEUS_MULTIPROC_DIR when unset: keep this process's environment.
+    saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved or "/nonexistent-swr-test"
+    try:
+        yield runpy.run_path(str(CONF))
+    finally:
+        if saved is None:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+
+
+def make_logger(conf: dict[str, Any], fmt: str) -> Any:
+    cfg = Config()
+    cfg.set("accesslog", "-")
+    cfg.set("access_log_format", fmt)
+    logger = conf["BufferedAccessLogger"](cfg)
+    logger.now = lambda: NOW          # both paths read the date through it
+    return logger
+
+
+def ours(logger: Any, conf: dict[str, Any]) -> Any:
+    [handler] = [h for h in logger.access_log.handlers
+                 if type(h) is conf["BufferedStreamHandler"]]
+    handler._pid = os.getpid()        # no drain thread: the test reads the buffer
+    return handler
+
+
+@contextmanager
+def only(logger: Any, *handlers: logging.Handler) -> Iterator[None]:
+    """The access logger with these handlers only, as in gunicorn (pytest attaches its
+    capture handlers to every logger that does not propagate, gunicorn's included)."""
+    saved = logger.access_log.handlers
+    logger.access_log.handlers = list(handlers)
+    try:
+        yield
+    finally:
+        logger.access_log.handlers = saved
+
+
+def request(**changes: Any) -> tuple[Any, Any, dict[str, Any], datetime.timedelta]:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "GET", "RAW_URI": "/v1/report?x=%22a%22", "PATH_INFO": "/v1/report",
+        "QUERY_STRING": 'x="a"', "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "10.0.0.7",
+        "HTTP_USER_AGENT": 'curl "8.5"', "HTTP_REFERER": "http://example.test/",
+        "HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"ann:secret").decode(),
+        "wsgi.url_scheme": "http", "wsgi.input": object(),
+    }
+    environ.update(changes.pop("environ", {}))
+    resp = SimpleNamespace(status="200 OK", sent=226, headers=[
+        ("Content-Type", "application/json"), ("X-Cache", "STALE"), ("Set-Cookie", 'a="1"'),
+        ("x-cache", "HIT")])
+    req = SimpleNamespace(headers=[("HOST", "cache.test"), ("USER-AGENT", 'curl "8.5"')])
+    for name, value in changes.items():
+        setattr(resp, name, value)
+    return resp, req, environ, datetime.timedelta(seconds=2, microseconds=45)
+
+
+def gunicorns_line(logger: Any, resp: Any, req: Any, environ: dict[str, Any],
+                   request_time: datetime.timedelta) -> str:
+    atoms = Logger.atoms(logger, resp, req, environ, request_time)
+    return str(logger.cfg.access_log_format % logger.atoms_wrapper_class(atoms))
+
+
+CASES = [
+    ("gunicorn's default", Config().access_log_format, {}),
+    ("shipped", None, {}),
+    ("every atom", EVERY_ATOM, {}),
+    ("named headers and environ", NAMED, {}),
+    ("numbers", NUMBERS, {}),
+    ("nothing sent, no user", EVERY_ATOM, {"sent": None, "environ": {
+        "HTTP_AUTHORIZATION": "Bearer x", "HTTP_USER_AGENT": "ua"}}),
+    ("an error status, no headers", EVERY_ATOM + NAMED, {"status": "503 SERVICE UNAVAILABLE",
+                                                         "headers": []}),
+]
+
+
+@pytest.mark.parametrize(("fmt", "changes"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_each_line_is_gunicorns(conf: dict[str, Any], fmt: str | None,
+                                changes: dict[str, Any]) -> None:
+    logger = make_logger(conf, fmt if fmt is not None else conf["access_log_format"])
+    handler = ours(logger, conf)
+    resp, req, environ, request_time = request(**changes)
+    with only(logger, handler):
+        logger.access(resp, req, environ, request_time)
+    expected = gunicorns_line(logger, resp, req, environ, request_time)
+    assert handler._lines == [expected + "\n"]
+    assert expected.strip("-| ")             # the case makes a line worth comparing
+
+
+def test_a_logger_set_up_otherwise_takes_gunicorns_path(conf: dict[str, Any]) -> None:
+    logger = make_logger(conf, conf["access_log_format"])
+    handler = ours(logger, conf)
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    resp, req, environ, request_time = request()
+    with only(logger, handler, Collect()):     # a handler added by logconfig or the app
+        logger.access(resp, req, environ, request_time)
+    expected = gunicorns_line(logger, resp, req, environ, request_time)
+    assert seen == [expected]
+    assert handler._lines == [expected + "\n"]  # through logging and the handler's emit
+
+
+def test_a_format_that_fails_is_reported_not_raised(conf: dict[str, Any]) -> None:
+    logger = make_logger(conf, "%(T)d %(a)d")       # a text atom as a number
+    handler = ours(logger, conf)
+    errors: list[str] = []
+    logger.error = lambda message, *args: errors.append(message % args if args else message)
+    with only(logger, handler):
+        logger.access(*request())
+    assert handler._lines == []
+    assert len(errors) == 1 and "TypeError" in errors[0]

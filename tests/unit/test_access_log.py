@@ -1,4 +1,5 @@
-"""The shipped access logger (deploy/gunicorn.conf.py) writes exactly gunicorn's lines.
+"""The shipped access logger (service.accesslog, named by deploy/gunicorn.conf.py) writes
+exactly gunicorn's lines, and gunicorn's master can load it without importing Flask.
 
 ``BufferedAccessLogger.access`` computes only the atoms a format uses and appends the
 line to its buffer itself; gunicorn builds every atom and goes through stdlib logging.
@@ -14,6 +15,8 @@ import datetime
 import logging
 import os
 import runpy
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +26,8 @@ from typing import Any
 import pytest
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
+
+from service import accesslog
 
 CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
 NOW = "[29/Nov/2026:00:00:00 +0000]"
@@ -37,14 +42,34 @@ NUMBERS = "%(T)d %(D)08d %(M)d %(B)s %(s)s"
 
 @pytest.fixture(scope="module")
 def conf() -> Iterator[dict[str, Any]]:
+    """The shipped gunicorn config, evaluated as gunicorn does, plus the logger's module."""
     # The file sets PROMETHEUS_MULTIPROC_DIR when unset: keep this process's environment.
     saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved or "/nonexistent-swr-test"
     try:
-        yield runpy.run_path(str(CONF))
+        settings = runpy.run_path(str(CONF))
     finally:
         if saved is None:
             del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    cfg = Config()
+    cfg.set("logger_class", settings["logger_class"])
+    yield {**settings, "BufferedAccessLogger": cfg.logger_class,
+           "BufferedStreamHandler": accesslog.BufferedStreamHandler}
+
+
+def test_the_shipped_config_names_the_logger(conf: dict[str, Any]) -> None:
+    assert conf["BufferedAccessLogger"] is accesslog.BufferedAccessLogger
+
+
+def test_the_master_loads_it_without_the_app() -> None:
+    """gunicorn imports ``logger_class`` in the master: nothing that must wait for gevent's
+    patch in the worker (Flask, the app, urllib3 and its ssl) may come with it."""
+    code = ("import sys, service.accesslog; "
+            "print(sorted(m for m in ('flask', 'gevent', 'urllib3', 'ssl', 'werkzeug', "
+            "'pymemcache', 'service.app', 'prometheus_client') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=CONF.parents[1]).stdout
+    assert out.strip() == "[]"
 
 
 def make_logger(conf: dict[str, Any], fmt: str) -> Any:

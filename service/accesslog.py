@@ -180,11 +180,16 @@ _ATOMS: dict[str, Callable[[AccessAtoms], Any]] = {
 class BufferedAccessLogger(Logger):  # type: ignore[misc]
     """gunicorn's logger with the access log to a stream buffered
     (:class:`BufferedStreamHandler`), and each line made from the atoms its format uses
-    (:class:`AccessAtoms`). A logger set up otherwise (an access log file, ``logconfig``,
-    syslog, a handler added by the app) gets gunicorn's own path, unchanged."""
+    (:class:`AccessAtoms`), for gevent workers. A logger set up otherwise (another worker
+    class, an access log file, ``logconfig``, syslog, a handler added by the app) gets
+    gunicorn's own path, unchanged."""
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
+        if "gevent" not in str(getattr(cfg, "worker_class_str", "")):
+            # The buffer takes no lock: greenlets of one worker never interleave inside
+            # it, threads (gthread, sync's drain thread) could lose a line.
+            return
         handlers: list[logging.Handler] = self.access_log.handlers
         for i, handler in enumerate(handlers):
             if type(handler) is logging.StreamHandler and getattr(handler, "_gunicorn", False):
@@ -215,9 +220,11 @@ class BufferedAccessLogger(Logger):  # type: ignore[misc]
 
 def _only_buffer(log: logging.Logger) -> BufferedStreamHandler | None:
     """The buffer, when handing it the formatted line is all that logging would do with
-    it: our one handler, gunicorn's ``%(message)s`` formatter, no filters, INFO on."""
+    it: our one handler, gunicorn's ``%(message)s`` formatter, no filters, no parent
+    handlers (gunicorn turns ``propagate`` off), INFO on."""
     handlers: Iterable[logging.Handler] = log.handlers
-    if len(log.handlers) != 1 or log.filters or not log.isEnabledFor(logging.INFO):
+    if (len(log.handlers) != 1 or log.filters or log.propagate
+            or not log.isEnabledFor(logging.INFO)):
         return None
     [handler] = handlers
     if (type(handler) is not BufferedStreamHandler or handler.filters

@@ -40,9 +40,8 @@ def _known(state: AppState) -> dict[str, tuple[int, float]]:
 
 
 def remembered(state: AppState, family: str) -> tuple[int, float] | None:
-    """What this worker last read for ``family`` and when (monotonic), without asking
-    memcached (the fast path decides on it); ``None`` when it never read it or a bump
-    here made it forget."""
+    """What this worker last read (or bumped) for ``family`` and when (monotonic),
+    without asking memcached (the fast path decides on it); ``None`` when it never did."""
     known: dict[str, tuple[int, float]] = state.extra.get(_KNOWN, {})
     return known.get(family)
 
@@ -51,8 +50,10 @@ def current(state: AppState, family: str) -> int:
     """The family's generation, to build a key with.
 
     Read from memcached when this worker's copy is older than ``l1_ttl``. With memcached
-    unreachable the last known number is used (0 when none: those keys cannot be stored
-    or read then anyway, and the next read with memcached back finds the real one).
+    unreachable the last known number is used. A worker that knows none uses 0 for this
+    call only, and asks again on the next one: 0 is never a real generation (counters
+    start at the clock in microseconds), so nothing it may write under 0 is ever taken
+    for an entry of the current generation once memcached answers.
     """
     known = _known(state)
     now = state.monotonic()
@@ -64,7 +65,9 @@ def current(state: AppState, family: str) -> int:
         if value is None:
             value = _restart(state, family, cached[0] if cached is not None else None)
     except CacheUnavailable:
-        value = cached[0] if cached is not None else 0
+        if cached is None:
+            return 0
+        value = cached[0]
     known[family] = (value, now)
     return value
 
@@ -81,7 +84,7 @@ def _restart(state: AppState, family: str, known: int | None = None) -> int:
     workers agree on one number.
     """
     key = _key(family)
-    start = known if known is not None else int(state.clock() * 1_000_000)
+    start = known if known else int(state.clock() * 1_000_000)
     state.store.add_counter(key, start)
     return state.store.get_counter(key) or start
 
@@ -97,8 +100,10 @@ def bump(state: AppState, family: str) -> int:
     if value is None:
         cached = remembered(state, family)
         _restart(state, family, cached[0] if cached is not None else None)
-        value = state.store.incr(key) or 0
-    # Forgotten rather than set to the new number: the next key built here reads the
-    # counter again, and so also sees a bump another worker made in the meantime.
-    _known(state).pop(family, None)
+        value = state.store.incr(key)
+        if value is None:  # gone again at once (evicted, or its server restarted)
+            raise CacheUnavailable(f"the generation of {family!r} could not be bumped")
+    # This worker uses the new number at once, even if memcached fails right after; a bump
+    # another worker makes meanwhile reaches it within l1_ttl, like any other.
+    _known(state)[family] = (value, state.monotonic())
     return value

@@ -74,6 +74,7 @@ def test_the_master_loads_it_without_the_app() -> None:
 
 def make_logger(conf: dict[str, Any], fmt: str) -> Any:
     cfg = Config()
+    cfg.set("worker_class", "gevent")
     cfg.set("accesslog", "-")
     cfg.set("access_log_format", fmt)
     logger = conf["BufferedAccessLogger"](cfg)
@@ -176,3 +177,35 @@ def test_a_format_that_fails_is_reported_not_raised(conf: dict[str, Any]) -> Non
         logger.access(*request())
     assert handler._lines == []
     assert len(errors) == 1 and "TypeError" in errors[0]
+
+
+def test_a_propagating_access_logger_takes_gunicorns_path(conf: dict[str, Any]) -> None:
+    logger = make_logger(conf, conf["access_log_format"])
+    handler = ours(logger, conf)
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    parent = logging.getLogger("gunicorn")
+    collect = Collect()
+    parent.addHandler(collect)
+    logger.access_log.propagate = True             # an app's logging setup may do this
+    try:
+        with only(logger, handler):
+            logger.access(*request())
+    finally:
+        logger.access_log.propagate = False
+        parent.removeHandler(collect)
+    assert len(seen) == 1 and handler._lines == [seen[0] + "\n"]
+
+
+def test_threaded_workers_keep_gunicorns_handler() -> None:
+    """The buffer takes no lock: only gevent workers (one thread) get it."""
+    cfg = Config()
+    cfg.set("worker_class", "gthread")
+    cfg.set("accesslog", "-")
+    logger = accesslog.BufferedAccessLogger(cfg)
+    assert [type(h) for h in logger.access_log.handlers
+            if getattr(h, "_gunicorn", False)] == [logging.StreamHandler]

@@ -105,3 +105,22 @@ def test_memcached_down_reads_the_last_known_number_and_refuses_a_bump(
     clock.advance(L1_TTL)
     assert generations.current(a, "report") == known    # nothing was bumped
     assert generations.current(b, "report") == known    # and b finds the real number
+
+
+def test_the_bumping_worker_keeps_its_new_number_when_memcached_fails_next(
+        fleet: tuple[MemoryStore, Any, Any]) -> None:
+    store, a, _ = fleet
+    generations.current(a, "report")
+    bumped = generations.bump(a, "report")
+    store.down = True
+    assert generations.current(a, "report") == bumped    # never back to an old number
+
+
+def test_a_worker_that_knows_no_number_does_not_keep_the_fallback(
+        fleet: tuple[MemoryStore, Any, Any]) -> None:
+    store, a, b = fleet
+    real = generations.current(a, "report")
+    store.down = True
+    assert generations.current(b, "report") == 0         # for this call only...
+    store.down = False
+    assert generations.current(b, "report") == real      # ...not for l1_ttl

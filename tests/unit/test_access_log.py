@@ -119,6 +119,17 @@ def request(**changes: Any) -> tuple[Any, Any, dict[str, Any], datetime.timedelt
     return resp, req, environ, datetime.timedelta(seconds=2, microseconds=45)
 
 
+class Collect(logging.Handler):
+    """Another handler on the way (logconfig's, an app's): keeps each message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.append(record.getMessage())
+
+
 def gunicorns_line(logger: Any, resp: Any, req: Any, environ: dict[str, Any],
                    request_time: datetime.timedelta) -> str:
     atoms = Logger.atoms(logger, resp, req, environ, request_time)
@@ -154,17 +165,11 @@ def test_each_line_is_gunicorns(conf: dict[str, Any], fmt: str | None,
 def test_a_logger_set_up_otherwise_takes_gunicorns_path(conf: dict[str, Any]) -> None:
     logger = make_logger(conf, conf["access_log_format"])
     handler = ours(logger, conf)
-    seen: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
     resp, req, environ, request_time = request()
-    with only(logger, handler, Collect()):     # a handler added by logconfig or the app
+    with only(logger, handler, collect := Collect()):  # as logconfig or an app might
         logger.access(resp, req, environ, request_time)
     expected = gunicorns_line(logger, resp, req, environ, request_time)
-    assert seen == [expected]
+    assert collect.seen == [expected]
     assert handler._lines == [expected + "\n"]  # through logging and the handler's emit
 
 
@@ -182,12 +187,6 @@ def test_a_format_that_fails_is_reported_not_raised(conf: dict[str, Any]) -> Non
 def test_a_propagating_access_logger_takes_gunicorns_path(conf: dict[str, Any]) -> None:
     logger = make_logger(conf, conf["access_log_format"])
     handler = ours(logger, conf)
-    seen: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record.getMessage())
-
     parent = logging.getLogger("gunicorn")
     collect = Collect()
     parent.addHandler(collect)
@@ -198,7 +197,7 @@ def test_a_propagating_access_logger_takes_gunicorns_path(conf: dict[str, Any]) 
     finally:
         logger.access_log.propagate = False
         parent.removeHandler(collect)
-    assert len(seen) == 1 and handler._lines == [seen[0] + "\n"]
+    assert len(collect.seen) == 1 and handler._lines == [collect.seen[0] + "\n"]
 
 
 def test_threaded_workers_keep_gunicorns_handler() -> None:

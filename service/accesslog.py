@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 import traceback
@@ -82,12 +83,29 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def flush(self) -> None:
         lines, self._lines, self._size = self._lines, [], 0
-        if lines and self.stream is not None:
+        if not lines or self.stream is None:
+            return
+        try:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except (OSError, ValueError):
+            self._write_each(lines)
+
+    def _write_each(self, lines: list[str]) -> None:
+        """After a failed batch: one line that cannot be written (say, a character the
+        stream's encoding lacks) loses that line only, as in gunicorn, and says so."""
+        lost = 0
+        for line in lines:
             try:
-                self.stream.write("".join(lines))
-                self.stream.flush()
+                self.stream.write(line)
             except (OSError, ValueError):
-                pass  # a closed or broken stdout: the lines cannot go anywhere
+                lost += 1
+        try:
+            self.stream.flush()
+            if lost:
+                sys.stderr.write(f"access log: {lost} line(s) could not be written\n")
+        except (OSError, ValueError):
+            pass  # a closed or broken stream: nothing can go anywhere
 
 
 class AccessAtoms:

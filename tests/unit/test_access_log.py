@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import io
 import logging
 import os
 import runpy
@@ -208,3 +209,20 @@ def test_threaded_workers_keep_gunicorns_handler() -> None:
     logger = accesslog.BufferedAccessLogger(cfg)
     assert [type(h) for h in logger.access_log.handlers
             if getattr(h, "_gunicorn", False)] == [logging.StreamHandler]
+
+
+def test_a_line_that_cannot_be_written_loses_only_itself(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    class Ascii(io.StringIO):
+        def write(self, text: str) -> int:
+            text.encode("ascii")            # as a stdout whose encoding lacks a character
+            return super().write(text)
+
+    stream = Ascii()
+    handler = accesslog.BufferedStreamHandler(stream)
+    handler._pid = os.getpid()              # no drain thread: flushed by hand
+    for line in ("first", "caf\u00e9", "last"):
+        handler.append(line)
+    handler.flush()
+    assert stream.getvalue() == "first\nlast\n"
+    assert "1 line(s) could not be written" in capsys.readouterr().err

@@ -141,9 +141,15 @@ class AccessAtoms:
         return value.replace('"', '\\"') if isinstance(value, str) else value
 
     def _named(self, key: str) -> Any:
-        sources = {"}i": getattr(self.req, "headers", self.req), "}o": self.resp.headers,
-                   "}e": self.environ}
-        pairs: Any = sources.get(key[-2:])
+        # Only the one kind asked for is looked at (the shipped format asks for one name).
+        kind = key[-2:]
+        pairs: Any = None
+        if kind == "}i":
+            pairs = getattr(self.req, "headers", self.req)
+        elif kind == "}o":
+            pairs = self.resp.headers
+        elif kind == "}e":
+            pairs = self.environ
         if pairs is None:
             return "-"
         if hasattr(pairs, "items"):

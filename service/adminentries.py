@@ -244,8 +244,9 @@ def invalidate(st: AppState, recs: list[Record], who: str) -> list[str]:
     for key in keys:
         st.tiers.local.delete(key)
         st.ledger.forget(key)
+    now = st.clock()
     for key in keys:
-        st.tiers.store.delete(key)
+        st.tiers.forget_shared(key, now)
         st.errors.forget(key)
     registry = st.ledger.registry
     if registry is not None:

@@ -142,8 +142,9 @@ class Region:
         self.refresher.register(job.key, every, run)
 
     def invalidate(self, key: str) -> None:
-        """Forget ``key`` here and in memcached (other workers: within ``l1_ttl``).
+        """Forget ``key`` here and in memcached (other workers: within ``l1_ttl``); no
+        worker serves a copy from before now again, not even when the origin fails.
 
         :raises CacheUnavailable: memcached could not be asked (the local copy is gone).
         """
-        self.tiers.delete(key)
+        self.tiers.delete(key, self.clock())

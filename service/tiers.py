@@ -37,6 +37,17 @@ ENTRY_OVERHEAD = 400
 # A value larger than this fraction of l1_max_bytes is not kept locally: one of them would
 # evict a large part of the tier. It is still served from memcached.
 LARGEST_FRACTION = 8
+# How long the mark of a forgotten key stays in memcached (see forgotten_key): memcached's
+# longest relative expiry, so it outlives any copy a stale-if-error window still allows.
+FORGOTTEN_TTL = 30 * 24 * 3600.0
+
+
+def forgotten_key(key: str) -> str:
+    """Where an invalidation leaves its time (wall clock): a worker whose last good copy
+    of ``key`` is older than that never serves it again, not even when the origin fails.
+    An entry merely absent from memcached could have been flushed or evicted, and then
+    the copy is exactly what stale-if-error is for; only this mark tells the two apart."""
+    return f"forgot\x00{key}"
 
 
 @dataclass
@@ -169,9 +180,22 @@ class TwoTier:
     def last_good(self, key: str) -> Entry | None:
         """This worker's last copy of ``key``, even one memcached no longer has (it was
         flushed, evicted, or its server restarted empty): what stale-if-error may still
-        answer when the origin fails. A key invalidated here is not kept."""
+        answer when the origin fails. Not a copy of a key invalidated since it was
+        stored, here (the copy is gone) or by any other worker or host (its mark is in
+        memcached: asked here, on this rare path only)."""
         item = self.local.get(key)
-        return item.materialize() if item is not None else None
+        if item is None:
+            return None
+        entry = item.materialize()
+        try:
+            mark = self.store.get(forgotten_key(key))
+        except CacheUnavailable:
+            return entry  # memcached is down as well as the origin: the copy is all we have
+        if (isinstance(mark, (int, float)) and not isinstance(mark, bool)
+                and entry.stored_at <= mark):
+            self.local.delete(key)
+            return None
+        return entry
 
     def read_shared(self, key: str) -> Found | None:
         """Read memcached only (the tier every worker and host shares).
@@ -235,12 +259,23 @@ class TwoTier:
         metrics.memcached_errors_total.labels("replaced").inc()
         return bool(self.store.cas(key, wire, token, ttl))
 
-    def delete(self, key: str) -> None:
-        """Forget ``key`` here and in memcached.
+    def delete(self, key: str, at: float) -> None:
+        """Forget ``key`` here and in memcached (see :meth:`forget_shared`).
 
         :raises CacheUnavailable: memcached could not be asked (the local copy is gone).
         """
         self.local.delete(key)
+        self.forget_shared(key, at)
+
+    def forget_shared(self, key: str, at: float) -> None:
+        """Delete ``key`` from memcached, marking it forgotten at ``at`` (wall clock) so
+        that no worker's last good copy from before then is served again
+        (:meth:`last_good`). The mark is written first: if the delete then fails, the
+        entry stays for now, but no old copy outlives the invalidation.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        self.store.set(forgotten_key(key), at, FORGOTTEN_TTL)
         self.store.delete(key)
 
 

@@ -26,6 +26,17 @@ def fails() -> None:
     raise RuntimeError("fixture failure: the origin is broken")
 
 
+FLAKY = {"failing": False}
+"""The switch of :func:`flaky` (a test sets it with ``monkeypatch.setitem``)."""
+
+
+def flaky(id: str) -> dict[str, str]:  # noqa: A002 - the query parameter's name
+    """Answers while ``FLAKY["failing"]`` is false, raises while it is true."""
+    if FLAKY["failing"]:
+        raise RuntimeError("fixture failure: the origin is down for now")
+    return {"id": id}
+
+
 class Opaque:
     """An object no JSON encoder knows."""
 

@@ -12,6 +12,7 @@ from service.entry import Entry
 from service.freshness import Windows
 from service.loader import Job
 from service.state import state_of
+from tests import sources_fixtures
 from tests.conftest import FakeClock, settings_for
 
 pytestmark = pytest.mark.memcached
@@ -175,6 +176,28 @@ def test_a_flushed_memcached_and_a_failing_origin_still_serve_the_local_copy(
         clock.advance(5)                              # past l1_ttl: memcached is asked
         answers = [state.region.get_or_load(job) for _ in range(20)]
     assert {(a.status, a.value) for a in answers} == {("STALE", "good copy")}
+
+
+def test_an_entry_one_worker_invalidated_is_not_served_by_another_when_the_origin_fails(
+        memcached: Any, make_app: Any, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The flushed-memcached case above serves the local copy; an invalidation must not.
+    monkeypatch.setenv("SERVICE_ADMIN_TOKEN", "s3cret")
+    settings = settings_for([memcached.address], refresh={"error_ttl": 0}, sources={
+        "flaky": {"kind": "python", "target": "tests.sources_fixtures:flaky",
+                  "max_age": 60, "stale_if_error": 3600}})
+    first, second = (make_app(settings, clock=clock).test_client() for _ in range(2))
+    assert first.get("/v1/flaky?id=1").headers["X-Cache"] == "MISS"
+    assert second.get("/v1/flaky?id=1").headers["X-Cache"] == "HIT"  # a copy of its own
+    clock.advance(1)
+    gone = first.delete("/admin/api/sources/flaky?id=1",
+                        headers={"Authorization": "Bearer s3cret"})
+    assert gone.status_code == 200, gone.get_data(as_text=True)
+    monkeypatch.setitem(sources_fixtures.FLAKY, "failing", True)
+    clock.advance(5)                                   # past l1_ttl: memcached is asked
+    answer = second.get("/v1/flaky?id=1")
+    assert answer.status_code == 502, answer.get_data(as_text=True)
+    assert first.get("/v1/flaky?id=1").status_code == 502
 
 
 def test_an_answer_over_max_body_bytes_is_a_clear_502(

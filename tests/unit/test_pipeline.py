@@ -25,7 +25,7 @@ from service.negative import ErrorMemo, error_key
 from service.refresher import Refresher
 from service.region import Region
 from service.state import in_app_context
-from service.tiers import LocalTier, TwoTier
+from service.tiers import LocalTier, TwoTier, forgotten_key
 from tests.conftest import FakeClock
 from tests.memstore import MemoryStore
 
@@ -235,6 +235,60 @@ def test_a_local_copy_is_dropped_once_memcached_says_the_entry_is_gone(pipe: Pip
     pipe.clock.advance(2.5)
     result = pipe.region.get_or_load(pipe.job(value="v2"))
     assert (result.status, result.value) == ("MISS", "v2")
+
+
+def another_worker(pipe: Pipeline) -> TwoTier:
+    """A second worker's tiers over the same memcached (its own local tier)."""
+    return TwoTier(pipe.store, LocalTier(100), 2.0, pipe.clock)  # type: ignore[arg-type]
+
+
+def test_a_copy_invalidated_elsewhere_is_not_served_when_the_origin_fails(
+        pipe: Pipeline) -> None:
+    pipe.region.get_or_load(pipe.job(value="v1"))
+    pipe.clock.advance(1)
+    another_worker(pipe).delete("k", pipe.clock())   # an admin's DELETE, over there
+    pipe.clock.advance(2.5)                           # past l1_ttl: memcached is asked
+    with pytest.raises(OriginError):
+        pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
+    assert pipe.tiers.local.get("k") is None          # and the copy is dropped for good
+
+
+def test_a_copy_memcached_merely_lost_is_still_served_when_the_origin_fails(
+        pipe: Pipeline) -> None:
+    pipe.region.get_or_load(pipe.job(value="v1"))
+    pipe.store.delete("k")                            # flushed, evicted: no mark
+    pipe.clock.advance(2.5)
+    result = pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
+    assert (result.status, result.value) == ("STALE", "v1")
+
+
+def test_a_copy_stored_after_an_invalidation_is_still_a_last_good_copy(
+        pipe: Pipeline) -> None:
+    pipe.region.get_or_load(pipe.job(value="v1"))
+    pipe.clock.advance(1)
+    pipe.region.invalidate("k")
+    pipe.clock.advance(1)
+    assert pipe.region.get_or_load(pipe.job(value="v2")).status == "MISS"
+    pipe.store.delete("k")                            # then memcached loses it
+    pipe.clock.advance(2.5)
+    result = pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
+    assert (result.status, result.value) == ("STALE", "v2")
+
+
+def test_the_last_good_copy_is_served_when_memcached_cannot_say_it_was_forgotten(
+        pipe: Pipeline) -> None:
+    pipe.region.get_or_load(pipe.job(value="v1"))
+    pipe.store.down = True
+    copy = pipe.tiers.last_good("k")
+    assert copy is not None and copy.value == "v1"
+
+
+def test_an_invalidation_marks_before_it_deletes(pipe: Pipeline) -> None:
+    pipe.region.get_or_load(pipe.job(value="v1"))
+    pipe.store.calls.clear()
+    pipe.region.invalidate("k")
+    assert pipe.store.calls == ["set", "delete"]
+    assert pipe.store.get(forgotten_key("k")) == pipe.clock()
 
 
 def test_memcached_down_still_answers_and_serves_the_local_copy(pipe: Pipeline) -> None:

@@ -20,7 +20,11 @@ fenced write of :class:`~service.tiers.TwoTier`, negative records, the same metr
 A caller that took a lease and never stores (its function raised, or it only looked)
 gives the lease back when its app context ends (``teardown_appcontext``), and its
 failure is remembered for ``error_ttl`` so the stale-if-error window serves the old value
-meanwhile; outside an app context the lease lapses after ``lock_lease``.
+meanwhile. Outside an app context (a script, a scheduler's job, a bare greenlet) nothing
+would give a lease back, and every other worker would wait out ``lock_lease`` for a value
+that may never come: there ``get`` still waits for a holder's value, but never takes the
+lease itself. A miss answers ``None`` and its caller recomputes, as with plain
+Flask-Caching.
 
 Plain ``cache.get``/``cache.set`` keep their contract: ``get`` answers a stored value or
 ``None``, ``set`` stores; the only visible change is fewer recomputes. Values are stored
@@ -36,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from flask import has_app_context
 from gevent import getcurrent
 
 from . import metrics
@@ -81,6 +86,9 @@ class Coalescer:
         self.loader = Loader(self.tiers, self.leases, self.errors, refresh, _no_fetch, clock,
                              monotonic)
         self.wait_limit = refresh.lock_lease + 1.0
+        # Whether a lease taken now is given back if its caller never stores: inside an
+        # app context, whose teardown does it (registered by the backend's factory).
+        self.may_hold: Callable[[], bool] = has_app_context
         self._held: weakref.WeakKeyDictionary[Any, dict[str, _Held]] = (
             weakref.WeakKeyDictionary())
 
@@ -152,6 +160,13 @@ class Coalescer:
     def _claim(self, key: str, seen: Entry | None) -> bool | Entry:
         """Take the lease: ``True`` (we recompute), ``False`` (somebody else holds it),
         or the entry that landed meanwhile (dogpile's re-read after taking the lease)."""
+        if not self.may_hold():
+            # Nothing would give it back (module docstring): wait for a holder, if there
+            # is one, but recompute without becoming one.
+            try:
+                return self.leases.holder(key) is None
+            except CacheUnavailable:
+                return True
         try:
             lease = self.leases.acquire(key)
         except CacheUnavailable:

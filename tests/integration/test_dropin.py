@@ -191,6 +191,38 @@ def test_waiters_get_the_recomputed_value_across_caches_sharing_memcached(
     assert other_calls == []
 
 
+def test_outside_an_app_context_a_miss_takes_no_lease(unchanged: Any) -> None:
+    # A script or a scheduler's job that only looks (or whose recompute raises) has no
+    # teardown to give a lease back: the workers must not wait out lock_lease for it.
+    app, _origin, backend = unchanged
+    assert backend.get("job-key") is None
+    assert backend.herd.leases.holder("job-key") is None
+    with app.app_context():                       # a request after it recomputes at once
+        assert backend.get("job-key") is None
+        assert backend.herd.leases.holder("job-key") is not None
+        backend.set("job-key", "from the request", timeout=60)
+    assert backend.herd.leases.holder("job-key") is None
+    assert backend.get("job-key") == "from the request"
+
+
+def test_outside_an_app_context_a_get_still_waits_for_the_holder(unchanged: Any) -> None:
+    app, _origin, backend = unchanged
+    ctx = app.app_context()
+    ctx.push()
+    try:
+        assert backend.get("job-key") is None     # this request holds the lease
+        waited = metrics.lease_total.labels("waited")._value.get()
+        outside = gevent.spawn(backend.get, "job-key")   # a bare greenlet: no context
+        with gevent.Timeout(5):
+            while metrics.lease_total.labels("waited")._value.get() < waited + 1:
+                gevent.sleep(0.001)
+        assert not outside.ready()
+        backend.set("job-key", "recomputed once", timeout=60)
+    finally:
+        ctx.pop()
+    assert outside.get(timeout=5) == "recomputed once"
+
+
 # -- from service import Cache: nobody waits for a refresh ---------------------------------
 
 

@@ -86,9 +86,6 @@ class Coalescer:
         self.loader = Loader(self.tiers, self.leases, self.errors, refresh, _no_fetch, clock,
                              monotonic)
         self.wait_limit = refresh.lock_lease + 1.0
-        # Whether a lease taken now is given back if its caller never stores: inside an
-        # app context, whose teardown does it (registered by the backend's factory).
-        self.may_hold: Callable[[], bool] = has_app_context
         self._held: weakref.WeakKeyDictionary[Any, dict[str, _Held]] = (
             weakref.WeakKeyDictionary())
 
@@ -160,9 +157,9 @@ class Coalescer:
     def _claim(self, key: str, seen: Entry | None) -> bool | Entry:
         """Take the lease: ``True`` (we recompute), ``False`` (somebody else holds it),
         or the entry that landed meanwhile (dogpile's re-read after taking the lease)."""
-        if not self.may_hold():
-            # Nothing would give it back (module docstring): wait for a holder, if there
-            # is one, but recompute without becoming one.
+        if not has_app_context():
+            # No teardown would give the lease back if this caller never stores (module
+            # docstring): wait for a holder, if there is one, but never become one.
             try:
                 return self.leases.holder(key) is None
             except CacheUnavailable:

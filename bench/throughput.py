@@ -5,7 +5,8 @@ multiprocess mode, the access log) serving ``bench.hits_app``, its own memcached
 In one run, so every ratio compares numbers measured minutes apart on the same machine:
 
 1. hits at 32 connections, every route in turn, ``--rounds`` interleaved rounds, medians,
-   as ratios of the raw WSGI row (the issue's table);
+   as ratios of the raw WSGI row (the issue's table; its "access log to /dev/null" row on
+   a second server started with ``--access-logfile /dev/null``);
 2. 1,000 connections on a hot key (raw WSGI and ``/v1`` hit, interleaved): requests/s,
    p99 and timeouts (wrk ``--timeout 5s``);
 3. a cold key read by 300 simultaneous readers (origin 1 s): how many origin fetches, how
@@ -47,11 +48,15 @@ from . import noise
 from .procs import LOOPBACK, REPO_ROOT, Gunicorn, Memcached, http_get
 from .refreshes import HERD_MAX_AGE, HERD_ORIGIN_SECONDS, herd, herd_line
 
+# A route whose key ends so is measured on a second server, the same but for its access
+# log (``--access-logfile /dev/null``): the row of what the log costs.
+DEVNULL = " (log to /dev/null)"
 ROUTES = [
     ("raw WSGI app, constant bytes", "/raw"),
     ("bare Flask view", "/flask"),
     ("Flask-Caching @cached hit (memcached)", "/fc"),
     ("our /v1/NAME hit", "/v1/const"),
+    ("our /v1/NAME hit, access log to /dev/null", "/v1/const" + DEVNULL),
     ("our @swr.cached hit", "/swr"),
 ]
 
@@ -195,6 +200,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "BENCH_HERD_SECONDS": f"{HERD_ORIGIN_SECONDS:g}"},
                           metrics=True, app="bench.hits_app:app")
         server.start()
+        (workdir / "devnull").mkdir()
+        quiet = Gunicorn(workdir / "devnull", settings, args.workers,
+                         {"GUNICORN_CMD_ARGS": "--access-logfile /dev/null"}, metrics=True,
+                         app="bench.hits_app:app")
+        variants["--access-logfile /dev/null"] = quiet.start()
+
+        def url(key: str) -> str:
+            if key.endswith(DEVNULL):
+                return quiet.url + key.removesuffix(DEVNULL)
+            assert server is not None
+            return server.url + key
+
         for i, extra in enumerate(args.high_variant):
             vdir = workdir / f"variant{i}"
             vdir.mkdir()
@@ -207,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 http_get(variant.url + "/v1/const")
         for _, path in ROUTES:  # fill every cache, in every worker
             for _ in range(4 * args.workers):
-                http_get(server.url + path)
+                http_get(url(path))
         print(f"hit bench: {args.workers} gunicorn gevent workers (deploy/gunicorn.conf.py), "
               f"wrk {args.connections} connections, {args.rounds} interleaved round(s) of "
               f"{args.seconds:g} s per route; {os.cpu_count()} CPUs, load average "
@@ -218,9 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             # server does a little worse (its connections still closing), and a fixed order
             # would always hand that to the same route.
             for _, path in ROUTES[r % len(ROUTES):] + ROUTES[:r % len(ROUTES)]:
-                runs[path].append(wrk(server.url + path, args.connections, args.seconds))
+                runs[path].append(wrk(url(path), args.connections, args.seconds))
             print(f"... round {r + 1}: " + ", ".join(
                 f"{p} {runs[p][-1].rps:,.0f}/s" for _, p in ROUTES), flush=True)
+        variants.pop("--access-logfile /dev/null").stop(timeout=15.0)
         configs = {"shipped": server, **variants}
         high: dict[tuple[str, str], list[Wrk]] = {
             (c, p): [] for c in configs for p in ("/raw", "/v1/const")}

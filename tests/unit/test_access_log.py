@@ -18,7 +18,7 @@ import os
 import runpy
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -226,3 +226,67 @@ def test_a_line_that_cannot_be_written_loses_only_itself(
     handler.flush()
     assert stream.getvalue() == "first\nlast\n"
     assert "1 line(s) could not be written" in capsys.readouterr().err
+
+
+
+@pytest.fixture
+def file_logger(conf: dict[str, Any], tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Loggers to ``tmp_path/access.log``; their files are closed afterwards."""
+    made: list[Any] = []
+
+    def make(worker_class: str = "gevent") -> Any:
+        cfg = Config()
+        cfg.set("worker_class", worker_class)
+        cfg.set("accesslog", str(tmp_path / "access.log"))
+        cfg.set("access_log_format", conf["access_log_format"])
+        logger = conf["BufferedAccessLogger"](cfg)
+        logger.now = lambda: NOW
+        made.append(logger)
+        return logger
+
+    yield make
+    for logger in made:
+        for handler in logger.access_log.handlers:
+            if getattr(handler, "_gunicorn", False):
+                handler.close()
+
+
+def gunicorn_handler(logger: Any) -> Any:
+    [handler] = [h for h in logger.access_log.handlers if getattr(h, "_gunicorn", False)]
+    return handler
+
+
+def test_an_access_log_file_gets_gunicorns_lines_in_batches(
+        file_logger: Callable[..., Any], tmp_path: Path) -> None:
+    logger = file_logger()
+    handler = gunicorn_handler(logger)
+    assert type(handler) is accesslog.BufferedFileHandler
+    handler._pid = os.getpid()              # no drain thread: flushed by hand
+    resp, req, environ, request_time = request()
+    with only(logger, handler):
+        logger.access(resp, req, environ, request_time)
+        assert (tmp_path / "access.log").read_text() == ""     # waiting in the batch
+        handler.flush()
+    expected = gunicorns_line(logger, resp, req, environ, request_time)
+    assert (tmp_path / "access.log").read_text() == expected + "\n"
+
+
+def test_reopening_the_file_on_usr1_keeps_each_line_in_its_own_file(
+        file_logger: Callable[..., Any], tmp_path: Path) -> None:
+    """logrotate renames the file, then gunicorn's USR1 reopens it (``reopen_files``)."""
+    path = tmp_path / "access.log"
+    logger = file_logger()
+    handler = gunicorn_handler(logger)
+    handler._pid = os.getpid()
+    with only(logger, handler):
+        logger.access(*request(status="200 OK"))
+        path.rename(tmp_path / "access.log.1")
+        logger.reopen_files()
+        logger.access(*request(status="404 NOT FOUND"))
+        handler.flush()
+    assert '" 200 ' in (tmp_path / "access.log.1").read_text()
+    assert '" 404 ' in path.read_text() and '" 200 ' not in path.read_text()
+
+
+def test_threaded_workers_keep_gunicorns_file_handler(file_logger: Callable[..., Any]) -> None:
+    assert type(gunicorn_handler(file_logger("gthread"))) is logging.FileHandler

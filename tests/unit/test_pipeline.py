@@ -237,6 +237,11 @@ def test_a_local_copy_is_dropped_once_memcached_says_the_entry_is_gone(pipe: Pip
     assert (result.status, result.value) == ("MISS", "v2")
 
 
+def read_after_l1_ttl_with_the_origin_down(pipe: Pipeline) -> Any:
+    pipe.clock.advance(2.5)                           # past l1_ttl: memcached is asked
+    return pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
+
+
 def another_worker(pipe: Pipeline) -> TwoTier:
     """A second worker's tiers over the same memcached (its own local tier)."""
     return TwoTier(pipe.store, LocalTier(100), 2.0, pipe.clock)  # type: ignore[arg-type]
@@ -247,9 +252,8 @@ def test_a_copy_invalidated_elsewhere_is_not_served_when_the_origin_fails(
     pipe.region.get_or_load(pipe.job(value="v1"))
     pipe.clock.advance(1)
     another_worker(pipe).delete("k", pipe.clock())   # an admin's DELETE, over there
-    pipe.clock.advance(2.5)                           # past l1_ttl: memcached is asked
     with pytest.raises(OriginError):
-        pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
+        read_after_l1_ttl_with_the_origin_down(pipe)
     assert pipe.tiers.local.get("k") is None          # and the copy is dropped for good
 
 
@@ -257,8 +261,7 @@ def test_a_copy_memcached_merely_lost_is_still_served_when_the_origin_fails(
         pipe: Pipeline) -> None:
     pipe.region.get_or_load(pipe.job(value="v1"))
     pipe.store.delete("k")                            # flushed, evicted: no mark
-    pipe.clock.advance(2.5)
-    result = pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
+    result = read_after_l1_ttl_with_the_origin_down(pipe)
     assert (result.status, result.value) == ("STALE", "v1")
 
 
@@ -270,8 +273,7 @@ def test_a_copy_stored_after_an_invalidation_is_still_a_last_good_copy(
     pipe.clock.advance(1)
     assert pipe.region.get_or_load(pipe.job(value="v2")).status == "MISS"
     pipe.store.delete("k")                            # then memcached loses it
-    pipe.clock.advance(2.5)
-    result = pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
+    result = read_after_l1_ttl_with_the_origin_down(pipe)
     assert (result.status, result.value) == ("STALE", "v2")
 
 

@@ -247,7 +247,7 @@ def invalidate(st: AppState, recs: list[Record], who: str) -> list[str]:
     now = st.clock()
     for key in keys:
         st.tiers.forget_shared(key, now)
-        st.errors.forget(key)
+        st.loader.forget(key)
     registry = st.ledger.registry
     if registry is not None:
         registry.invalidated(recs, who)

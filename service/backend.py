@@ -31,6 +31,7 @@ from typing import Any
 
 from flask import Flask
 from flask_caching.backends.base import BaseCache
+from werkzeug.wrappers import Response
 
 from .clients import pool_for
 from .coalesce import Coalescer
@@ -38,7 +39,8 @@ from .config import CacheSettings, RefreshSettings
 from .entry import Entry
 from .errors import CacheUnavailable, CodecError
 from .flaskconfig import POOL_OPTIONS, settings_from_flask
-from .store import MISS, Store
+from .responses import shareable
+from .store import EMPTY, MISS, Store
 
 log = logging.getLogger(__name__)
 Timeout = int | timedelta | None
@@ -146,6 +148,10 @@ class MemcachedCache(BaseCache):
     def _write(self, op: Callable[[str, Any, float], bool], key: str, value: Any,
                timeout: Timeout, recompute: bool) -> bool:
         seconds = self._normalize_timeout(timeout)
+        if isinstance(value, Response) and not shareable(value):
+            # A response that sets a cookie, or says private or no-store, answers its own
+            # request only: never stored, so never served to anyone else.
+            return False
         try:
             if recompute:
                 claimed = self.herd.set_claimed(key, value, seconds)
@@ -165,10 +171,16 @@ class MemcachedCache(BaseCache):
         return [key for key, value in mapping.items() if self.set(key, value, seconds)]
 
     def delete(self, key: str) -> bool:
-        """``True`` if the key existed; ``False`` if absent, or memcached failed."""
+        """``True`` if the key existed; ``False`` if absent, or memcached failed.
+
+        A recompute's claim under the key (the empty item of a ``get`` that missed) is
+        deleted too, so that recompute's fenced ``set`` cannot undo this delete, but a
+        claim is no value: deleting only a claim answers ``False``.
+        """
         self.herd.forget(key)
         try:
-            return self.store.delete(key)
+            claim_only = self.store.mget(key).value is EMPTY
+            return self.store.mdelete(key) == "HD" and not claim_only
         except CacheUnavailable:
             return False
 

@@ -12,8 +12,7 @@ Why not pymemcache's ``PooledClient``/``HashClient``: a full ``PooledClient`` ra
 instead of waiting, and ``HashClient`` drops a dead server and rehashes its keys (lease
 keys included) onto the others. Here a full pool makes the caller wait, bounded by
 ``pool_timeout``; a per-server circuit breaker stops us waiting on a dead server for every
-call, and only while its circuit is open are its keys (lease keys with them) sent to their
-next rendezvous choice, the same one in every process (see :meth:`ClientPool.server_for`).
+call, and a key never moves to another server (see :meth:`ClientPool.server_for`).
 
 Two ways to hold a connection:
 
@@ -98,34 +97,24 @@ class ClientPool:
         self._start()
 
     def server_for(self, key: bytes) -> str:
-        """The server of ``key``: its rendezvous winner, or while that one's circuit is
-        open, the next server in the key's rendezvous order whose circuit is not.
+        """The server of ``key``: its rendezvous winner, always, also while that server
+        is down.
 
-        So a dead server's keys, lease keys included, move together to one live server,
-        the same one in every process that has seen it fail, and the fleet-wide lease keeps
-        working for them; the keys of the other servers do not move. They come back (to an
-        empty server, after a restart) when its circuit closes again. While a process
-        has not yet seen the failure it still asks the dead server, gets an error, and
-        (with nothing to coordinate on) fetches without a lease.
+        A key never moves to another server. If it did, writes and invalidations made
+        while its server is unreachable (dead, frozen, or cut off from this host only)
+        would land on a stand-in, and the first server, back with its old data, would
+        answer from before them: answers would go back in time, and a lease and its
+        entry could sit on two servers. So a dead server's keys are answered from each
+        worker's own copy and the origin, without fleet coordination (each worker
+        fetches at most once per window, its in-process flight coalescing its
+        greenlets), and its circuit breaker keeps us from waiting on it for every call.
         """
         if len(self.servers) == 1:
             return self.servers[0]
         name = key.decode("ascii")
         score = self._hash.hash_function
         # Highest score first, ties to the larger name: RendezvousHash.get_node's order.
-        ranked = sorted(self.servers, key=lambda s: (score(f"{s}-{name}"), s), reverse=True)
-        now = self.monotonic()
-        for server in ranked:
-            breaker = self.breakers[server]
-            if not breaker.routable(now):
-                continue
-            if breaker.is_open and self.refuses(server):
-                # Half-open, and still nothing listens: a connect says so without sending
-                # a real command (a lease or an entry) there to fail.
-                breaker.trip(now)
-                continue
-            return server
-        return ranked[0]
+        return max(self.servers, key=lambda s: (score(f"{s}-{name}"), s))
 
     def refuses(self, server: str) -> bool:
         """Whether ``server``'s port refuses a new connection (after a call failed)."""

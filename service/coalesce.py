@@ -2,28 +2,30 @@
 
 Flask-Caching's ``@cache.cached`` and ``@cache.memoize`` do ``get``; on ``None`` they run
 the function and ``set`` the result. With this backend that ``get`` is where the fleet
-coordinates, using the read path's own pieces (:class:`~service.lease.Leases`, the
-waiter's :func:`~service.waiting.next_step` through :meth:`Loader.wait_for_holder`, the
-fenced write of :class:`~service.tiers.TwoTier`, negative records, the same metrics):
+coordinates, using the read path's own claims (:mod:`service.lease`: the entry's own item on a miss,
+the lease beside a stale entry), fenced writes and metrics:
 
-* a ``get`` that finds nothing takes the key's lease and answers ``None``: this caller
-  recomputes, and its ``set`` is written fenced and releases the lease;
-* a ``get`` that finds nothing while another caller holds the lease waits for that
-  caller's value (bounded by the lease) and answers it: one recompute, not one per
-  waiting client. If the lease lapses with nothing stored, the next caller takes it;
+* a ``get`` that finds nothing wins the key's claim (memcached's ``mg … N``) and answers
+  ``None``: this caller recomputes, and its ``set`` replaces the claim, fenced on its CAS;
+* a ``get`` that finds another caller's claim waits for that caller's value (bounded)
+  and answers it: one recompute, not one per waiting client. If the claim lapses with
+  nothing stored, the next ``get`` wins it;
 * with ``CACHE_STALE_WHILE_REVALIDATE = N``, an expired entry is answered for N more
-  seconds to everybody but the one caller that got the lease, who recomputes it;
+  seconds to everybody but the one caller that got its lease, who recomputes it;
 * with ``CACHE_STALE_IF_ERROR = M``, for M more seconds after that, as long as a
   recompute fails: callers wait for the recomputing one, and get the old value if it
   fails.
 
-A caller that took a lease and never stores (its function raised, or it only looked)
-gives the lease back when its app context ends (``teardown_appcontext``), and its
-failure is remembered for ``error_ttl`` so the stale-if-error window serves the old value
-meanwhile. Outside an app context (a script, a scheduler's job, a bare greenlet) nothing
-would give a lease back, and every other worker would wait out ``lock_lease`` for a value
-that may never come: there ``get`` still waits for a holder's value, but never takes the
-lease itself. A miss answers ``None`` and its caller recomputes, as with plain
+A caller that took a claim and never stores (its function raised, ``abort()``-ed, or
+its answer was not cacheable) gives it back when its app context ends
+(``teardown_appcontext``): a cold claim becomes a pass record, so the waiters recompute
+at once and nobody queues behind an uncacheable answer (hit-for-miss, for a few seconds);
+a stale entry's lease remembers the failure for ``error_ttl``, so the stale-if-error
+window serves the old value meanwhile. A claim is renewed while its caller recomputes,
+however long that takes. Outside an app context (a script, a scheduler's job, a bare
+greenlet) nothing would give a claim back, and every other worker would wait out
+``lock_lease`` for a value that may never come: there ``get`` still waits for a holder's
+value, but never claims itself. A miss answers ``None`` and its caller recomputes, as with plain
 Flask-Caching.
 
 Plain ``cache.get``/``cache.set`` keep their contract: ``get`` answers a stored value or
@@ -35,151 +37,201 @@ integers (counters) and values stored forever stay plain.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import has_app_context
-from gevent import getcurrent
+import gevent
+from flask import g, has_app_context
 
 from . import metrics
 from .config import RefreshSettings
 from .entry import Entry
-from .errors import CacheUnavailable, CodecError, HTTPError, OriginError, OriginTimeout
+from .errors import CacheUnavailable, CodecError, OriginError
 from .freshness import State, Timing, Windows, state
-from .lease import Lease, Leases
-from .loader import Loader
-from .negative import ErrorMemo
-from .store import MISS, Store
+from .lease import PASS_RECORD, Claim, Leases, error_of, error_record, is_pass, renew_every
+from .store import EMPTY, MISS, Store
 from .tiers import LocalTier, TwoTier
+from .waiting import poll_delays
 
 log = logging.getLogger(__name__)
 SOURCE = "flask-caching"
+PASS_TTL = 5.0
+"""Seconds a key whose recompute stored nothing is not coalesced (hit-for-miss)."""
+_HELD = "_swr_claims"
 
 
 @dataclass
 class _Held:
-    lease: Lease
-    cas: bytes | None
-
-
-def _no_fetch(fetch: Callable[[], Any]) -> Any:
-    raise RuntimeError("the Flask-Caching backend never fetches: its caller does")
+    claim: Claim
+    renewer: Any  # the greenlet renewing the claim while the caller recomputes
 
 
 class Coalescer:
-    """See the module docstring. One per backend; ``clock`` is wall time (freshness)."""
+    """See the module docstring. One per backend; ``clock`` is wall time (freshness).
+
+    :param lock_lease: seconds a claim lives unless renewed (``CACHE_OPTIONS
+        ["lock_lease"]``; by default the refresh settings').
+    """
 
     def __init__(self, store: Store, refresh: RefreshSettings, stale_while_revalidate: float,
                  stale_if_error: float, clock: Callable[[], float],
-                 monotonic: Callable[[], float]) -> None:
+                 monotonic: Callable[[], float], lock_lease: float | None = None) -> None:
         self.store = store
         self.stale_while_revalidate = stale_while_revalidate
         self.stale_if_error = stale_if_error
         self.clock = clock
         self.monotonic = monotonic
         # No in-process tier: a delete in one worker must be seen by the next get of any.
-        self.tiers = TwoTier(store, LocalTier(0), 0.0, monotonic)
-        self.leases = Leases(store, refresh.lock_lease)
-        self.errors = ErrorMemo(store, max(refresh.error_ttl, 1.0), clock)
-        self.loader = Loader(self.tiers, self.leases, self.errors, refresh, _no_fetch, clock,
-                             monotonic)
-        self.wait_limit = refresh.lock_lease + 1.0
-        self._held: weakref.WeakKeyDictionary[Any, dict[str, _Held]] = (
-            weakref.WeakKeyDictionary())
+        self.tiers = TwoTier(store, LocalTier(0), 0.0, monotonic, clock)
+        self.leases = Leases(store, lock_lease or refresh.lock_lease)
+        self.error_ttl = max(refresh.error_ttl, 1.0)
+        # A waiter waits while the holder renews its claim, as long as a loader's reader
+        # would wait for an origin fetch: bounded, even behind a holder that hangs.
+        self.wait_limit = self.leases.lock_lease + refresh.fetch_timeout
+
+    @property
+    def lock_lease(self) -> float:
+        return self.leases.lock_lease
 
     # -- get -----------------------------------------------------------------------------
 
     def get(self, key: str) -> Any:
         """The value for a caller of ``get`` (``None``: recompute it; see the module)."""
         mine = self._mine()
-        if key in mine:
-            return None  # this caller already took the lease: it is the one recomputing
+        if mine is not None and key in mine:
+            return None  # this caller already holds the claim: it is the one recomputing
+        # Only a caller whose app context will end (and give back what it took) claims.
+        claims = mine is not None
         try:
-            raw = self.store.get(key)
+            got = self.store.mget(key, self.leases.expiry if claims else None)
         except CacheUnavailable:
             return None
-        entry = self.entry_of(raw)
-        if entry is None:
-            if raw is not MISS and not Entry.is_wire(raw):
+        look = self.tiers.classify(key, got)
+        if look.claim is not None:
+            return self._take(key, look.claim)
+        if look.held:
+            return self._wait(key, None, claims)
+        if look.passing or look.error is not None:
+            self._count("miss")
+            return None  # the last recompute stored nothing: recompute, uncoalesced
+        if look.found is None:
+            if got.value is not MISS:
                 self._count("hit")
-                return raw  # a plain value (a counter, a value stored forever)
-            return self._cold(key, None)
+                return got.value  # a plain value (a counter, a value stored forever)
+            if got.cas is not None and claims:
+                return self._claim_existing(key, got.cas, None, claims)
+            self._count("miss")
+            return None
+        entry = look.found.entry
         now_state = state(entry.timing, self.clock())
         if now_state is State.FRESH:
             self._count("hit")
             return entry.value
         if now_state is State.STALE:
-            claimed = self._claim(key, entry)
-            if claimed is True:
-                self._count("miss")
-                return None
-            if isinstance(claimed, Entry):
-                # A newer value landed (and its lease came free) since our read.
-                self._count("hit")
-                return claimed.value
+            claim = self._acquire(key, got.cas) if claims else None
+            if claim is not None:
+                return self._take(key, claim)
             self._count("stale")
             return entry.value
-        if now_state is State.ERROR_ONLY and self.errors.recall(key) is not None:
-            self._count("stale")
-            return entry.value  # the last recompute failed a moment ago: the old value
-        return self._cold(key, entry if now_state is State.ERROR_ONLY else None)
+        fallback = entry if now_state is State.ERROR_ONLY else None
+        return self._claim_existing(key, got.cas, fallback, claims)
 
-    def _cold(self, key: str, fallback: Entry | None) -> Any:
-        """Nothing servable: recompute (with the lease), or wait for whoever has it."""
+    def _claim_existing(self, key: str, cas: bytes | None, fallback: Entry | None,
+                        claims: bool) -> Any:
+        """An item that may not be served as it is: recompute under its lease, or wait
+        for whoever holds it (their failure serves ``fallback``: stale-if-error)."""
+        if claims:
+            claim = self._acquire(key, cas)
+            if claim is not None:
+                return self._take(key, claim)
+        try:
+            record = self.leases.lease_record(key)
+        except CacheUnavailable:
+            record = MISS
+        if error_of(record) is not None or is_pass(record) or record is MISS:
+            # Its last recompute failed (stale-if-error), or nobody holds it (outside an
+            # app context nobody may): answer the old value, or recompute.
+            self._count("stale" if fallback else "miss")
+            return fallback.value if fallback is not None else None
+        return self._wait(key, fallback, claims)
+
+    def _wait(self, key: str, fallback: Entry | None, claims: bool) -> Any:
+        """Another caller holds the key: poll until its value lands (answered), its claim
+        is replaced by a pass or error record or lapses (recompute; with a claim of our
+        own when we may take one), or ``wait_limit`` passes. Bounded."""
+        metrics.lease_total.labels("waited").inc()
         deadline = self.monotonic() + self.wait_limit
+        delays = poll_delays()
+        seen: bytes | None = None
         while True:
-            claimed = self._claim(key, fallback)
-            if claimed is True:
-                self._count("miss")
-                return None
-            if isinstance(claimed, Entry):
-                self._count("hit")
-                return claimed.value  # it landed while we took the lease
-            metrics.lease_total.labels("waited").inc()
-            try:
-                landed = self.loader.wait_for_holder(key, self._servable, deadline)
-            except OriginTimeout:
-                # The holder took longer than its lease allows: recompute ourselves.
+            now = self.monotonic()
+            if now >= deadline:
+                metrics.lease_total.labels("waited_timeout").inc()
                 self._count("stale" if fallback else "miss")
                 return fallback.value if fallback is not None else None
-            except HTTPError:
-                if fallback is not None:
-                    self._count("stale")
-                    return fallback.value  # its recompute failed: stale-if-error
-                continue  # no old value: the next caller (us) recomputes
-            if landed is not None:
-                self._count("hit")
-                return landed.value
-            # The lease lapsed with nothing stored: try to take it.
-
-    def _claim(self, key: str, seen: Entry | None) -> bool | Entry:
-        """Take the lease: ``True`` (we recompute), ``False`` (somebody else holds it),
-        or the entry that landed meanwhile (dogpile's re-read after taking the lease)."""
-        if not has_app_context():
-            # No teardown would give the lease back if this caller never stores (module
-            # docstring): wait for a holder, if there is one, but never become one.
+            gevent.sleep(min(delays(), deadline - now))
             try:
-                return self.leases.holder(key) is None
+                got = self.store.mget(key, self.leases.expiry if claims else None)
             except CacheUnavailable:
-                return True
+                return fallback.value if fallback is not None else None
+            look = self.tiers.classify(key, got)
+            if look.claim is not None:
+                return self._take(key, look.claim)  # the holder vanished: our turn
+            if look.held:
+                continue
+            found = look.found
+            if found is not None and self._servable(found.entry) and (
+                    fallback is None or found.entry.stored_at > fallback.stored_at):
+                self._count("hit")
+                return found.entry.value
+            if found is None and (look.passing or look.error is not None
+                                  or got.value is MISS):
+                self._count("miss")
+                return None
+            if found is not None and seen is None:
+                seen = got.cas
+            try:
+                record = self.leases.lease_record(key)
+            except CacheUnavailable:
+                record = MISS
+            if error_of(record) is not None or is_pass(record):
+                self._count("stale" if fallback else "miss")
+                return fallback.value if fallback is not None else None
+            if record is MISS:
+                # The lease beside the entry is gone without a new value: take it over.
+                if claims:
+                    claim = self._acquire(key, got.cas)
+                    if claim is not None:
+                        return self._take(key, claim)
+                self._count("stale" if fallback else "miss")
+                return fallback.value if fallback is not None else None
+
+    def _acquire(self, key: str, cas: bytes | None) -> Claim | None:
         try:
-            lease = self.leases.acquire(key)
+            return self.leases.acquire(key, cas)
         except CacheUnavailable:
-            return True  # no coordination possible: recompute, as plain Flask-Caching
-        if lease is None:
-            return False
-        try:
-            found = self.tiers.read_shared(key)
-        except CacheUnavailable:
-            found = None
-        if found is not None and self._servable(found.entry) and (
-                seen is None or found.entry.stored_at > seen.stored_at):
-            self._release(lease)
-            return found.entry
-        self._mine()[key] = _Held(lease, found.cas if found is not None else None)
-        return True
+            return None
+
+    def _take(self, key: str, claim: Claim) -> None:
+        """This caller recomputes ``key`` under ``claim``: one renewer keeps the claim
+        alive until its ``set`` (or the end of its app context), however long it takes."""
+        mine = self._mine()
+        if mine is None:  # cannot happen: only callers in an app context claim
+            self._give_back(claim, None)
+            return None
+        mine[key] = _Held(claim, gevent.spawn(self._renew, claim))
+        self._count("miss")
+        return None
+
+    def _renew(self, claim: Claim) -> None:
+        while True:
+            gevent.sleep(renew_every(self.lock_lease))
+            try:
+                if not self.leases.renew(claim):
+                    return
+            except CacheUnavailable:
+                pass  # try again at the next interval; the claim may still hold
 
     # -- set -----------------------------------------------------------------------------
 
@@ -201,48 +253,83 @@ class Coalescer:
         return timeout + self.stale_while_revalidate + self.stale_if_error
 
     def set_claimed(self, key: str, value: Any, timeout: float) -> bool | None:
-        """Store the recomputed value of a key this caller holds the lease of, fenced;
+        """Store the recomputed value of a key this caller holds the claim of, fenced on
+        the claim's CAS (a delete meanwhile wins: the value is dropped, not added);
         ``None`` when it holds none (the caller does a plain set).
 
         :raises CodecError: the value cannot be stored.
         """
-        held = self._mine().pop(key, None)
+        held = self._pop(key)
         if held is None:
             return None
         try:
-            if timeout <= 0 or type(value) is int:
-                return bool(self.store.set(key, value, timeout))
-            if not self.tiers.write(key, self._entry(value, timeout), held.cas, self.clock()):
-                metrics.lease_total.labels("fenced").inc()  # a newer value is stored
+            stored = self.store.mset(key, self.envelope(value, timeout),
+                                     self.memcached_ttl(timeout), cas=held.claim.fence)
+            if not stored.ok:
+                metrics.lease_total.labels("fenced").inc()  # deleted, or a newer value
+            if not held.claim.cold:
+                self._give_back(held.claim, None)
             return True
         except CacheUnavailable:
             return False
-        finally:
-            self._release(held.lease)
+        except CodecError:
+            self._give_back(held.claim, PASS_RECORD, PASS_TTL)
+            raise
 
     def forget(self, key: str) -> None:
-        """The key was deleted: a lease this caller holds for it goes too."""
-        held = self._mine().pop(key, None)
-        if held is not None:
-            self._release(held.lease)
+        """The key was deleted: a claim this caller holds for it goes too (the delete
+        removed a cold claim's item already; a refresh lease is given back)."""
+        held = self._pop(key)
+        if held is not None and not held.claim.cold:
+            self._give_back(held.claim, None)
 
     def release_all(self, failed: bool = True) -> None:
-        """Give back every lease this caller still holds (its app context ended without
-        storing): remembered as a failed recompute, so stale-if-error applies."""
-        held = self._held.pop(getcurrent(), None)
-        for key, h in (held or {}).items():
-            if failed:
-                self.errors.remember(key, OriginError("the recompute stored nothing"))
-            self._release(h.lease)
+        """Give back every claim this app context still holds (it ended without storing):
+        a cold claim becomes a pass record, so its waiters recompute at once instead of
+        queueing; a stale entry's lease remembers the failure, so stale-if-error serves
+        the old value meanwhile."""
+        if not has_app_context():
+            return
+        held: dict[str, _Held] = g.pop(_HELD, None) or {}
+        for h in held.values():
+            h.renewer.kill(block=False)
+            if not failed:
+                self._give_back(h.claim, None)
+            elif h.claim.cold:
+                self._give_back(h.claim, PASS_RECORD, PASS_TTL)
+            else:
+                self._give_back(h.claim, error_record(
+                    OriginError("the recompute stored nothing")), self.error_ttl)
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _mine(self) -> dict[str, _Held]:
-        current = getcurrent()
-        mine = self._held.get(current)
+    def _mine(self) -> dict[str, _Held] | None:
+        """The claims of the current app context (a nested ``app_context()`` has its own,
+        so its teardown gives back only what it took); ``None`` outside one."""
+        if not has_app_context():
+            return None
+        mine: dict[str, _Held] | None = g.get(_HELD)
         if mine is None:
-            mine = self._held[current] = {}
+            mine = {}
+            setattr(g, _HELD, mine)
         return mine
+
+    def _pop(self, key: str) -> _Held | None:
+        mine = self._mine()
+        held = mine.pop(key, None) if mine is not None else None
+        if held is not None:
+            held.renewer.kill(block=False)
+        return held
+
+    def _give_back(self, claim: Claim, record: dict[str, Any] | None, ttl: float = 0.0
+                   ) -> None:
+        try:
+            if record is not None:
+                self.leases.replace(claim, record, ttl)
+            else:
+                self.leases.release(claim)
+        except CacheUnavailable:
+            pass  # it lapses by itself
 
     def fresh(self, entry: Entry) -> bool:
         return state(entry.timing, self.clock()) is State.FRESH
@@ -252,7 +339,7 @@ class Coalescer:
 
     @staticmethod
     def entry_of(raw: Any) -> Entry | None:
-        if raw is MISS or not Entry.is_wire(raw):
+        if raw is MISS or raw is EMPTY or not Entry.is_wire(raw):
             return None
         try:
             return Entry.from_wire(raw)
@@ -263,7 +350,7 @@ class Coalescer:
         """A stored value as ``get_many``/``has`` see it: a fresh envelope opened, an
         expired one ``None`` (they are not recompute points in Flask-Caching, so they
         keep the plain contract: past its timeout a value is gone)."""
-        if raw is MISS:
+        if raw is MISS or raw is None or raw is EMPTY or is_pass(raw) or error_of(raw):
             return None
         if not Entry.is_wire(raw):
             return raw
@@ -271,12 +358,6 @@ class Coalescer:
         if entry is None or state(entry.timing, self.clock()) is not State.FRESH:
             return None
         return entry.value
-
-    def _release(self, lease: Lease) -> None:
-        try:
-            self.leases.release(lease)
-        except CacheUnavailable:
-            pass  # it lapses by itself
 
     @staticmethod
     def _count(result: str) -> None:

@@ -110,9 +110,8 @@ class Connection:
                 breaker.record_failure(self._pool.monotonic())
                 if kind == "connection" and self._pool.refuses(server):
                     # Nothing listens there: the server is gone, not slow. Open its circuit
-                    # now, so this process moves its keys (and their leases) to the next
-                    # server at once instead of after `circuit_failures` more errors, each
-                    # of which could start a fetch without a lease.
+                    # now, so this process stops asking it at once instead of after
+                    # `circuit_failures` more errors, each a wasted round trip.
                     breaker.trip(self._pool.monotonic())
                 if breaker.is_open and not was_open:
                     # Said once per outage, in words a newcomer can act on.

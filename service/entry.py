@@ -27,6 +27,9 @@ class Entry:
     value: Any
     timing: Timing
     etag: str
+    # The invalidation epoch it was computed in (service.tiers.TwoTier.epoch): a copy of
+    # an older epoch is never answered again.
+    epoch: str = ""
 
     @classmethod
     def create(cls, value: Any, stored_at: float, windows: Windows, fetch_seconds: float
@@ -55,7 +58,7 @@ class Entry:
         return {
             MARKER: 1, "env": ENVELOPE_VERSION, "value": self.value, "stored_at": self.stored_at,
             "max_age": w.max_age, "swr": w.stale_while_revalidate, "sie": w.stale_if_error,
-            "fetch": self.timing.fetch_seconds, "etag": self.etag,
+            "fetch": self.timing.fetch_seconds, "etag": self.etag, "epoch": self.epoch,
         }
 
     @staticmethod
@@ -74,6 +77,9 @@ class Entry:
                 raise CodecError("not a cache entry envelope")
             windows = Windows(float(data["max_age"]), float(data["swr"]), float(data["sie"]))
             timing = Timing(float(data["stored_at"]), windows, float(data["fetch"]))
-            return cls(data["value"], timing, str(data["etag"]))
+            epoch = data.get("epoch", "")
+            if not isinstance(epoch, str):
+                raise CodecError("malformed cache entry: epoch")
+            return cls(data["value"], timing, str(data["etag"]), epoch)
         except (KeyError, TypeError, ValueError) as exc:
             raise CodecError(f"malformed cache entry: {exc}") from exc

@@ -4,7 +4,7 @@ lease renewed beside it.
 Why a greenlet of its own, not ``gevent.Timeout`` around the call: the timeout is
 enforced from outside, so a fetch that swallows exceptions (or a C call that ignores
 them) cannot outlive it; the caller stops waiting and the fetch is killed. Meanwhile a
-second greenlet renews the lease at a third of its lifetime, so a slow but live holder
+second greenlet renews the claim at a third of its lifetime, so a slow but live holder
 keeps it; a holder that dies stops renewing and the lease lapses for the next worker.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 import gevent
 
 from .errors import CacheUnavailable, HTTPError, OriginError, OriginTimeout
-from .lease import Lease, Leases, renew_every
+from .lease import Claim, Leases, renew_every
 
 Runner = Callable[[Callable[[], Any]], Any]
 """Runs a fetch inside the context it needs (an app context, the caller's request...)."""
@@ -30,7 +30,7 @@ class Fetcher:
         self.timeout = timeout
 
     def run(self, fetch: Callable[[], Any], run: Runner, source: str, wrap_errors: bool,
-            lease: Lease | None) -> Any:
+            lease: Claim | None) -> Any:
         """Run ``fetch`` through ``run`` and return its value.
 
         :raises OriginTimeout: no answer within the timeout (the fetch is killed).
@@ -72,7 +72,7 @@ class Fetcher:
             raise value
         raise OriginError(f"{source}: {type(value).__name__}: {value}") from value
 
-    def _renew(self, lease: Lease) -> None:
+    def _renew(self, lease: Claim) -> None:
         while True:
             gevent.sleep(renew_every(self.leases.lock_lease))
             try:

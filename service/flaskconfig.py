@@ -56,9 +56,9 @@ def settings_from_flask(config: Mapping[str, Any], path: str = FLASK_CONFIG) -> 
     comma-separated string; ``CACHE_KEY_PREFIX`` any string (see :func:`namespace_for`);
     ``CACHE_DEFAULT_TIMEOUT`` whole seconds or a ``timedelta``, 0 = forever;
     ``CACHE_STALE_WHILE_REVALIDATE`` and ``CACHE_STALE_IF_ERROR`` seconds >= 0;
-    ``CACHE_OPTIONS`` a dict of the ``[cache]`` keys in ``POOL_OPTIONS`` plus the
-    ``BaseCache`` arguments Flask-Caching passes through it (``default_timeout``,
-    ``ignore_delete_many_errors``).
+    ``CACHE_OPTIONS`` a dict of the ``[cache]`` keys in ``POOL_OPTIONS``, ``lock_lease``
+    (seconds a recompute's claim lives unless renewed) and the ``BaseCache`` arguments
+    Flask-Caching passes through it (``default_timeout``, ``ignore_delete_many_errors``).
 
     :raises ConfigError: a wrong type or value, or an unknown ``CACHE_OPTIONS`` name; the
         message names the Flask key, e.g. ``[CACHE_OPTIONS.pool_size]``.
@@ -83,6 +83,9 @@ def namespace_for(prefix: str) -> str:
 POOL_OPTIONS = ("pool_size", "connect_timeout", "timeout", "pool_timeout", "item_size_max",
                 "circuit_failures", "circuit_reset", "l1_max_entries", "l1_max_bytes", "l1_ttl")
 _BASECACHE_OPTIONS = ("default_timeout", "ignore_delete_many_errors")
+# [refresh] keys a Flask-Caching app may set through CACHE_OPTIONS: how long a claim lives
+# unless its holder (a recomputing request, renewed meanwhile) renews it.
+_REFRESH_OPTIONS = ("lock_lease",)
 _FLASK_KEYS = {"servers": "CACHE_MEMCACHED_SERVERS", "key_prefix": "CACHE_KEY_PREFIX",
                "default_timeout": "CACHE_DEFAULT_TIMEOUT",
                "stale_while_revalidate": "CACHE_STALE_WHILE_REVALIDATE",
@@ -90,7 +93,7 @@ _FLASK_KEYS = {"servers": "CACHE_MEMCACHED_SERVERS", "key_prefix": "CACHE_KEY_PR
 
 
 def _flask_name(key: str) -> str:
-    leaf = key.removeprefix("cache.")
+    leaf = key.removeprefix("cache.").removeprefix("refresh.")
     return _FLASK_KEYS.get(leaf) or f"CACHE_OPTIONS.{leaf}"
 
 
@@ -117,12 +120,15 @@ def _flask_document(config: Mapping[str, Any], path: str) -> dict[str, Any]:
     options = config.get("CACHE_OPTIONS") or {}
     if not isinstance(options, Mapping):
         _Reader(path).fail("CACHE_OPTIONS", "a dict of options", options)
-    allowed = POOL_OPTIONS + _BASECACHE_OPTIONS
+    allowed = POOL_OPTIONS + _BASECACHE_OPTIONS + _REFRESH_OPTIONS
+    refresh: dict[str, Any] = {}
     for name, value in options.items():
         if name not in allowed:
             _Reader(path).fail(f"CACHE_OPTIONS.{name}",
                                f"a known option; allowed: {', '.join(allowed)}", "unknown option")
-        if name != "ignore_delete_many_errors":
+        if name in _REFRESH_OPTIONS:
+            refresh[name] = value
+        elif name != "ignore_delete_many_errors":
             table[name] = value
     for name, value in table.items():
         if isinstance(value, timedelta):
@@ -130,4 +136,4 @@ def _flask_document(config: Mapping[str, Any], path: str) -> dict[str, Any]:
             seconds = value.total_seconds()
             table[name] = math.ceil(seconds) if name == "default_timeout" else seconds
     _parse_cache(r, table)  # fail here, naming the Flask key, not later with a TOML name
-    return {"cache": table}
+    return {"cache": table, "refresh": refresh} if refresh else {"cache": table}

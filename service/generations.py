@@ -17,6 +17,8 @@ reaches the worker that made it at once and every other worker and host within
 
 from __future__ import annotations
 
+import os
+
 from .errors import CacheUnavailable
 from .state import AppState
 
@@ -52,7 +54,7 @@ def current(state: AppState, family: str) -> int:
     Read from memcached when this worker's copy is older than ``l1_ttl``. With memcached
     unreachable the last known number is used. A worker that knows none uses 0 for this
     call only, and asks again on the next one: 0 is never a real generation (counters
-    start at the clock in microseconds), so nothing it may write under 0 is ever taken
+    start at a random number of 2**40 or more), so nothing it may write under 0 is ever taken
     for an entry of the current generation once memcached answers.
     """
     known = _known(state)
@@ -63,7 +65,7 @@ def current(state: AppState, family: str) -> int:
     try:
         value = state.store.get_counter(_key(family))
         if value is None:
-            value = _restart(state, family, cached[0] if cached is not None else None)
+            value = _restart(state, family)
     except CacheUnavailable:
         if cached is None:
             return 0
@@ -72,21 +74,26 @@ def current(state: AppState, family: str) -> int:
     return value
 
 
-def _restart(state: AppState, family: str, known: int | None = None) -> int:
+def _restart(state: AppState, family: str) -> int:
     """A generation for a family whose counter is missing (its server died, restarted
     empty, or evicted it).
 
-    It must never start again at a number it had before a bump, or the entries of that
-    old generation (still on other servers) would be served again. A worker that knew the
-    current generation puts that one back: the family's entries stay valid. A worker that
-    knew none starts from the wall clock (in microseconds), larger than any number of
-    bumps before it: every entry of the family is computed anew. ``add`` makes the
-    workers agree on one number.
+    It must never be a number the family had before: the entries of an old generation may
+    still be on other servers, and a bump made since would be undone. So it is never a
+    number any worker remembers (that one may be older than a bump it missed), nor one
+    read off a clock: a fresh random number in [2**40, 2**62), which no earlier counter of
+    the family had (those started the same way and moved by ones). Every entry of the
+    family is computed anew: a lost counter costs misses, never an invalidation. ``add``
+    makes the workers agree on one number.
     """
     key = _key(family)
-    start = known if known else int(state.clock() * 1_000_000)
+    start = _random_start()
     state.store.add_counter(key, start)
     return state.store.get_counter(key) or start
+
+
+def _random_start() -> int:
+    return 2**40 + int.from_bytes(os.urandom(8), "big") % (2**62 - 2**40)
 
 
 def bump(state: AppState, family: str) -> int:
@@ -98,8 +105,7 @@ def bump(state: AppState, family: str) -> int:
     key = _key(family)
     value = state.store.incr(key)
     if value is None:
-        cached = remembered(state, family)
-        _restart(state, family, cached[0] if cached is not None else None)
+        _restart(state, family)
         value = state.store.incr(key)
         if value is None:  # gone again at once (evicted, or its server restarted)
             raise CacheUnavailable(f"the generation of {family!r} could not be bumped")

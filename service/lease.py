@@ -1,20 +1,31 @@
-"""The fleet-wide lease that makes one worker (of every worker on every host) fetch a key.
+"""Claims: which one worker of the fleet computes a key, on memcached's own items.
 
-A lease is a memcached item ``lease\\0<key>`` created with ``add`` (which fails when it
-exists), holding an owner token ``host:pid:random`` (the random part makes it unique; the
-host and pid tell an operator who holds it, see :func:`holder_of`), expiring after
-``lock_lease`` seconds unless its live holder renews it. Only the owner releases it: it
-reads the item with ``gets``, checks the token, and deletes it with a CAS write, so a
-holder whose lease lapsed and was taken by another can never release the new holder's
-lease.
+There are two kinds of claim, and both are judged by the server alone (its TTL and its
+CAS), never by comparing two hosts' clocks:
 
-memcached calls this kind of lock "loose": the lease item can be evicted, or lost with its
-server. So the lease is an efficiency guarantee, not a correctness one: fetches must be
-idempotent, the final write is fenced separately (see :meth:`TwoTier.write`), and every
-contended, lost or expired lease is counted in ``cache_lease_total``.
+* **A cold claim is the entry's own item.** ``mg <key> v c t N<ttl>`` on a missing key
+  creates an empty item on the key's server and hands exactly one caller the win; every
+  other caller sees the empty item and waits for it to be replaced. The item's CAS is the
+  fence: the holder writes with ``ms … C<cas>``, and an invalidation (a delete) in
+  between makes that write fail (``NF``) instead of storing the old value. If the holder
+  dies the empty item expires after ``lock_lease`` and the next reader's ``mg`` wins.
+* **A refresh claim is a small lease item beside an existing entry** (``lease`` family,
+  on the entry's server), taken with ``ms … ME`` (add): an entry that is stale or usable
+  only on error stays where it is, served meanwhile. The fence is the CAS of the entry
+  the reader saw, so a refresh that finishes after an invalidation or a newer write is
+  dropped (``NF``/``EX``). Why not memcached's ``R`` recache flag for this: a win handed
+  out by ``R`` has no expiry of its own, so a winner that dies leaves the item won (and
+  never refreshed) until it expires; the lease item lapses after ``lock_lease``.
 
-The decisions (when to renew, how long to wait between polls) are pure functions at the
-top of this module, tested with a fake clock; :class:`Leases` does the I/O.
+Either claim is renewed by its live holder at a third of ``lock_lease``, given back only
+by its owner (compare-and-delete on its CAS), and, when the fetch fails or its answer may
+not be stored, *replaced in one write* by a record that tells the waiters why: an error
+record (they answer the failure, or their stale copy, at once) or a pass record (they
+compute for themselves at once, and the key is not coalesced for ``pass_ttl``). So no
+waiter ever finds the claim gone without its reason.
+
+memcached calls such locks loose (an item can be evicted, or lost with its server): they
+save origin fetches; correctness comes from the fenced write alone.
 """
 
 from __future__ import annotations
@@ -23,30 +34,34 @@ import logging
 import math
 import os
 import socket
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import metrics
+from .errors import HTTPError, OriginError, OriginTimeout
 from .logs import event
-from .store import MISS, Store
+from .store import EMPTY, MISS, Store
 
 log = logging.getLogger(__name__)
 
+LEASE = "lease\x00"
+"""The family of refresh leases in the SWR store (see :func:`lease_key`)."""
+FAILED = "\x00failed"
+PASS = "\x00pass"
+
 
 def lease_key(key: str) -> str:
-    return f"lease\x00{key}"
+    return LEASE + key
 
 
 def new_token(host: str | None = None, pid: int | None = None) -> str:
-    """A unique owner token that also names its holder: ``host:pid:random``."""
+    """A unique owner name that also says who holds a refresh lease: ``host:pid:random``."""
     host = (host or socket.gethostname()).replace(":", "_")
-    return f"{host}:{os.getpid() if pid is None else pid}:{os.urandom(12).hex()}"
+    return f"{host}:{os.getpid() if pid is None else pid}:{os.urandom(6).hex()}"
 
 
 def holder_of(token: object) -> dict[str, object] | None:
-    """``{"host", "pid"}`` of a lease token, or ``None`` when it does not name one (an
-    older release wrote a bare random token, or the value is not ours)."""
+    """``{"host", "pid"}`` named by a refresh lease's value, or ``None``."""
     if not isinstance(token, str):
         return None
     host, _, rest = token.partition(":")
@@ -62,117 +77,179 @@ def renew_every(lock_lease: float) -> float:
 
 
 def item_lifetime(lock_lease: float) -> float:
-    """The expiry to send memcached so that a lease lives at least ``lock_lease``.
+    """The TTL to send memcached so that a claim lives at least ``lock_lease``.
 
-    memcached expires items on its whole-second clock tick: an item set with exptime N
-    lives between N-1 and N seconds. One more second keeps a renewed lease alive until
-    the holder's next renewal even for short leases.
+    memcached expires items on its whole-second clock tick: an item set with TTL N lives
+    between N-1 and N seconds. One more second keeps a renewed claim alive until the
+    holder's next renewal even for short leases.
     """
     return float(math.ceil(lock_lease) + 1)
 
 
-@dataclass(frozen=True)
-class Lease:
-    key: str
-    token: str
+# -- the records that replace a claim ---------------------------------------------------
+
+def error_record(exc: HTTPError) -> dict[str, Any]:
+    return {FAILED: 1, "status": exc.status, "detail": exc.detail[:500]}
 
 
-# A lease item's value is ``<token>@<deadline>``: the deadline (wall clock, whole seconds)
-# is renewed with it. A value that names no deadline, or one past it by more than this
-# (clock skew between hosts), is dead whatever memcached's expiry says: an item written
-# without an expiry, by accident or on purpose, must not block a key forever.
-SKEW = 2.0
-
-
-def lease_value(token: str, deadline: float) -> str:
-    return f"{token}@{math.ceil(deadline)}"
-
-
-def owner_of(value: object) -> str | None:
-    """The token in a lease item's value, or ``None`` for anything else."""
-    if not isinstance(value, str):
+def error_of(raw: Any) -> HTTPError | None:
+    """The failure an error record stands for; ``None`` for anything else. Its lifetime
+    is the item's TTL on the server: the record carries no time of its own."""
+    if not isinstance(raw, dict) or raw.get(FAILED) != 1:
         return None
-    token, at, deadline = value.rpartition("@")
-    return token if at and token and deadline.isdigit() else None
+    status, detail = raw.get("status"), raw.get("detail")
+    if status not in (502, 504) or not isinstance(detail, str):
+        return None
+    cls = OriginTimeout if status == 504 else OriginError
+    return cls(f"{detail[:500]} (remembered for a few seconds)")
 
 
-def alive(value: object, now: float) -> bool:
-    """Whether a lease item's value is a lease still within its own deadline."""
-    if owner_of(value) is None:
-        return False
-    return now <= int(str(value).rpartition("@")[2]) + SKEW
+PASS_RECORD: dict[str, Any] = {PASS: 1}
+
+
+def is_pass(raw: Any) -> bool:
+    """Whether ``raw`` is a pass record: the last answer for the key was not storable, so
+    readers compute for themselves (Varnish's hit-for-miss) until it expires."""
+    return isinstance(raw, dict) and raw.get(PASS) == 1 and len(raw) == 1
+
+
+@dataclass
+class Claim:
+    """This worker's right to compute ``key`` and write it.
+
+    :param fence: the CAS the entry's item must still have when the value is written.
+    :param lease_cas: a refresh claim's own lease item CAS (``None``: a cold claim, whose
+        item is the entry's own).
+    :param epoch: the invalidation epoch the new entry carries (see
+        :meth:`service.tiers.TwoTier.epoch`).
+    """
+
+    key: str
+    fence: bytes | None
+    lease_cas: bytes | None = None
+    epoch: str = ""
+
+    @property
+    def cold(self) -> bool:
+        return self.lease_cas is None
 
 
 class Leases:
-    """Acquire, renew and release leases in memcached.
+    """Take, renew, give back and replace claims (see the module docstring).
 
-    :param store: the memcached store.
-    :param lock_lease: seconds a lease lives unless renewed.
-    :param clock: wall clock for the deadline in each lease's value.
+    :param store: the SWR store (entries and the ``lease`` family live in it).
+    :param lock_lease: seconds a claim lives unless its holder renews it.
     """
 
-    def __init__(self, store: Store, lock_lease: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Store, lock_lease: float) -> None:
         self.store = store
         self.lock_lease = lock_lease
         self.expiry = item_lifetime(lock_lease)
-        self.clock = clock
+        self.token = new_token()
 
-    def acquire(self, key: str) -> Lease | None:
-        """Take the lease of ``key``; ``None`` when somebody holds it.
-
-        :raises CacheUnavailable: memcached could not be asked; the caller decides
-            whether to fetch without a lease.
-        """
-        token = new_token()
-        value = lease_value(token, self.clock() + self.lock_lease)
-        if self.store.add(lease_key(key), value, self.expiry):
-            metrics.lease_total.labels("acquired").inc()
-            return Lease(key, token)
-        current = self.store.get(lease_key(key))
-        if current is not MISS and not alive(current, self.clock()):
-            # Not a live lease (garbage, or past its own deadline): remove exactly that
-            # item (compare-and-delete) and try once more.
-            metrics.lease_total.labels("dead_removed").inc()
-            if self.store.delete_if(lease_key(key), current) and self.store.add(
-                    lease_key(key), value, self.expiry):
-                metrics.lease_total.labels("acquired").inc()
-                return Lease(key, token)
-        metrics.lease_total.labels("contended").inc()
-        return None
-
-    def renew(self, lease: Lease) -> bool:
-        """Extend our lease; ``False`` (counted as lost) when it is no longer ours.
+    def acquire(self, key: str, fence: bytes | None) -> Claim | None:
+        """Take the refresh lease of an existing entry whose CAS is ``fence``; ``None``
+        when another worker holds it (or its last failure is still remembered there).
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        current, cas = self.store.gets(lease_key(lease.key))
-        if owner_of(current) == lease.token and cas is not None:
-            value = lease_value(lease.token, self.clock() + self.lock_lease)
-            if self.store.cas(lease_key(lease.key), value, cas, self.expiry):
-                return True
-        metrics.lease_total.labels("lost").inc()
-        event(log, logging.WARNING, "lease_lost", "lease lost while fetching", key=lease.key)
-        return False
+        stored = self.store.mset(lease_key(key), self.token, self.expiry, add=True,
+                                 route=key)
+        if not stored.ok:
+            metrics.lease_total.labels("contended").inc()
+            return None
+        metrics.lease_total.labels("acquired").inc()
+        return Claim(key, fence, stored.cas or self._cas_of(lease_key(key), key))
 
-    def release(self, lease: Lease) -> bool:
-        """Give the lease back, only if it is still ours (token check, then CAS delete).
+    def take_over(self, key: str, fence: bytes | None, records: bool = True
+                  ) -> tuple[Claim | None, Any]:
+        """Take the refresh lease of ``key`` from what holds it, when that is no live
+        holder: an item without expiry (none of ours: every claim and record expires),
+        and with ``records`` a failure or pass record (a background refresh retrying on
+        its own back-off). ``(None, what holds it)`` otherwise.
 
-        :raises CacheUnavailable: memcached could not be asked (the lease then lapses
-            by itself after ``lock_lease``).
+        :raises CacheUnavailable: memcached could not be asked.
         """
-        current = self.store.get(lease_key(lease.key))
-        if owner_of(current) == lease.token and self.store.delete_if(
-                lease_key(lease.key), current):
-            metrics.lease_total.labels("released").inc()
-            return True
-        metrics.lease_total.labels("expired").inc()
-        return False
+        got = self.store.mget(lease_key(key), route=key)
+        if got.cas is None:
+            return None, got.value
+        record = error_of(got.value) or is_pass(got.value)
+        if got.ttl != -1 and not (records and record):
+            return None, got.value
+        stored = self.store.mset(lease_key(key), self.token, self.expiry, cas=got.cas,
+                                 route=key)
+        if not stored.ok:
+            return None, got.value
+        metrics.lease_total.labels("acquired").inc()
+        if got.ttl == -1:
+            metrics.lease_total.labels("dead_removed").inc()
+        return Claim(key, fence, stored.cas or self._cas_of(lease_key(key), key)), None
+
+    def lease_record(self, key: str) -> Any:
+        """What holds ``key``'s refresh lease: the holder's name, an error or pass record,
+        or :data:`MISS`.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        return self.store.mget(lease_key(key), route=key).value
+
+    def renew(self, claim: Claim) -> bool:
+        """Extend ``claim`` by ``lock_lease``; ``False`` (counted as lost) when it is no
+        longer ours.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        if claim.cold:
+            ok = self.store.touch_if(claim.key, claim.fence, self.expiry)
+        else:
+            stored = self.store.mset(lease_key(claim.key), self.token, self.expiry,
+                                     cas=claim.lease_cas, route=claim.key)
+            ok = stored.ok
+            if ok:
+                claim.lease_cas = stored.cas or self._cas_of(lease_key(claim.key), claim.key)
+        if not ok:
+            metrics.lease_total.labels("lost").inc()
+            event(log, logging.WARNING, "lease_lost", "claim lost while fetching",
+                  key=claim.key)
+        return ok
+
+    def release(self, claim: Claim) -> bool:
+        """Give ``claim`` back, only if it is still ours (compare-and-delete on its CAS).
+
+        :raises CacheUnavailable: memcached could not be asked (it lapses by itself).
+        """
+        if claim.cold:
+            code = self.store.mdelete(claim.key, claim.fence)
+        else:
+            code = self.store.mdelete(lease_key(claim.key), claim.lease_cas, route=claim.key)
+        metrics.lease_total.labels("released" if code == "HD" else "expired").inc()
+        return code == "HD"
+
+    def replace(self, claim: Claim, record: dict[str, Any], ttl: float) -> bool:
+        """Replace ``claim``, if still ours, by ``record`` for ``ttl`` seconds (an error
+        or pass record): one write, so a waiter never sees the claim gone without why.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        if claim.cold:
+            stored = self.store.mset(claim.key, record, ttl, cas=claim.fence)
+        else:
+            stored = self.store.mset(lease_key(claim.key), record, ttl,
+                                     cas=claim.lease_cas, route=claim.key)
+        return stored.ok
 
     def holder(self, key: str) -> str | None:
-        """The token of the current live holder, or ``None`` when nobody holds the lease.
+        """Who holds ``key``'s refresh lease (a cold claim names nobody: ``"?"``), or
+        ``None``.
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        value = self.store.get(lease_key(key))
-        return owner_of(value) if alive(value, self.clock()) else None
+        value = self.lease_record(key)
+        if isinstance(value, str):
+            return value
+        return "?" if self.store.mget(key).value is EMPTY else None
+
+    def _cas_of(self, key: str, route: str) -> bytes | None:
+        # Through a proxy without meta commands a write does not say its new CAS.
+        got = self.store.mget(key, route=route)
+        return got.cas if got.value is not MISS else None

@@ -1,20 +1,21 @@
-"""The one loader: take the lease, re-read, fetch in a greenlet of its own, renew, write
-fenced, release. Every path that computes a value goes through :meth:`Loader.load` or
-:meth:`Loader.refresh`: a cold miss (the reader waits), a background refresh, the admin's
-refresh and periodic jobs. They differ only in ``usable``: which already-stored entry
-counts as "the work is done" when the loader re-reads after taking the lease.
+"""The one loader: claim, fetch in a greenlet of its own, renew, write fenced, settle.
 
-* cold miss: any entry that is FRESH or STALE (somebody stored one while we waited);
-* background refresh: an entry newer than the stale one the reader saw;
-* periodic job: a FRESH entry;
-* admin refresh: none (always fetch).
+Every path that computes a value goes through :meth:`Loader.load` or
+:meth:`Loader.refresh`: a cold miss (the reader waits), a background refresh, the admin's
+refresh and periodic jobs. The claims are memcached's own (see :mod:`service.lease`): a
+cold miss wins the entry's own empty item in the same ``mg`` that found it missing; a
+refresh takes a lease item beside the entry it replaces. Either way the final write is
+fenced on a CAS, so a fetch that started before an invalidation (a delete) or a newer
+write is dropped, never stored: a cold load then fetches again (bounded), a background
+refresh simply ends.
 
 Coalescing happens at two levels. Greenlets of one worker share an in-process flight
-(the first loads, the others wait on its result and never touch memcached); workers and
-hosts share the lease in memcached, and a reader that does not get it polls for the
-holder's value (:mod:`service.waiting` decides each step). The lease is "loose" in
-memcached's words (it can be evicted, or lost with its server), so the final write is
-fenced with ``gets``/``cas``: a holder whose lease lapsed never overwrites a newer entry.
+(the first loads, the others wait on its result, bounded, and never touch memcached);
+workers and hosts share the claim, and a reader that did not win polls the key's item
+until the holder's value lands, its failure or pass record replaces the claim, or the
+claim lapses (then its own ``mg`` wins). Every exit of a load settles its flight:
+followers get the value, the failure, ``_Pass`` (the answer may not be stored: run the
+view yourself, now) or ``_Retry`` (nothing to share: load again).
 """
 
 from __future__ import annotations
@@ -33,14 +34,18 @@ from .config import RefreshSettings
 from .entry import Entry
 from .errors import CacheUnavailable, CodecError, HTTPError, OriginError, OriginTimeout
 from .fetching import Fetcher, Runner
-from .lease import Lease, Leases, alive, lease_key
+from .lease import PASS_RECORD, Claim, Leases, error_of, error_record, is_pass
 from .logs import event
-from .negative import ErrorMemo, error_key, from_record
-from .tiers import Found, TwoTier
-from .waiting import GiveUp, Raise, Serve, TakeOver, Wait, next_step, poll_delays
+from .tiers import Found, Look, TwoTier
+from .waiting import poll_delays
 
 log = logging.getLogger(__name__)
 MAX_ELSEWHERE = 10_000  # keys remembered as being refreshed by another worker
+PASS_TTL = 5.0
+"""Seconds a key whose answer was not storable is not coalesced (hit-for-miss)."""
+ATTEMPTS = 3
+"""Cold fetches of one load whose write an invalidation undid, before the last one is
+answered without being stored."""
 
 class _Uncacheable:
     __slots__ = ()
@@ -87,10 +92,12 @@ class Job:
 @dataclass(frozen=True)
 class Loaded:
     """What a load produced: the value for the caller, and its entry when it was stored
-    (``None``: the value was not cacheable and is answered to this caller only)."""
+    (``None``: the value was not cacheable and is answered to this caller only;
+    ``passed`` says it was computed without coalescing, Varnish's hit-for-miss)."""
 
     value: Any
     entry: Entry | None
+    passed: bool = False
 
 
 Usable = Callable[[Entry], bool]
@@ -111,103 +118,204 @@ class _Retry(Exception):
     """The leader's load produced nothing a follower may share: load for yourself."""
 
 
+class _Pass(Exception):
+    """The leader's answer may not be stored: compute for yourself, at once."""
+
+
+class _PassNow(Exception):
+    """The key's item says pass (hit-for-miss): settle the flight first, then compute."""
+
+    def __init__(self, cas: bytes | None) -> None:
+        super().__init__("pass")
+        self.cas = cas
+
+
+class _Superseded(Exception):
+    """The fenced write found the claim's item gone or changed: the fetch began before an
+    invalidation or a newer write, so its value is neither stored nor answered."""
+
+    def __init__(self, loaded: Loaded) -> None:
+        super().__init__("superseded")
+        self.loaded = loaded
+
+
 class Loader:
     """See the module docstring. One per app state.
 
     :param default_run: how a job without ``run`` runs its fetch (an app context).
     """
 
-    def __init__(self, tiers: TwoTier, leases: Leases, errors: ErrorMemo,
-                 settings: RefreshSettings, default_run: Runner,
-                 clock: Callable[[], float], monotonic: Callable[[], float],
-                 observer: Observer | None = None) -> None:
+    def __init__(self, tiers: TwoTier, leases: Leases, settings: RefreshSettings,
+                 default_run: Runner, clock: Callable[[], float],
+                 monotonic: Callable[[], float], observer: Observer | None = None) -> None:
         self.tiers = tiers
         self.leases = leases
-        self.errors = errors
         self.settings = settings
         self.default_run = default_run
         self.clock = clock
         self.monotonic = monotonic
         self.observer = observer
         self.fetcher = Fetcher(leases, settings.fetch_timeout)
+        self.pass_ttl = PASS_TTL
         self._flights: dict[str, _Flight] = {}
         self._elsewhere: OrderedDict[str, float] = OrderedDict()
 
+    @property
+    def lock_lease(self) -> float:
+        return self.leases.lock_lease
+
+    @property
+    def claim_ttl(self) -> float:
+        """The TTL of a cold claim's item (see :func:`service.lease.item_lifetime`)."""
+        return self.leases.expiry
+
     # -- entry points ------------------------------------------------------------------
 
-    def load(self, job: Job, usable: Usable) -> Loaded:
+    def load(self, job: Job, usable: Usable, look: Look | None = None) -> Loaded:
         """Load ``job.key`` for a reader who waits (a cold miss, or stale-if-error).
 
+        :param look: what the reader's own read found (it may hold the cold claim).
         :raises HTTPError: the fetch failed (502/504), now or remembered, or the holder
-            of the lease did not deliver in time (504).
+            of the claim did not deliver in time (504).
         :raises Exception: with ``job.wrap_errors`` off, whatever ``fetch`` raised.
         """
-        while True:
+        deadline = self.monotonic() + self.lock_lease + self.settings.fetch_timeout
+        if look is not None and look.passing:
+            # Hit-for-miss: the key's last answer was not storable. No flight either: the
+            # readers of this worker run concurrently, as in plain Flask.
+            return self._pass(job, look.cas)
+        if look is not None and look.error is not None:
+            raise look.error
+        while look is None or look.claim is None:
             flight = self._flights.get(job.key)
             if flight is None:
                 break
-            # Greenlets of this worker never race each other for the lease: the first
-            # one loads, the others wait on its result without touching memcached.
+            # Greenlets of this worker never race each other for the claim: the first
+            # one loads, the others wait on its result without touching memcached. A
+            # reader that won a new claim does not join: the item the flight claimed is
+            # gone (invalidated), and its value must not be answered now.
             try:
-                entry: Entry = flight.result.get()
+                entry: Entry = flight.result.get(
+                    timeout=max(0.0, deadline - self.monotonic()))
             except _Retry:
-                continue  # nothing to share (not cacheable, or not an origin error)
+                look = None
+                continue
+            except _Pass:
+                return self._pass(job, None)
+            except gevent.Timeout:
+                raise OriginTimeout("this worker's own fetch did not land in time") from None
             return Loaded(_private_copy(entry.value), entry)
         flight = self._flights[job.key] = _Flight()
         try:
-            loaded = self._load_waiting(job, usable)
+            loaded = self._load_waiting(job, usable, look, deadline)
+        except _PassNow as now:
+            # Release this worker's followers before computing: they run concurrently.
+            flight.result.set_exception(_Pass())
+            if self._flights.get(job.key) is flight:
+                del self._flights[job.key]
+            return self._pass(job, now.cas)
         except HTTPError as exc:
             flight.result.set_exception(exc)
+            raise
+        except Exception:
+            # The view raised (abort(404), an error): nothing anyone may share, and
+            # nobody queues behind it; each follower runs the view itself.
+            flight.result.set_exception(_Pass())
             raise
         except BaseException:
             flight.result.set_exception(_Retry())
             raise
         else:
-            if loaded.entry is None:
-                flight.result.set_exception(_Retry())
-            else:
+            if loaded.entry is not None:
                 flight.result.set(loaded.entry)
+            else:
+                flight.result.set_exception(_Pass() if loaded.passed else _Retry())
             return loaded
         finally:
-            del self._flights[job.key]
+            if self._flights.get(job.key) is flight:
+                del self._flights[job.key]
 
-    def refresh(self, job: Job, usable: Usable) -> Loaded | None:
-        """Refresh ``job.key`` in the background if this worker gets the lease.
+    def refresh(self, job: Job, usable: Usable, seen: Found | None = None,
+                claim: Claim | None = None) -> Loaded | None:
+        """Refresh ``job.key`` in the background if this worker gets the claim.
 
+        :param seen: the stale entry the reader saw (its CAS fences the write); ``None``
+            reads the key first (the admin's button, periodic jobs), and then ``usable``
+            decides whether a stored entry means the work is done.
+        :param claim: a claim the reader already won (a lost entry answered from the
+            local tier).
         :return: ``None`` when the work is not ours (another greenlet or worker is on
-            it) or already done (``usable`` accepted the stored entry).
+            it), already done, or undone by an invalidation meanwhile.
         :raises HTTPError: the fetch failed, or its answer may not be cached: a failed
             refresh, so the refresher backs off and stale-if-error applies.
         """
         if job.key in self._flights:
+            if claim is not None:
+                self.give_back(claim)
             return None  # a reader of this worker is loading it right now
         flight = self._flights[job.key] = _Flight()
         try:
-            held, lease, found = self._take_lease(job.key)
-            if held:
-                self._note_elsewhere(job.key)
-                return None  # another worker is on it
-            if found is not None and usable(found.entry):
-                # Somebody stored a newer entry after the reader saw the old one (we got
-                # the lease they released): the work is done.
-                self._release(lease)
+            if claim is None:
+                try:
+                    claim = self._refresh_claim(job.key, usable, seen)
+                except CacheUnavailable:
+                    claim = None  # no fleet coordination possible: refresh for ourselves
+                else:
+                    if claim is None:
+                        flight.result.set_exception(_Retry())
+                        return None
+            try:
+                loaded = self._fetch_and_store(job, claim, background=True)
+            except _Superseded:
+                flight.result.set_exception(_Retry())
                 return None
-            loaded = self._fetch_and_store(job, lease, found, background=True)
             if loaded.entry is None:
                 raise OriginError(f"{job.source}: the refreshed answer may not be cached")
             flight.result.set(loaded.entry)
             return loaded
         except BaseException:
-            flight.result.set_exception(_Retry())
+            if not flight.result.ready():
+                flight.result.set_exception(_Retry())
             raise
         finally:
-            del self._flights[job.key]
+            if self._flights.get(job.key) is flight:
+                del self._flights[job.key]
+
+    def forget(self, key: str) -> None:
+        """``key`` was invalidated: readers arriving from now on do not join a flight
+        that began before (its value predates the invalidation; its fenced write will
+        find the item gone)."""
+        self._flights.pop(key, None)
+
+    def _refresh_claim(self, key: str, usable: Usable, seen: Found | None) -> Claim | None:
+        """The claim a background refresh works under, or ``None`` (not ours to do).
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        if seen is not None and seen.cas is not None:
+            claim = self._background_lease(key, seen.cas)
+            if claim is not None:
+                claim.epoch = seen.entry.epoch
+            return claim
+        look = self.tiers.look_shared(key, self.claim_ttl)
+        if look.claim is not None:
+            look.claim.epoch = self._epoch(key)
+            return look.claim
+        found = look.found
+        if found is not None and usable(found.entry):
+            return None  # somebody stored what we were asked for
+        if found is None and not look.unusable and not look.passing and look.error is None:
+            return None  # held by another worker's cold claim
+        claim = self._background_lease(key, look.cas)
+        if claim is not None:
+            claim.epoch = found.entry.epoch if found is not None else self._epoch(key)
+        return claim
 
     def held_elsewhere(self, key: str) -> bool:
         """Whether a refresh of ``key`` found, a moment ago, another worker holding its
-        lease. Until that moment passes, stale reads of this worker need not schedule
-        refreshes that would only ask memcached for the lease again (one ``add`` and one
-        greenlet per stale read, for nothing)."""
+        claim. Until that moment passes, stale reads of this worker need not schedule
+        refreshes that would only ask memcached again (one write and one greenlet per
+        stale read, for nothing)."""
         until = self._elsewhere.get(key)
         if until is None:
             return False
@@ -219,105 +327,177 @@ class Loader:
     def _note_elsewhere(self, key: str) -> None:
         # At most a third of the lease: the holder renews at that pace, so if it died the
         # lease lapses and a later stale read here schedules the refresh again.
-        self._elsewhere[key] = self.monotonic() + min(1.0, self.leases.lock_lease / 3)
+        self._elsewhere[key] = self.monotonic() + min(1.0, self.lock_lease / 3)
         self._elsewhere.move_to_end(key)
         while len(self._elsewhere) > MAX_ELSEWHERE:
             self._elsewhere.popitem(last=False)
 
+    def give_back(self, claim: Claim | None, record: dict[str, Any] | None = None,
+                  ttl: float = 0.0) -> None:
+        """Release ``claim`` (ours only), or replace it with ``record`` for ``ttl``."""
+        if claim is None:
+            return
+        try:
+            if record is not None and ttl > 0:
+                self.leases.replace(claim, record, ttl)
+            else:
+                self.leases.release(claim)
+        except CacheUnavailable:
+            pass  # it lapses by itself after lock_lease
+
     # -- the cold path -----------------------------------------------------------------
 
-    def _load_waiting(self, job: Job, usable: Usable) -> Loaded:
-        remembered = self.errors.recall(job.key)
-        if remembered is not None:
-            raise remembered
-        deadline = self.monotonic() + self.settings.lock_lease + self.settings.fetch_timeout
-        while True:
-            held, lease, found = self._take_lease(job.key)
-            if not held:
-                # dogpile's rule: we entered without a value; run the read again, to see
-                # whether the previous holder stored one while we were getting the lease.
-                if found is not None and usable(found.entry):
-                    self._release(lease)
-                    return Loaded(found.entry.value, found.entry)
-                return self._fetch_and_store(job, lease, found, background=False)
-            metrics.lease_total.labels("waited").inc()
-            metrics.lease_waits_total.labels(job.source).inc()
-            entry = self.wait_for_holder(job.key, usable, deadline)
-            if entry is not None:
-                return Loaded(entry.value, entry)
-            # TakeOver: the lease lapsed with nothing stored; loop to take it.
-
-    def _take_lease(self, key: str) -> tuple[bool, Lease | None, Found | None]:
-        """``(held by another, our lease, the entry re-read after taking it)``.
-
-        Our lease is ``None`` when memcached cannot be asked: no fleet coordination is
-        possible, so this worker fetches for itself, unfenced.
-        """
-        try:
-            lease = self.leases.acquire(key)
-        except CacheUnavailable:
-            return False, None, None
-        if lease is None:
-            return True, None, None
-        try:
-            return False, lease, self.tiers.read_shared(key)
-        except CacheUnavailable:
-            return False, lease, None
-
-    def wait_for_holder(self, key: str, usable: Usable, deadline: float) -> Entry | None:
-        """Poll until the holder's entry lands (returned) or the lease lapses (``None``).
-
-        :raises HTTPError: the holder's failure is remembered, or the deadline passed.
-        """
+    def _load_waiting(self, job: Job, usable: Usable, look: Look | None,
+                      deadline: float) -> Loaded:
         delays = poll_delays()
-        step: Any = Wait(delays())
+        attempts = 0
+        waited = False
         while True:
-            if isinstance(step, Serve):
-                entry: Entry = step.entry
-                self.tiers.local.put(key, entry, self.tiers.monotonic())
-                return entry
-            if isinstance(step, Raise):
-                raise step.error
-            if isinstance(step, TakeOver):
-                return None
-            if isinstance(step, GiveUp):
+            if look is None:
+                try:
+                    look = self.tiers.look_shared(job.key, self.claim_ttl)
+                except CacheUnavailable:
+                    # No fleet coordination is possible: fetch for ourselves, unfenced,
+                    # and keep the value in this worker only.
+                    return self._fetch_and_store(job, None, background=False)
+            if look.down:
+                return self._fetch_and_store(job, None, background=False)
+            found = look.found
+            if found is not None and usable(found.entry):
+                # dogpile's rule: we entered without a value; another holder stored one
+                # while we were getting here.
+                return Loaded(found.entry.value, found.entry)
+            if look.error is not None:
+                raise look.error
+            if look.passing:
+                raise _PassNow(look.cas)
+            claim = look.claim
+            if claim is not None:
+                claim.epoch = self._epoch(job.key)
+            elif found is not None or look.unusable:
+                # An item that is no servable entry (usable only on error, or garbage):
+                # it stays while one worker replaces it under the lease beside it.
+                claim = self._acquire(job.key, look.cas)
+                if claim is not None:
+                    claim.epoch = found.entry.epoch if found is not None else ""
+            if claim is not None:
+                try:
+                    return self._fetch_and_store(job, claim, background=False)
+                except _Superseded as exc:
+                    attempts += 1
+                    if attempts >= ATTEMPTS:
+                        return Loaded(exc.loaded.value, None)
+                    look = None
+                    continue
+            # Somebody else holds the claim: look again in a moment.
+            if not waited:
+                waited = True
+                metrics.lease_total.labels("waited").inc()
+                metrics.lease_waits_total.labels(job.source).inc()
+            now = self.monotonic()
+            if now >= deadline:
                 metrics.lease_total.labels("waited_timeout").inc()
                 raise OriginTimeout("another worker's fetch did not land in time")
-            gevent.sleep(step.delay)
+            gevent.sleep(min(delays(), deadline - now))
+            look = None
+
+    def _acquire(self, key: str, fence: bytes | None, quiet: bool = False) -> Claim | None:
+        """The refresh lease of an existing item, or ``None`` while another worker holds
+        it; a failure or pass record in its place is raised (the waiter answers it)."""
+        try:
+            claim = self.leases.acquire(key, fence)
+            if claim is not None:
+                return claim
+            claim, record = self.leases.take_over(key, fence, records=False)
+            if claim is not None:
+                return claim
+        except CacheUnavailable:
+            return None
+        self._note_elsewhere(key)
+        error = error_of(record)
+        if error is not None and not quiet:
+            raise error
+        if is_pass(record) and not quiet:
+            raise _PassNow(None)
+        return None
+
+    def _background_lease(self, key: str, fence: bytes | None) -> Claim | None:
+        """A background refresh's lease: free, or held by a failure (or pass) record, which
+        the refresher's own back-off has already waited out. A live holder keeps it.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        claim = self.leases.acquire(key, fence) or self.leases.take_over(key, fence)[0]
+        if claim is None:
+            self._note_elsewhere(key)
+        return claim
+
+    def _epoch(self, key: str) -> str:
+        try:
+            return self.tiers.epoch(key)
+        except CacheUnavailable:
+            return ""
+
+    def _pass(self, job: Job, cas: bytes | None) -> Loaded:
+        """Compute ``job`` for this caller alone (the key's last answer was not storable).
+
+        A storable answer replaces the pass record (fenced on its CAS), so the key is
+        cached again from the first request that may be.
+        """
+        metrics.lease_total.labels("passed").inc()
+        run = job.run or self.default_run
+        raw = self.fetcher.run(job.fetch, run, job.source, job.wrap_errors, None)
+        entry = self._entry_for(job, raw, 0.0, "")
+        if entry is None:
+            return Loaded(raw, None, passed=True)
+        if cas is not None:
+            entry = Entry(entry.value, entry.timing, entry.etag, self._epoch(job.key))
             try:
-                found = self.tiers.store.get_many([key, lease_key(key), error_key(key)])
+                self.tiers.write(job.key, entry, Claim(job.key, cas))
             except CacheUnavailable:
-                return None  # memcached went away: fetch for ourselves
-            landed = _decode_entry(found.get(key))
-            step = next_step(
-                landed if landed is not None and usable(landed) else None,
-                alive(found.get(lease_key(key)), self.leases.clock()),
-                from_record(found.get(error_key(key)), self.clock())
-                if self.errors.enabled else None,
-                self.monotonic(), deadline, delays())
+                pass
+        return Loaded(entry.value, entry)
 
     # -- fetching and storing ----------------------------------------------------------
 
-    def _fetch_and_store(self, job: Job, lease: Lease | None, found: Found | None,
-                         background: bool) -> Loaded:
-        """Fetch (renewing the lease meanwhile), store fenced, then release the lease."""
+    def _fetch_and_store(self, job: Job, claim: Claim | None, background: bool) -> Loaded:
+        """Fetch (renewing the claim meanwhile), store fenced, settle the claim.
+
+        :raises _Superseded: the write found the claim's item gone or changed.
+        """
         started = self.monotonic()
         outcome, detail = "ok", None
         entry: Entry | None = None
+        settled = False
         try:
             run = (job.background if background else None) or job.run or self.default_run
-            raw = self.fetcher.run(job.fetch, run, job.source, job.wrap_errors, lease)
+            raw = self.fetcher.run(job.fetch, run, job.source, job.wrap_errors, claim)
             elapsed = self.monotonic() - started
             metrics.refresh_seconds.labels(job.source).observe(elapsed)
-            entry = self._entry_for(job, raw, elapsed)
+            entry = self._entry_for(job, raw, elapsed, claim.epoch if claim else "")
             if entry is None:
                 outcome = "uncacheable"
                 metrics.refreshes_total.labels(job.source, outcome).inc()
-                return Loaded(raw, None)
-            self._store(job, entry, found.cas if found is not None else None)
+                # Hit-for-miss: the waiters compute for themselves at once, and so do
+                # the next readers for a few seconds; none of them queues behind another.
+                self.give_back(claim, PASS_RECORD, self.pass_ttl)
+                settled = True
+                return Loaded(raw, None, passed=True)
+            code = self._store(job, entry, claim)
+            if claim is not None and not claim.cold:
+                self.give_back(claim)  # the lease beside the entry
+            settled = True
+            if code in ("EX", "NF") and claim is not None:
+                outcome = "superseded"
+                metrics.refreshes_total.labels(job.source, outcome).inc()
+                if code == "EX" and not background:
+                    newer = self._newer(job.key)
+                    if newer is not None:
+                        return Loaded(newer.value, newer)
+                raise _Superseded(Loaded(raw, None))
             metrics.refreshes_total.labels(job.source, "ok").inc()
             event(log, logging.INFO, "refresh", "fetched", source=job.source, key=job.key,
-                  outcome="ok", seconds=round(elapsed, 4), leased=lease is not None)
+                  outcome="ok", seconds=round(elapsed, 4), leased=claim is not None)
             return Loaded(entry.value, entry)
         except HTTPError as exc:
             outcome = "timeout" if isinstance(exc, OriginTimeout) else "error"
@@ -325,59 +505,58 @@ class Loader:
             metrics.refreshes_total.labels(job.source, outcome).inc()
             event(log, logging.WARNING, "refresh", "fetch failed", source=job.source,
                   key=job.key, outcome=outcome, status=exc.status, detail=exc.detail)
-            # Remembered before the lease goes, so a waiter that sees the lease gone
-            # also sees why, and does not fetch again what just failed.
-            self.errors.remember(job.key, exc)
+            if not settled:
+                # The failure replaces the claim in one write, so a waiter that sees the
+                # claim gone also sees why, and does not fetch again what just failed.
+                self.give_back(claim, error_record(exc) if exc.status in (502, 504)
+                               else None, self.settings.error_ttl)
+                settled = True
             raise
         except Exception as exc:
+            if isinstance(exc, _Superseded):
+                raise
             outcome, detail = "error", f"{type(exc).__name__}: {exc}"
             metrics.refreshes_total.labels(job.source, outcome).inc()
+            if not settled:
+                self.give_back(claim, PASS_RECORD, self.pass_ttl)
+                settled = True
             raise
         finally:
+            if not settled:
+                self.give_back(claim)  # killed mid-fetch: give the claim back at once
             if self.observer is not None:
                 self.observer.finished(job.key, outcome, self.clock(), detail, job, entry)
-            if lease is not None:
-                # Released only after the write, so waiters see the value before the
-                # lease disappears and never start a second fetch in between.
-                self._release(lease)
 
-    def _entry_for(self, job: Job, raw: Any, elapsed: float) -> Entry | None:
+    def _newer(self, key: str) -> Entry | None:
+        try:
+            found = self.tiers.read_shared(key)
+        except CacheUnavailable:
+            return None
+        return found.entry if found is not None else None
+
+    def _entry_for(self, job: Job, raw: Any, elapsed: float, epoch: str) -> Entry | None:
         value = job.storable(raw)
         if value is UNCACHEABLE:
             return None
         try:
-            return Entry.create(value, self.clock(), job.windows, elapsed)
+            entry = Entry.create(value, self.clock(), job.windows, elapsed)
         except CodecError as exc:
             log.warning("%s: not cached, the value cannot be stored: %s", job.source, exc)
             return None
+        return Entry(entry.value, entry.timing, entry.etag, epoch)
 
-    def _store(self, job: Job, entry: Entry, cas: bytes | None) -> None:
+    def _store(self, job: Job, entry: Entry, claim: Claim | None) -> str:
         try:
-            if not self.tiers.write(job.key, entry, cas, self.clock()):
-                # Somebody stored a newer entry while we fetched (our lease lapsed, or
-                # there was none): theirs stays, ours is only answered to our caller.
-                metrics.lease_total.labels("fenced").inc()
-                event(log, logging.INFO, "fenced", "a newer entry is already stored",
-                      source=job.source, key=job.key)
+            code = self.tiers.write(job.key, entry, claim)
         except CacheUnavailable:
-            pass  # the in-process tier has it; memcached gets the next one
-
-    def _release(self, lease: Lease | None) -> None:
-        if lease is None:
-            return
-        try:
-            self.leases.release(lease)
-        except CacheUnavailable:
-            pass  # it lapses by itself after lock_lease
-
-
-def _decode_entry(raw: Any) -> Entry | None:
-    if raw is None:
-        return None
-    try:
-        return Entry.from_wire(raw)
-    except CodecError:
-        return None
+            return "HD"  # the in-process tier has it; memcached gets the next one
+        if code != "HD" and claim is not None:
+            # The item changed or vanished since the claim: an invalidation, or a newer
+            # entry. Ours is not stored, and not answered either.
+            metrics.lease_total.labels("fenced").inc()
+            event(log, logging.INFO, "fenced", "the claimed item changed; not stored",
+                  source=job.source, key=job.key, code=code)
+        return code
 
 
 def _private_copy(value: Any) -> Any:

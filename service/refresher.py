@@ -122,7 +122,8 @@ class Refresher:
     def is_running(self, key: str) -> bool:
         return key in self._running
 
-    def schedule(self, key: str, job: Callable[[], Any], source: str = "-") -> bool:
+    def schedule(self, key: str, job: Callable[[], Any], source: str = "-",
+                 claimed: bool = False) -> bool:
         """Run ``job`` for ``key`` in the background unless it is already running, backing
         off, or the pool is full. Never blocks the caller.
 
@@ -135,7 +136,9 @@ class Refresher:
         if key in self._running:
             return False  # one refresh per key per worker
         failures, retry_at = self._failures.get(key, (0, 0.0))
-        if failures and self.monotonic() < retry_at:
+        if failures and self.monotonic() < retry_at and not claimed:
+            # Backing off. Not for a job that already holds the key's fleet-wide claim
+            # (a lost entry): nobody else will refill it while this worker waits.
             return False
         if self._pool.full():
             # A full pool would block the reader; the next stale read schedules again.

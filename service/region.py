@@ -26,7 +26,7 @@ from .freshness import Action, State, decide, state
 from .ledger import Ledger
 from .loader import Job, Loaded, Loader, Usable
 from .refresher import Refresher
-from .tiers import TwoTier
+from .tiers import Found, Look, TwoTier
 
 
 @dataclass(frozen=True)
@@ -83,17 +83,23 @@ class Region:
         self.ledger.seen(job)
         if force:
             return self._loaded(job, self.loader.load(job, self.never))
-        found = self.tiers.read(job.key)
-        decision = decide(found.entry.timing if found else None, self.clock(),
-                          self.xfetch_beta)
+        # One mg: the entry, or on a miss the key's cold claim for whoever asked first.
+        look = self.tiers.look(job.key, vivify=self.loader.claim_ttl)
+        found = look.found
+        now = self.clock()
+        decision = decide(found.entry.timing if found else None, now, self.xfetch_beta)
         if found is not None and decision.serves_now:
             if decision.action is Action.SERVE_AND_REFRESH:
-                self.refresh_later(job, seen=found.entry.stored_at)
+                self.refresh_later(job, seen=found)
             result = "hit" if decision.state is State.FRESH else "stale"
             metrics.requests_total.labels(job.source, result).inc()
             return Result(found.entry.value, found.entry, result.upper())
+        if found is None and (look.claim is not None or look.held):
+            lost = self._lost(job, look)
+            if lost is not None:
+                return lost
         try:
-            loaded = self.loader.load(job, self.servable)
+            loaded = self.loader.load(job, self.servable, look)
         except HTTPError:
             fallback = found.entry if found is not None else self.tiers.last_good(job.key)
             if fallback is None or state(fallback.timing, self.clock()) is State.GONE:
@@ -105,25 +111,42 @@ class Region:
             return Result(fallback.value, fallback, "STALE")
         return self._loaded(job, loaded)
 
+    def _lost(self, job: Job, look: Look) -> Result | None:
+        """memcached lost the entry (a restart, a dead node, an eviction, a flush) while
+        this worker still has its last good copy: answer it STALE at once, never wait,
+        and refresh it once in the background (here if this read won the claim, else in
+        the worker that did). Not a copy that an invalidation superseded (its epoch)."""
+        copy = self.tiers.last_good(job.key)
+        if copy is None or state(copy.timing, self.clock()) not in (State.FRESH, State.STALE):
+            return None
+        if look.claim is not None:
+            claim = look.claim
+            claim.epoch = copy.epoch
+            if not self.refresher.schedule(
+                    job.key, lambda: self.loader.refresh(job, self.never, claim=claim),
+                    job.source, claimed=True):
+                self.loader.give_back(claim)  # nobody will fill it: do not make others wait
+        metrics.requests_total.labels(job.source, "stale").inc()
+        return Result(copy.value, copy, "STALE")
+
     @staticmethod
     def _loaded(job: Job, loaded: Loaded) -> Result:
         metrics.requests_total.labels(job.source, "miss").inc()
-        return Result(loaded.value, loaded.entry, "MISS")
+        return Result(loaded.value, loaded.entry, "PASS" if loaded.passed else "MISS")
 
     # -- background work -------------------------------------------------------------------
 
-    def refresh_later(self, job: Job, seen: float | None = None) -> bool:
+    def refresh_later(self, job: Job, seen: Found | None = None) -> bool:
         """Schedule one background refresh of ``job.key`` (one worker of the fleet does it).
 
-        :param seen: ``stored_at`` of the entry the reader saw; a newer one in memcached
-            means the work is done. ``None`` forces the fetch (the admin's button).
+        :param seen: the entry the reader saw stale (its CAS fences the write); ``None``
+            forces the fetch (the admin's button).
         :return: whether a refresh was scheduled in this worker.
         """
         if seen is not None and self.loader.held_elsewhere(job.key):
             return False  # another worker is refreshing it right now
-        usable = self.never if seen is None else self.newer_than(seen)
-        return self.refresher.schedule(job.key, lambda: self.loader.refresh(job, usable),
-                                       job.source)
+        return self.refresher.schedule(
+            job.key, lambda: self.loader.refresh(job, self.never, seen), job.source)
 
     def periodic(self, job: Job, every: float) -> None:
         """Recompute ``job`` every ``every`` seconds, by whichever worker holds the lease."""
@@ -147,4 +170,5 @@ class Region:
 
         :raises CacheUnavailable: memcached could not be asked (the local copy is gone).
         """
-        self.tiers.delete(key, self.clock())
+        self.tiers.delete(key)
+        self.loader.forget(key)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Response
+from werkzeug.wrappers import Response as BaseResponse
 
 ResponseFilter = Callable[[Response], bool]
 
@@ -29,12 +30,18 @@ def default_status_rule(status: int) -> bool:
     return 200 <= status < 300 and status != 206
 
 
-def cacheable(response: Response, response_filter: ResponseFilter | None = None) -> bool:
-    """Whether ``response`` may be stored and served to other requests."""
+def shareable(response: BaseResponse) -> bool:
+    """Whether ``response`` may be served to anyone but its own request: not one that
+    sets a cookie, says ``private`` or ``no-store``, or streams."""
     if "Set-Cookie" in response.headers or response.is_streamed or response.direct_passthrough:
         return False
     directives = response.cache_control
-    if directives.no_store or directives.private:
+    return not (directives.no_store or directives.private)
+
+
+def cacheable(response: Response, response_filter: ResponseFilter | None = None) -> bool:
+    """Whether ``response`` may be stored and served to other requests."""
+    if not shareable(response):
         return False
     if response_filter is not None:
         return bool(response_filter(response))

@@ -3,7 +3,7 @@
 One :class:`AppState` lives in ``app.extensions["service"]``. It owns the clock (one
 injected wall clock and one monotonic clock, shared by every piece, so a test moves time
 for all of them at once) and wires the pieces: the store of the SWR namespace over the
-worker's pool, the two tiers, leases, negative caching, the admin's ledger, the
+worker's pool, the two tiers, the claims, the admin's ledger, the
 refresher, the loader and the region. Building it connects nothing and spawns nothing:
 sockets open on first use in the worker, and the refresher starts after fork.
 """
@@ -24,7 +24,6 @@ from .history import History
 from .lease import Leases
 from .ledger import Ledger
 from .loader import Loader
-from .negative import ErrorMemo
 from .refresher import Refresher
 from .region import Region
 from .registry import Registry
@@ -46,7 +45,6 @@ class AppState:
     store: Store
     tiers: TwoTier
     leases: Leases
-    errors: ErrorMemo
     ledger: Ledger
     refresher: Refresher
     loader: Loader
@@ -69,17 +67,16 @@ def build(app: Flask, settings: Settings, clock: Callable[[], float] = time.time
     pool = pool_for(settings.cache)
     store = Store(pool, swr_namespace(settings), settings.cache.item_size_max)
     local = LocalTier(settings.cache.l1_max_entries, settings.cache.l1_max_bytes)
-    tiers = TwoTier(store, local, settings.cache.l1_ttl, monotonic)
+    tiers = TwoTier(store, local, settings.cache.l1_ttl, monotonic, clock)
     leases = Leases(store, settings.refresh.lock_lease)
-    errors = ErrorMemo(store, settings.refresh.error_ttl, clock)
     registry = Registry(store, tiers.local, clock)
     ledger = Ledger(max(1000, settings.cache.l1_max_entries), registry)
     refresher = Refresher(app, settings.refresh.concurrency, settings.refresh.backoff_max,
                           monotonic)
-    loader = Loader(tiers, leases, errors, settings.refresh, in_app_context(app), clock,
+    loader = Loader(tiers, leases, settings.refresh, in_app_context(app), clock,
                     monotonic, observer=ledger)
     region = Region(tiers, loader, refresher, ledger, clock, settings.refresh.xfetch_beta)
-    state = AppState(app, settings, clock, monotonic, pool, store, tiers, leases, errors,
+    state = AppState(app, settings, clock, monotonic, pool, store, tiers, leases,
                      ledger, refresher, loader, region)
     # The admin's reporter (registry notes, per-minute history): a periodic job of the
     # refresher, so it starts after fork and stops with it.

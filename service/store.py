@@ -22,16 +22,21 @@ import logging
 import random
 import re
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from operator import methodcaller
 from typing import Any, Final
 
 import gevent
 from pymemcache.client.base import Client
-from pymemcache.exceptions import MemcacheClientError, MemcacheUnexpectedCloseError
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheUnexpectedCloseError,
+    MemcacheUnknownCommandError,
+)
 
-from . import chunks, codec, metrics
+from . import chunks, codec, meta, metrics
 from .clients import ClientPool, borrow
 from .connection import Connection
 from .errors import CodecError
@@ -54,6 +59,53 @@ class _Miss:
 
 MISS: Final = _Miss()
 """Returned when a key is absent or its bytes do not decode (``None`` is a real value)."""
+
+
+class _Empty:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EMPTY"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+EMPTY: Final = _Empty()
+"""An item of zero bytes: a claim (memcached's vivified item, or its classic stand-in).
+No value the store writes is empty (the codec always writes a header)."""
+
+
+@dataclass(frozen=True)
+class Got:
+    """What :meth:`Store.mget` read.
+
+    :param value: the decoded value, :data:`MISS` (absent or undecodable) or
+        :data:`EMPTY` (somebody's claim).
+    :param cas: the item's CAS token (the fence for a later :meth:`Store.mset`).
+    :param ttl: seconds the item has left by the server's clock (``-1``: no expiry);
+        ``None`` when the server cannot say (a proxy without meta commands).
+    :param won: this call created the empty item: the claim is ours.
+    """
+
+    value: Any
+    cas: bytes | None = None
+    ttl: int | None = None
+    won: bool = False
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What :meth:`Store.mset` did: ``code`` is ``"HD"`` (stored), ``"NS"`` (add found the
+    key), ``"EX"`` (the CAS changed: somebody wrote or invalidated) or ``"NF"`` (the item
+    is gone); ``cas`` is the new item's token when the server says it."""
+
+    code: str
+    cas: bytes | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "HD"
 
 _ITEM_OVERHEAD = 512  # room for the item header, key and flags within the item size
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -79,6 +131,17 @@ def _meta_delete(mkey: bytes, token: bytes, client: Client) -> Any:
     except (MemcacheClientError, MemcacheUnexpectedCloseError, ConnectionResetError,
             BrokenPipeError):
         client.close()  # whatever is left on the socket must not be read as an answer
+        return _REFUSED
+
+
+def _meta_command(head: bytes, payload: bytes | None, client: Client) -> Any:
+    """One meta command; :data:`_REFUSED` when the server does not take meta commands
+    (caught inside the call, as in :func:`_meta_delete`)."""
+    try:
+        return meta.command(client, head, payload)
+    except (MemcacheUnknownCommandError, MemcacheUnexpectedCloseError, ConnectionResetError,
+            BrokenPipeError):
+        client.close()
         return _REFUSED
 
 
@@ -276,6 +339,150 @@ class Store:
                             "with an expiry in the past there", server)
             stored = conn.call(server, "cas", lambda c: c.cas(mkey, b"", token, _LONG_AGO))
         return bool(stored)  # False: changed since our gets; None: already gone
+
+    # -- meta commands: reads that claim, fenced writes ----------------------------------
+
+    def mget(self, key: str, vivify: float | None = None, route: str | None = None) -> Got:
+        """Read ``key`` with its CAS and remaining TTL; with ``vivify`` (seconds), a miss
+        creates an empty item living that long and this call alone wins it.
+
+        One ``mg <key> v c t [N<ttl>]``. Through a server without meta commands the
+        classic equivalent (``gets``; on a miss ``add`` of an empty item, then ``gets``
+        for its token) gives the same guarantee: exactly one caller wins.
+
+        :param route: a key whose server to use (a lease lives with its entry).
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        mkey = self.key(key)
+        with borrow(self.pool) as conn:
+            server = conn.server_for(self.key(route) if route else mkey)
+
+            def classic() -> Got:
+                data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
+                won = False
+                if data is None and vivify is not None:
+                    won = bool(conn.call(server, "add", lambda c: c.add(
+                        mkey, b"", expire_time(vivify))))
+                    data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
+                if data is None:
+                    return Got(MISS)
+                return Got(self._raw(key, data, conn), token, None, won and data == b"")
+
+            head = b"mg " + mkey + b" v c t"
+            if vivify is not None:
+                head += b" N%d" % max(1, expire_time(vivify))
+            reply = self._meta(conn, server, "mg", head, None, classic)
+            if isinstance(reply, Got):
+                return reply
+            if reply.code == b"EN" or reply.data is None:
+                return Got(MISS)
+            return Got(self._raw(key, reply.data, conn), reply.cas, reply.ttl, reply.won)
+
+    def mset(self, key: str, value: Any, ttl: float | None, cas: bytes | None = None,
+             add: bool = False, route: str | None = None) -> Stored:
+        """Store ``value``: only while the item still has ``cas`` when given (the fence:
+        ``EX`` when it changed, ``NF`` when it is gone; never turned into an add), only
+        if absent with ``add``. ``value`` may be :data:`EMPTY` (a claim).
+
+        :raises CodecError: the codec cannot represent the value.
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        data = b"" if value is EMPTY else self._encode(value)
+        with borrow(self.pool) as conn:
+            mkey, data = self._prepare(conn, key, data, ttl)
+            server = conn.server_for(self.key(route) if route else mkey)
+            exp = expire_time(ttl)
+
+            def classic() -> Stored:
+                if cas is not None:
+                    done = conn.call(server, "cas", lambda c: c.cas(mkey, data, cas, exp))
+                    return Stored("NF" if done is None else "HD" if done else "EX")
+                if add:
+                    done = conn.call(server, "add", lambda c: c.add(mkey, data, exp))
+                    return Stored("HD" if done else "NS")
+                conn.call(server, "set", lambda c: c.set(mkey, data, exp))
+                return Stored("HD")
+
+            head = b"ms " + mkey + b" %d T%d c" % (len(data), exp)
+            if cas is not None:
+                head += b" C" + cas
+            if add:
+                head += b" ME"
+            reply = self._meta(conn, server, "ms", head, data, classic)
+            if isinstance(reply, Stored):
+                return reply
+            return Stored(reply.code.decode("ascii"), reply.cas if reply.code == b"HD" else None)
+
+    def mdelete(self, key: str, cas: bytes | None = None, route: str | None = None) -> str:
+        """Delete ``key``, only while it still has ``cas`` when given: ``"HD"`` deleted,
+        ``"EX"`` changed since, ``"NF"`` already gone.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        mkey = self.key(key)
+        with borrow(self.pool) as conn:
+            server = conn.server_for(self.key(route) if route else mkey)
+
+            def classic() -> str:
+                if cas is None:
+                    return "HD" if conn.call(server, "delete",
+                                             lambda c: c.delete(mkey)) else "NF"
+                # A CAS write of an item already expired is an atomic compare-and-delete.
+                done = conn.call(server, "cas", lambda c: c.cas(mkey, b"", cas, _LONG_AGO))
+                return "NF" if done is None else "HD" if done else "EX"
+
+            head = b"md " + mkey + (b" C" + cas if cas is not None else b"")
+            reply = self._meta(conn, server, "md", head, None, classic)
+            return reply.code.decode("ascii") if isinstance(reply, meta.Reply) else reply
+
+    def touch_if(self, key: str, cas: bytes | None, ttl: float) -> bool:
+        """Give an empty item (a cold claim) ``ttl`` more seconds while it still has
+        ``cas``. A touch keeps memcached's "win already sent" mark, which a rewrite would
+        clear. Two round trips (look, then touch); only a holder renewing its claim pays.
+
+        :raises CacheUnavailable: memcached could not be asked.
+        """
+        got = self.mget(key)
+        if cas is None or got.value is not EMPTY or got.cas != cas:
+            return False
+        mkey = self.key(key)
+        with borrow(self.pool) as conn:
+            server = conn.server_for(mkey)
+
+            def classic() -> bool:
+                return bool(conn.call(server, "touch",
+                                      lambda c: c.touch(mkey, expire_time(ttl))))
+
+            reply = self._meta(conn, server, "mg", b"mg " + mkey + b" T%d" % max(
+                1, expire_time(ttl)), None, classic)
+            return reply.code == b"HD" if isinstance(reply, meta.Reply) else bool(reply)
+
+    def _raw(self, key: str, data: bytes, conn: Connection) -> Any:
+        return EMPTY if data == b"" else self._decode(key, data, conn)
+
+    def _meta(self, conn: Connection, server: str, name: str, head: bytes,
+              payload: bytes | None, classic: Callable[[], Any]) -> Any:
+        """Run a meta command on ``server``, or ``classic()`` where meta commands are not
+        understood (see :meth:`delete_if` for how that is found out, once per server)."""
+        refusing = _no_meta.setdefault(self.pool, set())
+        if server in refusing:
+            return classic()
+        answer = conn.call(server, name, partial(_meta_command, head, payload))
+        if answer is not _REFUSED:
+            return answer
+        # Refused, or the socket was dead (a restarted server closes every connection):
+        # ask on a fresh one whether the server lives, then once more with the command.
+        # Only a live server that refuses it twice is taken for one without meta commands.
+        conn.call(server, "version", methodcaller("version"))
+        answer = conn.call(server, name, partial(_meta_command, head, payload))
+        if answer is not _REFUSED:
+            return answer
+        conn.call(server, "version", methodcaller("version"))
+        refusing.add(server)
+        log.warning("memcached %s does not accept meta commands (a proxy such as "
+                    "twemproxy, or memcached < 1.6): using the classic commands there "
+                    "(gets/add/cas), with the same guarantees", server)
+        return classic()
 
     # -- counters ------------------------------------------------------------------------
 

@@ -100,7 +100,13 @@ def app(memcached: Any, make_app: Callable[..., Flask]) -> Flask:
 
 
 class FakeClock:
-    """A clock the test moves by hand: ``clock()`` reads it, ``clock.advance(s)`` moves it."""
+    """A clock the test moves by hand: ``clock()`` reads it, ``clock.advance(s)`` moves it.
+
+    memcached's own clock cannot follow it, so the read path does not let memcached's
+    remaining TTLs bound an entry's age from above under it (``server_ages``).
+    """
+
+    server_ages = False
 
     def __init__(self, start: float = 1_000_000.0) -> None:
         self.now = start

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from service.errors import CacheUnavailable
-from service.store import MISS
+from service.store import EMPTY, MISS, Got, Stored
 
 _tokens = itertools.count(1)
 
@@ -29,6 +30,7 @@ class MemoryStore:
         self.items: dict[str, tuple[Any, bytes, float | None]] = {}
         self.down = False
         self.calls: list[str] = []
+        self.won: set[str] = set()
 
     def key(self, key: str) -> bytes:
         return key.encode("utf-8", "backslashreplace")
@@ -47,7 +49,10 @@ class MemoryStore:
 
     def _put(self, key: str, value: Any, ttl: float | None) -> None:
         expires = self.clock() + ttl if ttl and ttl > 0 else None
-        self.items[key] = (copy.deepcopy(value), str(next(_tokens)).encode(), expires)
+        if ttl is not None and ttl < 0:
+            expires = self.clock()
+        kept = value if value is EMPTY else copy.deepcopy(value)
+        self.items[key] = (kept, str(next(_tokens)).encode(), expires)
 
     def gets(self, key: str) -> tuple[Any, bytes | None]:
         self._check("gets")
@@ -115,3 +120,51 @@ class MemoryStore:
     def get_counter(self, key: str) -> int | None:
         value = self.get(key)
         return None if value is MISS else int(value)
+
+    # -- the meta commands, as memcached answers them ---------------------------------
+
+    def mget(self, key: str, vivify: float | None = None, route: str | None = None) -> Got:
+        self._check("mg")
+        item = self._live(key)
+        if item is None:
+            if vivify is None:
+                return Got(MISS)
+            self._put(key, EMPTY, vivify)
+            item = self.items[key]
+            self.won.add(key)
+            return Got(EMPTY, item[1], int(vivify), won=True)
+        ttl = -1 if item[2] is None else max(0, math.ceil(item[2] - self.clock()))
+        value = item[0] if item[0] is EMPTY else copy.deepcopy(item[0])
+        return Got(value, item[1], ttl)
+
+    def mset(self, key: str, value: Any, ttl: float | None, cas: bytes | None = None,
+             add: bool = False, route: str | None = None) -> Stored:
+        self._check("ms")
+        item = self._live(key)
+        if cas is not None:
+            if item is None:
+                return Stored("NF")
+            if item[1] != cas:
+                return Stored("EX")
+        if add and item is not None:
+            return Stored("NS")
+        self._put(key, value, ttl)
+        return Stored("HD", self.items[key][1])
+
+    def mdelete(self, key: str, cas: bytes | None = None, route: str | None = None) -> str:
+        self._check("md")
+        item = self._live(key)
+        if item is None:
+            return "NF"
+        if cas is not None and item[1] != cas:
+            return "EX"
+        del self.items[key]
+        return "HD"
+
+    def touch_if(self, key: str, cas: bytes | None, ttl: float) -> bool:
+        self._check("touch")
+        item = self._live(key)
+        if item is None or item[0] is not EMPTY or item[1] != cas:
+            return False
+        self.items[key] = (item[0], item[1], self.clock() + ttl)
+        return True

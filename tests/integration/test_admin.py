@@ -78,18 +78,31 @@ def test_wrong_or_missing_credentials_are_401(admin_app: Flask,
 
 def test_stats_per_source_tier_and_memcached_server(admin_app: Flask) -> None:
     client = admin_app.test_client()
+
+    def items_stats() -> dict[str, Any]:
+        stats = client.get("/admin/api/stats", headers=BEARER).get_json()
+        found: dict[str, Any] = stats["sources"].get("items") or {
+            "requests": {"hit": 0, "stale": 0, "miss": 0, "total": 0},
+            "refreshes": {}, "refresh_seconds": {"count": 0}}
+        return found
+
+    # The counters are the process's (every test's): compare what these reads added.
+    before = items_stats()
     read(client, id="1")
     read(client, id="1")
     read(client, id="2")
     stats = client.get("/admin/api/stats", headers=BEARER).get_json()
     items = stats["sources"]["items"]
-    assert items["requests"]["miss"] >= 2 and items["requests"]["hit"] >= 1
+    added = {k: items["requests"][k] - before["requests"].get(k, 0)
+             for k in ("hit", "stale", "miss")}
+    assert added == {"hit": 1, "stale": 0, "miss": 2}
     assert items["requests"]["total"] == sum(items["requests"][k] for k in
                                              ("hit", "stale", "miss"))
     assert 0 < items["ratios"]["hit"] < 1
-    assert items["refreshes"]["ok"] >= 2
+    assert items["refreshes"]["ok"] - before["refreshes"].get("ok", 0) == 2
     timing = items["refresh_seconds"]
-    assert timing["count"] >= 2 and 0 < timing["p50"] <= timing["p90"] <= timing["p99"]
+    assert timing["count"] - before["refresh_seconds"].get("count", 0) == 2
+    assert 0 < timing["p50"] <= timing["p90"] <= timing["p99"]
     assert "l1" in stats["tiers"] and set(stats["tiers"]) <= {"l1", "memcached"}
     [server] = stats["servers"]
     assert server["up"] is True and server["breaker"] == "closed"
@@ -121,7 +134,7 @@ def test_a_held_lease_names_its_holder(admin_app: Flask) -> None:
     client = admin_app.test_client()
     read(client, id="5")
     row = by_params(entries(client))[(("id", "5"),)]
-    lease = state_of(admin_app).leases.acquire(row["key"])
+    lease = state_of(admin_app).leases.acquire(row["key"], None)
     assert lease is not None
     try:
         row = by_params(entries(client))[(("id", "5"),)]

@@ -346,6 +346,6 @@ def test_every_method_treats_memcached_down_as_a_miss(
     assert cache.delete("k") is False and cache.delete_many("a", "b") == []
     assert backend.inc("n") is None and backend.dec("n") is None
     assert backend.store.pool.in_use == 0
-    assert "memcached gets failed" in caplog.text       # then the circuit opens
+    assert "memcached mg failed" in caplog.text       # then the circuit opens
     assert (REGISTRY.get_sample_value("memcached_errors_total", {"kind": "connection"})
             or 0.0) > errors_before

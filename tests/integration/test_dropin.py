@@ -18,6 +18,7 @@ from service import metrics
 from service.backend import MemcachedCache
 from service.coalesce import Coalescer
 from service.config import RefreshSettings
+from service.lease import lease_key
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.memcached
@@ -105,26 +106,26 @@ def test_stale_answers_at_once_while_exactly_one_caller_recomputes(
     assert app.test_client().get("/report").data == b"report #2"
 
 
-def test_a_stale_read_that_gets_the_lease_after_a_new_value_landed_serves_that_value(
+def test_a_stale_recompute_never_overwrites_a_value_that_landed_meanwhile(
         unchanged: Any, clock: FakeClock) -> None:
     # Another worker's recompute lands, and its lease is given back, between this read
-    # seeing the stale entry and asking for the lease: the read must answer the new
-    # value (dogpile's re-read after taking the lease), not recompute again.
+    # seeing the stale entry and asking for the lease: this caller's own recompute is
+    # fenced on the CAS of the entry it saw, so the newer value stays.
     app, origin, backend = unchanged
     app.test_client().get("/report")
     clock.advance(61)                             # past timeout, inside the SWR window
     herd = backend.herd
     acquire = herd.leases.acquire
 
-    def the_other_worker_finishes_first(key: str) -> Any:
+    def the_other_worker_finishes_first(key: str, fence: Any) -> Any:
         herd.leases.acquire = acquire
         clock.advance(1)
         backend.set("view//report", "report from the other worker", timeout=60)
-        return acquire(key)
+        return acquire(key, fence)
 
     herd.leases.acquire = the_other_worker_finishes_first  # type: ignore[method-assign]
-    assert app.test_client().get("/report").data == b"report from the other worker"
-    assert origin.calls == 1                      # no second recompute
+    assert app.test_client().get("/report").data == b"report #2"   # its own recompute
+    assert backend.get("view//report") == "report from the other worker"  # not stored
     assert herd.leases.holder("view//report") is None   # the lease went back at once
 
 
@@ -142,7 +143,7 @@ def test_a_failed_recompute_gives_the_lease_back_and_stale_if_error_serves(
     assert {r.data for r in (app.test_client().get("/report") for _ in range(5))} == {
         b"report #1"}
     assert origin.calls == 2
-    backend.herd.errors.forget("view//report")    # as error_ttl running out would
+    backend.store.mdelete(lease_key("view//report"))   # as error_ttl running out would
     origin.fail = False
     assert app.test_client().get("/report").data == b"report #3"
 
@@ -297,3 +298,67 @@ def test_the_drop_in_cache_keeps_flask_caching_keys_and_invalidation(dropin: Any
         cache.delete("view//report")
     assert client.get("/report").data == b"report #2"
     assert origin.calls == 2
+
+
+def test_lock_lease_is_a_cache_option(memcached: Any, key_prefix: str) -> None:
+    app = Flask("lease-option")
+    app.config.update(CACHE_TYPE="service.backend.MemcachedCache",
+                      CACHE_MEMCACHED_SERVERS=[memcached.address],
+                      CACHE_KEY_PREFIX=key_prefix, CACHE_OPTIONS={"lock_lease": 7})
+    cache = Cache(app)
+    assert cache.cache.herd.lock_lease == 7
+
+
+def test_a_recompute_slower_than_its_lease_is_renewed_not_repeated(
+        memcached: Any, key_prefix: str) -> None:
+    app = Flask("slow-recompute")
+    app.config.update(CACHE_TYPE="service.backend.MemcachedCache",
+                      CACHE_MEMCACHED_SERVERS=[memcached.address],
+                      CACHE_KEY_PREFIX=key_prefix, CACHE_OPTIONS={"lock_lease": 1})
+    cache = Cache(app)
+    origin = Origin()
+    origin.gate = gevent.event.Event()
+
+    @app.get("/slow")
+    @cache.cached(timeout=60)
+    def slow() -> str:
+        return origin()
+
+    holder = gevent.spawn(app.test_client().get, "/slow")
+    assert origin.entered.wait(timeout=5)
+    # The claim's item lives 2 s (a 1 s lease plus memcached's whole-second tick); the
+    # recompute takes longer. Renewed by its live holder, nobody else recomputes.
+    waiter = gevent.spawn(app.test_client().get, "/slow")
+    gevent.sleep(3)                                  # the scenario: a slow view
+    origin.gate.set()
+    assert bodies([holder, waiter]) == {(200, b"report #1")}
+    assert origin.calls == 1
+
+
+def test_a_nested_app_context_does_not_give_the_outer_claim_back(
+        memcached: Any, key_prefix: str) -> None:
+    app = Flask("nested")
+    app.config.update(CACHE_TYPE="service.backend.MemcachedCache",
+                      CACHE_MEMCACHED_SERVERS=[memcached.address],
+                      CACHE_KEY_PREFIX=key_prefix)
+    cache = Cache(app)
+    origin = Origin()
+    origin.gate = gevent.event.Event()
+    nested_done = gevent.event.Event()
+
+    @app.get("/nested")
+    @cache.cached(timeout=60)
+    def nested() -> str:
+        with app.app_context():                      # its teardown must not touch ours
+            pass
+        nested_done.set()
+        return origin()
+
+    holder = gevent.spawn(app.test_client().get, "/nested")
+    assert origin.entered.wait(timeout=5) and nested_done.is_set()
+    # Had the nested teardown given the claim back, the waiter would recompute (and
+    # count a second origin call) instead of waiting for the holder.
+    waiter = gevent.spawn(app.test_client().get, "/nested")
+    origin.gate.set()
+    assert bodies([holder, waiter]) == {(200, b"report #1")}
+    assert origin.calls == 1

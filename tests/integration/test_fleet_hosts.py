@@ -256,8 +256,13 @@ def test_a_memcached_killed_mid_run(fleet: Fleet,
     gevent.joinall(warm, raise_error=True)
     assert {job.value[0] for job in warm} == {200}
     placement = {item: fleet.holder_of(item) for item in items}
-    victim = Counter(placement.values()).most_common(1)[0][0]
-    assert victim is not None
+    # Not the server with the source's generation counter: losing that forgets every key
+    # of the source at once (misses, never an invalidation undone: test_reliability),
+    # which is another scenario than entries lost with their node.
+    gkey = memcached_key(swr_namespace(fleet.settings), "gen\x00item")
+    counting = Counter(server for server in placement.values()
+                       if server is not None and server.raw_get(gkey) is None)
+    victim = counting.most_common(1)[0][0]
     affected = [item for item in items if placement[item] is victim]
     others = [item for item in items if placement[item] is not victim]
     assert others, placement
@@ -275,7 +280,9 @@ def test_a_memcached_killed_mid_run(fleet: Fleet,
     for item in others:
         assert during[item] == 1, f"{item}, on a live server, was fetched again"
     for item in affected:
-        assert during[item] <= 2, f"{item}: {during[item]} fetches (at most one extra)"
+        # A dead server's keys do not move (see ClientPool.server_for): no fleet claim is
+        # possible for them, so each worker fetches at most once for itself (four here).
+        assert during[item] <= 4, f"{item}: {during[item]} fetches (one per worker at most)"
 
     victim.restart()                                       # same address, empty
     # Recovery without a restart of the service: the returned server holds its keys again.
@@ -290,8 +297,7 @@ def test_a_memcached_killed_mid_run(fleet: Fleet,
     for item in others:
         assert after[item] == 1, f"{item}, on a live server, was fetched again"
     for item in affected:
-        # The returned server is empty: one fetch under the lease on it; and each worker
-        # moves back when its own circuit closes (within circuit_reset of the others), so
-        # one that still routes to the stand-in server may fetch once more under the lease
-        # there when the stand-in never got the key. That is the true bound: two.
-        assert after[item] <= during[item] + 2, f"{item}: {after[item]} fetches"
+        # The returned server is empty: the workers that hold a copy answer it STALE and
+        # one refresh runs under the claim there; a worker whose circuit is still open
+        # (within circuit_reset of the others) may refresh once on its own meanwhile.
+        assert after[item] <= during[item] + 4, f"{item}: {after[item]} fetches"

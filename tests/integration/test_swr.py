@@ -16,9 +16,7 @@ from flask import Flask
 
 from service.errors import OriginError, OriginTimeout
 from service.freshness import Windows
-from service.lease import lease_key
 from service.loader import Job
-from service.negative import error_key
 from service.state import AppState, state_of
 from tests.conftest import FakeClock, settings_for
 
@@ -136,7 +134,7 @@ def test_failed_cold_fetch_is_remembered_briefly(swr_app: Flask, clock: FakeCloc
         read(swr_app, origin)
     assert origin.calls == 1                     # the failing origin was not hit again
     with swr_app.app_context():
-        swr(swr_app).tiers.store.delete(error_key("k"))   # as error_ttl expiring would
+        swr(swr_app).tiers.store.delete("k")   # the record, as error_ttl expiring would
     origin.fail = None
     assert read(swr_app, origin).status == "MISS"
 
@@ -178,7 +176,10 @@ def test_memcached_down_serves_the_local_copy_and_fetches_without_a_lease(
     memcached.restart()
     clock.advance(30)                             # past l1_ttl and the circuit's cool-down
     again = read(swr_app, origin, "other")
-    assert again.status == "MISS"                 # memcached is back (and empty): used again
+    # memcached is back, and empty: this worker's copy is answered at once (a lost entry
+    # costs no wait) and refreshed in the background, into memcached again.
+    assert again.status == "STALE"
+    settle(swr_app, "other")
     with swr_app.app_context():
         assert swr(swr_app).tiers.read_shared("other") is not None
 
@@ -192,13 +193,13 @@ def test_a_holder_that_lost_its_lease_cannot_overwrite_a_newer_value(
     holder = gevent.spawn(read, swr_app, slow)
     assert slow.entered.wait(timeout=5)           # the holder is inside its fetch
     with swr_app.app_context():
-        # The lease item vanishes (evicted, or its server restarted): another worker
-        # takes the lease, fetches and stores a newer value.
-        cache.tiers.store.delete(lease_key("k"))
-        other = cache.leases.acquire("k")
+        # The claim's item vanishes (evicted, or its server restarted): another worker
+        # wins the key, fetches and stores a newer value.
+        cache.tiers.store.mdelete("k")
+        other = cache.tiers.look_shared("k", 5).claim
         assert other is not None
         fast_entry = cache.loader._fetch_and_store(
-            Job("k", lambda: {"version": "newer"}, W, source="test"), other, None,
+            Job("k", lambda: {"version": "newer"}, W, source="test"), other,
             background=False)
     slow.gate.set()                               # the old holder finishes late
     holder.get(timeout=10)

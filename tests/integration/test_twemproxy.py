@@ -111,15 +111,15 @@ def test_lease_release_falls_back_once_without_opening_the_circuit(
     cache: AppState, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="service.store")
-    md_before = calls("md")
+    ms_before = calls("ms")
     leases = cache.leases
     for round_ in range(5):
-        lease = leases.acquire("k")
+        lease = leases.acquire("k", None)
         assert lease is not None, f"round {round_}: the released lease lingered"
-        assert leases.acquire("k") is None                 # held
+        assert leases.acquire("k", None) is None           # held
         assert leases.release(lease) is True               # and really gone at once:
     assert leases.holder("k") is None
-    assert calls("md") == md_before + 1                    # detected once, then remembered
+    assert calls("ms") == ms_before + 2      # tried twice (once on a fresh socket), then remembered
     assert caplog.text.count("does not accept meta commands") == 1
     assert breaker_state(cache) == "closed"                # one refused command is no outage
 

@@ -1,6 +1,24 @@
-"""The lease's pure decisions: when to renew, what a lease value says, how long it lives."""
+"""The claims' pure parts: when to renew, what a record says, what a meta reply says."""
 
-from service.lease import SKEW, alive, lease_key, lease_value, owner_of, renew_every
+import pytest
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheServerError,
+    MemcacheUnknownCommandError,
+)
+
+from service.errors import OriginError, OriginTimeout
+from service.lease import (
+    PASS_RECORD,
+    error_of,
+    error_record,
+    holder_of,
+    is_pass,
+    lease_key,
+    new_token,
+    renew_every,
+)
+from service.meta import Reply, parse_status
 
 
 def test_renewal_leaves_room_for_two_failed_renewals() -> None:
@@ -8,37 +26,51 @@ def test_renewal_leaves_room_for_two_failed_renewals() -> None:
     assert renew_every(0.01) == 0.05      # never a busy loop
 
 
-def test_a_lease_value_names_its_owner_and_lives_until_its_own_deadline() -> None:
-    value = lease_value("host:1:abc", 100.2)
-    assert value == "host:1:abc@101" and owner_of(value) == "host:1:abc"
-    assert alive(value, 101.0) and alive(value, 101.0 + SKEW)
-    assert not alive(value, 101.0 + SKEW + 0.1)       # past its own deadline: dead
-    for garbage in ("host:1:abc", "@5", "x@y", 7, None, b"t@1"):
-        assert owner_of(garbage) is None and not alive(garbage, 0.0)
-
-
 def test_lease_keys_are_distinct_from_entry_keys() -> None:
     assert lease_key("report") != "report"
     assert lease_key("a") != lease_key("b")
 
 
-def test_a_lease_item_outlives_memcached_s_whole_second_rounding() -> None:
-    from service.lease import item_lifetime
+def test_an_error_record_says_the_failure_and_carries_no_time_of_its_own() -> None:
+    record = error_record(OriginTimeout("slow"))
+    assert set(record) == {"\x00failed", "status", "detail"}   # no clock: the server's TTL
+    again = error_of(record)
+    assert isinstance(again, OriginTimeout) and again.status == 504
+    assert isinstance(error_of(error_record(OriginError("down"))), OriginError)
+    for foreign in (None, 7, "x", {"status": 502}, {"\x00failed": 1, "status": 500,
+                    "detail": "x"}, {"\x00failed": 1, "status": 502, "detail": 5},
+                    PASS_RECORD):
+        assert error_of(foreign) is None
 
-    # exptime N lives N-1..N seconds: send one more than the lease so it lives >= lease.
-    assert item_lifetime(1.0) == 2.0
-    assert item_lifetime(0.5) == 2.0
-    assert item_lifetime(30.0) == 31.0
-    for lease in (0.2, 1.0, 2.5, 30.0):
-        assert item_lifetime(lease) - 1 >= lease
+
+def test_a_pass_record_is_only_itself() -> None:
+    assert is_pass(PASS_RECORD)
+    for other in ({"\x00pass": 1, "x": 2}, {"\x00pass": True, "y": 1}, None, "pass", {}):
+        assert not is_pass(other)
 
 
 def test_a_lease_token_names_its_holder_and_stays_unique() -> None:
-    from service.lease import holder_of, new_token
-
     first, second = new_token("web-1", 4242), new_token("web-1", 4242)
     assert first != second
     assert holder_of(first) == {"host": "web-1", "pid": 4242}
     assert holder_of(new_token("a:b", 7)) == {"host": "a_b", "pid": 7}
     for foreign in (None, 17, "", "0123abcd", "host:notapid:x", "host:12:"):
         assert holder_of(foreign) is None
+
+
+def test_meta_status_lines_parse_into_code_size_and_flags() -> None:
+    assert parse_status(b"VA 0 c1 t-1 f0 s0 W") == (b"VA", 0, {"c": "1", "t": "-1", "f": "0",
+                                                               "s": "0", "W": ""})
+    assert parse_status(b"HD c17") == (b"HD", None, {"c": "17"})
+    assert parse_status(b"EN") == (b"EN", None, {})
+    reply = Reply(b"VA", {"c": "9", "t": "30", "Z": ""}, b"")
+    assert reply.contended and not reply.won and reply.cas == b"9" and reply.ttl == 30
+    assert Reply(b"EX", {"c": "0"}).cas is None       # "c0" on a failed write: no token
+    with pytest.raises(MemcacheUnknownCommandError):
+        parse_status(b"ERROR")
+    with pytest.raises(MemcacheClientError):
+        parse_status(b"CLIENT_ERROR bad command line format")
+    with pytest.raises(MemcacheServerError):
+        parse_status(b"VALUE k 0 3")                  # a classic reply is no meta reply
+    with pytest.raises(MemcacheServerError):
+        parse_status(b"VA x")

@@ -1,10 +1,9 @@
-"""The whole read pipeline (region, loader, tiers, leases, negative caching, refresher)
-over an in-memory store and a fake clock: every lease, waiter, refresh and fencing
-decision. memcached itself is proven in tests/integration."""
+"""The whole read pipeline (region, loader, tiers, claims, refresher) over an in-memory
+store that answers the meta commands as memcached does, on a fake clock: every claim,
+waiter, refresh and fencing decision. memcached itself is proven in tests/integration."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +17,14 @@ from service.config import RefreshSettings
 from service.entry import Entry
 from service.errors import OriginError
 from service.freshness import Windows
-from service.lease import Leases, lease_key, lease_value
+from service.lease import PASS_RECORD, Leases, error_of, error_record, is_pass, lease_key
 from service.ledger import Ledger
 from service.loader import UNCACHEABLE, Job, Loader
-from service.negative import ErrorMemo, error_key
 from service.refresher import Refresher
 from service.region import Region
 from service.state import in_app_context
-from service.tiers import LocalTier, TwoTier, forgotten_key
+from service.store import EMPTY
+from service.tiers import FORGOT, LocalTier, TwoTier
 from tests.conftest import FakeClock
 from tests.memstore import MemoryStore
 
@@ -56,8 +55,19 @@ class Pipeline:
 
     def store_entry(self, key: str, value: Any, stored_at: float) -> Entry:
         entry = Entry.create(value, stored_at, WINDOWS, 0.0)
-        self.store.set(key, entry.to_wire(), 100)
+        # As the loader writes it: memcached's TTL is the entry's whole lifetime, which is
+        # what lets a reader take the entry's age from the server's clock.
+        self.store.set(key, entry.to_wire(), WINDOWS.lifetime - (self.clock() - stored_at))
         return entry
+
+    def hold(self, key: str = "k") -> bytes:
+        """Another worker wins the key's cold claim; returns its fence."""
+        got = self.store.mget(key, vivify=5)
+        assert got.won and got.cas is not None
+        return got.cas
+
+    def polls(self) -> int:
+        return self.store.calls.count("mg")
 
 
 @pytest.fixture
@@ -67,10 +77,11 @@ def pipe() -> Iterator[Pipeline]:
     app = Flask("pipeline")
     settings = RefreshSettings(lock_lease=5.0, fetch_timeout=5.0, error_ttl=5.0,
                                xfetch_beta=0.0)
-    tiers = TwoTier(store, LocalTier(100), 2.0, clock)  # type: ignore[arg-type]
+    tiers = TwoTier(store, LocalTier(100), 2.0, clock, clock,  # type: ignore[arg-type]
+                    server_ages=True)  # the memory store's TTLs run on the same fake clock
     ledger = Ledger(100)
-    loader = Loader(tiers, Leases(store, 5.0), ErrorMemo(store, 5.0, clock),  # type: ignore[arg-type]
-                    settings, in_app_context(app), clock, clock, observer=ledger)
+    loader = Loader(tiers, Leases(store, 5.0), settings,  # type: ignore[arg-type]
+                    in_app_context(app), clock, clock, observer=ledger)
     refresher = Refresher(app, 4, 60.0, clock)
     region = Region(tiers, loader, refresher, ledger, clock, 0.0)
     yield Pipeline(clock, store, tiers, loader, region, refresher, ledger)
@@ -97,7 +108,7 @@ def test_a_cold_read_loads_once_and_the_next_read_is_a_hit(pipe: Pipeline) -> No
     assert (first.status, first.value) == ("MISS", {"n": 1})
     assert (second.status, second.value) == ("HIT", {"n": 1})
     assert pipe.calls == ["k"]
-    assert lease_key("k") not in pipe.store.items  # released after the write
+    assert Entry.is_wire(pipe.store.get("k"))  # the claim's item now holds the entry
 
 
 def test_concurrent_cold_reads_of_one_worker_share_one_fetch(pipe: Pipeline) -> None:
@@ -122,34 +133,34 @@ def test_followers_get_their_own_copy_of_a_mutable_value(pipe: Pipeline) -> None
 
 
 def test_a_waiter_gets_the_holders_value_without_fetching(pipe: Pipeline) -> None:
-    pipe.store.add(lease_key("k"), lease_value("another-worker", time.time() + 5), 5)
+    fence = pipe.hold()
     reader = gevent.spawn(pipe.region.get_or_load, pipe.job())
-    wait_until(lambda: "get_many" in pipe.store.calls)  # it is polling
-    pipe.store_entry("k", "theirs", pipe.clock())
-    pipe.store.delete(lease_key("k"))
+    wait_until(lambda: pipe.polls() >= 3)  # it is polling
+    entry = Entry.create("theirs", pipe.clock(), WINDOWS, 0.0)
+    assert pipe.store.mset("k", entry.to_wire(), WINDOWS.lifetime, cas=fence).ok
     result = reader.get(timeout=5)
     assert (result.status, result.value) == ("MISS", "theirs")
     assert pipe.calls == []
 
 
-def test_a_waiter_raises_the_holders_remembered_error_instead_of_fetching(
+def test_a_waiter_raises_the_holders_failure_that_replaced_its_claim(
         pipe: Pipeline) -> None:
-    pipe.store.add(lease_key("k"), lease_value("another-worker", time.time() + 5), 5)
+    fence = pipe.hold()
     reader = gevent.spawn(pipe.region.get_or_load, pipe.job())
-    wait_until(lambda: "get_many" in pipe.store.calls)
-    pipe.store.set(error_key("k"), {"status": 502, "detail": "origin said 500",
-                                    "until": pipe.clock() + 5}, 5)
-    pipe.store.delete(lease_key("k"))
+    wait_until(lambda: pipe.polls() >= 3)
+    assert pipe.store.mset("k", error_record(OriginError("origin said 500")), 5,
+                           cas=fence).ok
     with pytest.raises(OriginError, match="origin said 500"):
         reader.get(timeout=5)
     assert pipe.calls == []
 
 
-def test_a_waiter_takes_over_when_the_lease_lapses_with_nothing_stored(pipe: Pipeline) -> None:
-    pipe.store.add(lease_key("k"), lease_value("a-worker-that-died", time.time() + 5), 5)
+def test_a_waiter_takes_over_when_the_claim_lapses_with_nothing_stored(
+        pipe: Pipeline) -> None:
+    pipe.hold()                                      # a worker that then died
     reader = gevent.spawn(pipe.region.get_or_load, pipe.job(value="mine"))
-    wait_until(lambda: "get_many" in pipe.store.calls)
-    pipe.clock.advance(6)  # the dead holder's lease expires
+    wait_until(lambda: pipe.polls() >= 3)
+    pipe.clock.advance(6)  # the dead holder's item expires on the server's clock
     result = reader.get(timeout=5)
     assert (result.status, result.value) == ("MISS", "mine")
     assert pipe.calls == ["k"]
@@ -158,18 +169,95 @@ def test_a_waiter_takes_over_when_the_lease_lapses_with_nothing_stored(pipe: Pip
 def test_a_remembered_error_answers_cold_reads_without_fetching(pipe: Pipeline) -> None:
     with pytest.raises(OriginError):
         pipe.region.get_or_load(pipe.job(fail=OriginError("boom")))
+    assert error_of(pipe.store.get("k")) is not None   # it replaced the claim
     with pytest.raises(OriginError, match="remembered"):
         pipe.region.get_or_load(pipe.job())
     assert pipe.calls == ["k"]
-    pipe.clock.advance(6)  # error_ttl passed
+    pipe.clock.advance(6)  # error_ttl passed: the server dropped the record
     assert pipe.region.get_or_load(pipe.job()).value == "v"
 
 
-def test_the_lease_is_rechecked_after_taking_it(pipe: Pipeline) -> None:
-    # The entry landed between our miss and our lease (dogpile's rule): no fetch.
+def test_the_item_is_rechecked_by_a_load(pipe: Pipeline) -> None:
+    # The entry landed between our miss and our load (dogpile's rule): no fetch.
     pipe.store_entry("k", "landed", pipe.clock())
     loaded = pipe.loader.load(pipe.job(), pipe.region.servable)
     assert loaded.value == "landed" and pipe.calls == []
+
+
+def test_a_hostile_empty_item_without_expiry_is_no_claim(pipe: Pipeline) -> None:
+    # An empty item nobody vivified (written without an expiry) would otherwise make
+    # every reader wait for a holder that does not exist.
+    pipe.store.set("k", EMPTY, None)
+    assert pipe.region.get_or_load(pipe.job()).value == "v"
+    assert pipe.calls == ["k"]
+
+
+# -- uncacheable answers: nobody queues ---------------------------------------------------
+
+def test_an_uncacheable_value_is_answered_to_its_caller_only(pipe: Pipeline) -> None:
+    job = pipe.job(value="error page", storable=lambda v: UNCACHEABLE)
+    result = pipe.region.get_or_load(job)
+    assert (result.value, result.entry, result.status) == ("error page", None, "PASS")
+    assert is_pass(pipe.store.get("k"))   # hit-for-miss: the next readers do not coalesce
+    assert pipe.region.get_or_load(job).status == "PASS"
+    assert pipe.calls == ["k", "k"]
+
+
+def test_followers_of_an_uncacheable_answer_run_at_once_and_concurrently(
+        pipe: Pipeline) -> None:
+    gate = gevent.event.Event()
+    job = pipe.job(value="set-cookie", storable=lambda v: UNCACHEABLE, gate=gate)
+    readers = spawn_readers(8, lambda: pipe.region.get_or_load(job))
+    wait_until(lambda: pipe.calls == ["k"])          # one leader, seven followers
+    gate.set()
+    # The followers are released when the leader's answer turns out uncacheable, and
+    # all seven run their own fetch at once (the gate is open): nobody waits for another.
+    gevent.joinall(readers, raise_error=True, timeout=5)
+    assert pipe.calls == ["k"] * 8
+    assert {r.value.status for r in readers} == {"PASS"}
+
+
+def test_waiters_in_other_workers_run_at_once_when_the_holder_passes(pipe: Pipeline) -> None:
+    fence = pipe.hold()
+    reader = gevent.spawn(pipe.region.get_or_load, pipe.job(value="mine"))
+    wait_until(lambda: pipe.polls() >= 3)
+    assert pipe.store.mset("k", PASS_RECORD, 5, cas=fence).ok
+    assert reader.get(timeout=5).value == "mine"     # it ran the fetch itself, at once
+    assert pipe.calls == ["k"]
+
+
+def test_a_cacheable_answer_replaces_the_pass_record(pipe: Pipeline) -> None:
+    pipe.store.set("k", PASS_RECORD, 5)
+    assert pipe.region.get_or_load(pipe.job(value="ok")).status == "MISS"
+    assert Entry.is_wire(pipe.store.get("k"))
+    pipe.clock.advance(2.5)
+    assert pipe.region.get_or_load(pipe.job()).status == "HIT"
+
+
+def test_unwrapped_exceptions_propagate_as_raised_and_pass_the_claim(
+        pipe: Pipeline) -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        pipe.region.get_or_load(pipe.job(fail=Boom("x"), wrap_errors=False))
+    assert is_pass(pipe.store.get("k"))        # waiters run the view themselves, at once
+    with pytest.raises(OriginError, match="Boom"):
+        pipe.region.get_or_load(pipe.job(key="k2", fail=Boom("x")))
+
+
+def test_followers_of_a_leader_that_raised_run_the_view_themselves(pipe: Pipeline) -> None:
+    class Boom(Exception):
+        pass
+
+    gate = gevent.event.Event()
+    readers = spawn_readers(4, lambda: pipe.region.get_or_load(
+        pipe.job(fail=Boom("x"), wrap_errors=False, gate=gate)))
+    wait_until(lambda: pipe.calls == ["k"])
+    gate.set()
+    gevent.joinall(readers, timeout=5)
+    assert all(isinstance(r.exception, Boom) for r in readers)
+    assert pipe.calls == ["k"] * 4
 
 
 # -- stale, stale-if-error, gone ---------------------------------------------------------------
@@ -182,24 +270,35 @@ def test_a_stale_read_answers_at_once_and_one_background_refresh_runs(pipe: Pipe
     assert pipe.refresher.join(timeout=5)
     assert pipe.calls == ["k"]
     assert pipe.region.get_or_load(pipe.job()).value == "new"
+    assert lease_key("k") not in pipe.store.items  # given back after the write
 
 
-def test_a_background_refresh_skips_when_a_newer_entry_landed(pipe: Pipeline) -> None:
-    seen = pipe.clock()
+def test_a_background_refresh_never_overwrites_a_newer_entry(pipe: Pipeline) -> None:
+    pipe.store_entry("k", "old", pipe.clock())
     pipe.clock.advance(15)
+    seen = pipe.tiers.read_shared("k")
+    assert seen is not None
     pipe.store_entry("k", "refreshed-by-another-worker", pipe.clock())
-    assert pipe.loader.refresh(pipe.job(), pipe.region.newer_than(seen)) is None
-    assert pipe.calls == []
-    # The same refresh, when nothing newer landed, does fetch.
-    assert pipe.loader.refresh(pipe.job(value="x"), pipe.region.newer_than(pipe.clock())) \
-        is not None
-    assert pipe.calls == ["k"]
+    assert pipe.loader.refresh(pipe.job(value="late"), pipe.region.never, seen) is None
+    assert Entry.from_wire(pipe.store.get("k")).value == "refreshed-by-another-worker"
 
 
 def test_a_background_refresh_leaves_it_to_the_lease_holder(pipe: Pipeline) -> None:
-    pipe.store.add(lease_key("k"), lease_value("another-worker", time.time() + 5), 5)
+    pipe.store_entry("k", "old", pipe.clock())
+    assert pipe.store.mset(lease_key("k"), "another-worker", 5, add=True).ok
     assert pipe.loader.refresh(pipe.job(), pipe.region.never) is None
     assert pipe.calls == []
+
+
+def test_a_refresh_that_finds_the_claim_held_settles_its_flight(pipe: Pipeline) -> None:
+    pipe.store_entry("k", "old", pipe.clock())
+    pipe.clock.advance(40)                            # usable only on error
+    assert pipe.store.mset(lease_key("k"), "another-worker", 5, add=True).ok
+    refresh = gevent.spawn(pipe.loader.refresh, pipe.job(), pipe.region.never)
+    reader = gevent.spawn(pipe.region.get_or_load, pipe.job(value="mine"))
+    assert refresh.get(timeout=5) is None
+    pipe.store.mdelete(lease_key("k"))                # the other worker gave up
+    assert reader.get(timeout=5).value == "mine"      # never hangs on the settled flight
 
 
 def test_stale_if_error_serves_the_old_copy_when_the_fetch_fails(pipe: Pipeline) -> None:
@@ -207,34 +306,68 @@ def test_stale_if_error_serves_the_old_copy_when_the_fetch_fails(pipe: Pipeline)
     pipe.clock.advance(35)  # past stale_while_revalidate, inside stale_if_error
     result = pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
     assert (result.status, result.value) == ("STALE", "old")
+    assert error_of(pipe.store.get(lease_key("k"))) is not None  # the lease remembers why
     pipe.clock.advance(30)  # gone
     with pytest.raises(OriginError):
         pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
 
 
-def test_a_fetch_after_a_lapsed_lease_is_fenced_and_keeps_the_newer_entry(
+def test_a_fetch_whose_claim_was_replaced_is_not_stored_nor_answered(
         pipe: Pipeline) -> None:
     gate = gevent.event.Event()
     reader = gevent.spawn(pipe.region.get_or_load, pipe.job(value="slow", gate=gate))
     wait_until(lambda: pipe.calls == ["k"])
-    # Our lease lapses; another worker stores a newer entry meanwhile.
-    pipe.store.delete(lease_key("k"))
+    # Our claim lapses; another worker stores a newer entry meanwhile.
+    pipe.store.mdelete("k")
     pipe.store_entry("k", "newer", pipe.clock())
     gate.set()
-    assert reader.get(timeout=5).value == "slow"  # our caller gets what we fetched
-    raw, _ = pipe.store.gets("k")
-    assert Entry.from_wire(raw).value == "newer"  # but memcached keeps the newer one
+    assert reader.get(timeout=5).value == "newer"   # the stored value, not our late one
+    assert Entry.from_wire(pipe.store.get("k")).value == "newer"
 
 
-# -- the local tier and invalidation ---------------------------------------------------------
+def test_a_fetch_that_began_before_an_invalidation_is_fetched_again(pipe: Pipeline) -> None:
+    gate = gevent.event.Event()
+    origin = {"data": "v1"}
 
-def test_a_local_copy_is_dropped_once_memcached_says_the_entry_is_gone(pipe: Pipeline) -> None:
+    def fetch() -> str:
+        seen = origin["data"]
+        pipe.calls.append("k")
+        gate.wait()
+        return seen
+
+    job = Job("k", fetch, WINDOWS, source="src")
+    reader = gevent.spawn(pipe.region.get_or_load, job)
+    wait_until(lambda: pipe.calls == ["k"])
+    origin["data"] = "v2"
+    another_worker(pipe).delete("k")                  # the data changed: invalidated
+    gate.set()
+    assert reader.get(timeout=5).value == "v2"
+    assert Entry.from_wire(pipe.store.get("k")).value == "v2"
+
+
+# -- the local tier, lost entries and invalidation -----------------------------------------------
+
+def test_a_local_copy_is_dropped_once_memcached_says_it_was_invalidated(
+        pipe: Pipeline) -> None:
     pipe.region.get_or_load(pipe.job(value="v1"))
-    pipe.store.delete("k")  # invalidated by another worker
+    another_worker(pipe).delete("k")  # invalidated by another worker
     assert pipe.region.get_or_load(pipe.job(value="v2")).status == "HIT"  # within l1_ttl
     pipe.clock.advance(2.5)
     result = pipe.region.get_or_load(pipe.job(value="v2"))
     assert (result.status, result.value) == ("MISS", "v2")
+
+
+def test_a_lost_entry_is_answered_stale_at_once_and_refreshed_once(pipe: Pipeline) -> None:
+    pipe.region.get_or_load(pipe.job(value="v1"))
+    pipe.store.items.clear()                          # memcached restarted empty
+    pipe.clock.advance(2.5)
+    gate = gevent.event.Event()
+    results = [pipe.region.get_or_load(pipe.job(value="v2", gate=gate)) for _ in range(5)]
+    assert {(r.status, r.value) for r in results} == {("STALE", "v1")}  # nobody waited
+    gate.set()
+    assert pipe.refresher.join(timeout=5)
+    assert pipe.calls == ["k", "k"]                   # the first load, one refresh
+    assert Entry.from_wire(pipe.store.get("k")).value == "v2"
 
 
 def read_after_l1_ttl_with_the_origin_down(pipe: Pipeline) -> Any:
@@ -242,16 +375,18 @@ def read_after_l1_ttl_with_the_origin_down(pipe: Pipeline) -> Any:
     return pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
 
 
-def another_worker(pipe: Pipeline) -> TwoTier:
-    """A second worker's tiers over the same memcached (its own local tier)."""
-    return TwoTier(pipe.store, LocalTier(100), 2.0, pipe.clock)  # type: ignore[arg-type]
+def another_worker(pipe: Pipeline, skew: float = 0.0) -> TwoTier:
+    """A second worker's tiers over the same memcached (its own local tier, and a clock
+    ``skew`` seconds off)."""
+    return TwoTier(pipe.store, LocalTier(100), 2.0, pipe.clock,  # type: ignore[arg-type]
+                   lambda: pipe.clock() + skew, server_ages=True)
 
 
 def test_a_copy_invalidated_elsewhere_is_not_served_when_the_origin_fails(
         pipe: Pipeline) -> None:
     pipe.region.get_or_load(pipe.job(value="v1"))
     pipe.clock.advance(1)
-    another_worker(pipe).delete("k", pipe.clock())   # an admin's DELETE, over there
+    another_worker(pipe).delete("k")                  # an admin's DELETE, over there
     with pytest.raises(OriginError):
         read_after_l1_ttl_with_the_origin_down(pipe)
     assert pipe.tiers.local.get("k") is None          # and the copy is dropped for good
@@ -277,6 +412,13 @@ def test_a_copy_stored_after_an_invalidation_is_still_a_last_good_copy(
     assert (result.status, result.value) == ("STALE", "v2")
 
 
+def test_an_invalidation_is_judged_by_epoch_not_by_clocks(pipe: Pipeline) -> None:
+    pipe.region.get_or_load(pipe.job(value="v1"))
+    another_worker(pipe, skew=-3600).delete("k")      # its clock is an hour behind
+    with pytest.raises(OriginError):
+        read_after_l1_ttl_with_the_origin_down(pipe)
+
+
 def test_the_last_good_copy_is_served_when_memcached_cannot_say_it_was_forgotten(
         pipe: Pipeline) -> None:
     pipe.region.get_or_load(pipe.job(value="v1"))
@@ -289,8 +431,8 @@ def test_an_invalidation_marks_before_it_deletes(pipe: Pipeline) -> None:
     pipe.region.get_or_load(pipe.job(value="v1"))
     pipe.store.calls.clear()
     pipe.region.invalidate("k")
-    assert pipe.store.calls == ["set", "delete"]
-    assert pipe.store.get(forgotten_key("k")) == pipe.clock()
+    assert pipe.store.calls == ["ms", "md"]
+    assert isinstance(pipe.store.get(FORGOT + "k"), str)
 
 
 def test_memcached_down_still_answers_and_serves_the_local_copy(pipe: Pipeline) -> None:
@@ -301,28 +443,31 @@ def test_memcached_down_still_answers_and_serves_the_local_copy(pipe: Pipeline) 
     assert (result.status, result.value) == ("HIT", "v1")
 
 
-# -- what is stored ---------------------------------------------------------------------------
-
-def test_an_uncacheable_value_is_answered_to_its_caller_only(pipe: Pipeline) -> None:
-    job = pipe.job(value="error page", storable=lambda v: UNCACHEABLE)
-    result = pipe.region.get_or_load(job)
-    assert (result.value, result.entry, result.status) == ("error page", None, "MISS")
-    assert "k" not in pipe.store.items and lease_key("k") not in pipe.store.items
-    assert pipe.region.get_or_load(job).status == "MISS"
-    assert pipe.calls == ["k", "k"]
-
-
-def test_unwrapped_exceptions_propagate_as_raised_and_release_the_lease(
+def test_a_copy_memcached_called_gone_is_no_hit_when_memcached_goes_down(
         pipe: Pipeline) -> None:
-    class Boom(Exception):
-        pass
+    pipe.region.get_or_load(pipe.job(value="v1"))
+    another_worker(pipe).delete("k")
+    pipe.clock.advance(2.5)
+    pipe.store.down = True
+    pipe.tiers.look("k")                               # no: memcached is down now
+    pipe.store.down = False
+    pipe.tiers.look("k")                               # memcached says: gone
+    pipe.store.down = True
+    pipe.clock.advance(2.5)
+    result = pipe.region.get_or_load(pipe.job(value="v2"))
+    assert (result.status, result.value) == ("MISS", "v2")   # the origin is up: asked
 
-    with pytest.raises(Boom):
-        pipe.region.get_or_load(pipe.job(fail=Boom("x"), wrap_errors=False))
-    assert lease_key("k") not in pipe.store.items
-    assert error_key("k") not in pipe.store.items  # only origin errors are remembered
-    with pytest.raises(OriginError, match="Boom"):
-        pipe.region.get_or_load(pipe.job(key="k2", fail=Boom("x")))
+
+# -- clocks ---------------------------------------------------------------------------------------
+
+def test_a_host_whose_clock_is_off_answers_the_age_memcached_counts(pipe: Pipeline) -> None:
+    pipe.store_entry("k", "v", pipe.clock())
+    pipe.clock.advance(4)
+    for skew in (-30.0, 30.0):
+        found = another_worker(pipe, skew).read("k")
+        assert found is not None
+        age = found.entry.timing.age(pipe.clock() + skew)
+        assert 2.5 <= age <= 5.5, (skew, age)
 
 
 # -- forced refreshes and periodic jobs --------------------------------------------------------
@@ -332,8 +477,7 @@ def test_the_admins_refresh_fetches_even_a_fresh_entry(pipe: Pipeline) -> None:
     assert pipe.region.refresh_later(pipe.job(value="forced"))
     assert pipe.refresher.join(timeout=5)
     assert pipe.calls == ["k"]
-    raw, _ = pipe.store.gets("k")
-    assert Entry.from_wire(raw).value == "forced"
+    assert Entry.from_wire(pipe.store.get("k")).value == "forced"
 
 
 def test_a_failing_background_refresh_is_remembered_and_backs_off(pipe: Pipeline) -> None:
@@ -349,40 +493,43 @@ def test_a_failing_background_refresh_is_remembered_and_backs_off(pipe: Pipeline
     assert pipe.calls == ["k"]
 
 
-def test_an_error_record_without_its_own_end_is_ignored(pipe: Pipeline) -> None:
-    # Written without an expiry (by accident or on purpose): it must not make the key
-    # answer 502 forever.
-    pipe.store.set(error_key("k"), {"status": 502, "detail": "stuck"}, None)
-    pipe.store.set(error_key("k2"), {"status": 502, "detail": "old",
-                                     "until": pipe.clock() - 1}, None)
+def test_garbage_under_a_key_is_replaced_under_its_lease(pipe: Pipeline) -> None:
+    pipe.store.set("k", {"status": 502, "detail": "stuck"}, None)  # no entry, no record
     assert pipe.region.get_or_load(pipe.job()).value == "v"
-    assert pipe.region.get_or_load(pipe.job(key="k2")).value == "v"
-
-
-def test_a_lease_without_a_live_deadline_is_taken_over_at_once(pipe: Pipeline) -> None:
-    # A lease item written without an expiry (garbage, or past its own deadline) would
-    # otherwise make every reader wait for a holder that does not exist.
-    pipe.store.add(lease_key("k"), "garbage", None)
-    pipe.store.add(lease_key("k2"), lease_value("gone", time.time() - 60), None)
-    assert pipe.region.get_or_load(pipe.job()).value == "v"
-    assert pipe.region.get_or_load(pipe.job(key="k2")).value == "v"
-    assert pipe.calls == ["k", "k2"]
+    assert Entry.is_wire(pipe.store.get("k"))
 
 
 def test_stale_reads_do_not_ask_for_a_lease_another_worker_holds_for_a_moment(
         pipe: Pipeline) -> None:
     pipe.store_entry("k", "old", pipe.clock())
     pipe.clock.advance(15)                                   # stale
-    pipe.store.add(lease_key("k"), lease_value("another-worker", time.time() + 30), 30)
+    assert pipe.store.mset(lease_key("k"), "another-worker", 30, add=True).ok
     assert pipe.region.get_or_load(pipe.job()).status == "STALE"
     assert pipe.refresher.join(timeout=5)                    # it found the lease held
-    adds = pipe.store.calls.count("add")
+    writes = pipe.store.calls.count("ms")
     for _ in range(20):
         assert pipe.region.get_or_load(pipe.job()).status == "STALE"
     assert pipe.refresher.join(timeout=5)
-    assert pipe.store.calls.count("add") == adds             # no lease asked for again
+    assert pipe.store.calls.count("ms") == writes            # no lease asked for again
     pipe.clock.advance(1.1)                                  # the moment passed
     assert pipe.region.get_or_load(pipe.job()).status == "STALE"
     assert pipe.refresher.join(timeout=5)
-    assert pipe.store.calls.count("add") == adds + 1         # asked again, once
+    assert pipe.store.calls.count("ms") == writes + 1        # asked again, once
     assert pipe.calls == []                                  # the holder does the work
+
+
+def test_a_stale_read_never_waits_for_a_full_refresher(pipe: Pipeline) -> None:
+    gate = gevent.event.Event()
+    for i in range(5):
+        pipe.store_entry(f"k{i}", "old", pipe.clock())
+    pipe.clock.advance(15)                                   # all stale
+    for i in range(4):                                       # the pool's 4 slots, taken
+        assert pipe.region.get_or_load(pipe.job(f"k{i}", gate=gate)).status == "STALE"
+    wait_until(lambda: len(pipe.calls) == 4)
+    reader = gevent.spawn(pipe.region.get_or_load, pipe.job("k4", gate=gate))
+    try:
+        result = reader.get(timeout=5)                       # not after the others
+        assert (result.status, result.value) == ("STALE", "old")
+    finally:
+        gate.set()
+        assert pipe.refresher.join(timeout=5)

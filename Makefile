@@ -79,12 +79,14 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/mypy --strict service
 
 # The hit table, 1,000 connections, a cold key, RSS and a profile (writes docs/BENCHMARKS.md),
-# then the herd. BENCH_ARGS=--quick for a short smoke run.
+# then the herd, the drop-in, recovery and the load protocol's figures (bench/protocol.py).
+# BENCH_ARGS=--quick for a short smoke run.
 bench: $(VENV)/.installed-bench sysdeps-bench
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 	$(BIN)/python -m bench --workers 2
 	$(BIN)/python -m bench.dropin
 	$(BIN)/python -m bench.recovery
+	$(BIN)/python -m bench.protocol
 
 # Stops what `make run` started first: deleting its pid files would orphan the processes.
 clean: stop

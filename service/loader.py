@@ -37,7 +37,7 @@ from .fetching import Fetcher, Runner
 from .lease import PASS_RECORD, Claim, Leases, error_of, error_record, is_pass
 from .logs import event
 from .tiers import Found, Look, TwoTier
-from .waiting import poll_delays
+from .waiting import GiveUp, Wait, next_step, poll_delays
 
 log = logging.getLogger(__name__)
 MAX_ELSEWHERE = 10_000  # keys remembered as being refreshed by another worker
@@ -394,11 +394,14 @@ class Loader:
                 waited = True
                 metrics.lease_total.labels("waited").inc()
                 metrics.lease_waits_total.labels(job.source).inc()
-            now = self.monotonic()
-            if now >= deadline:
+            # What landed, failed or lapsed was handled above from the look itself; here
+            # the claim is still held, and the pure policy says wait or give up.
+            step = next_step(None, True, None, self.monotonic(), deadline, delays())
+            if isinstance(step, GiveUp):
                 metrics.lease_total.labels("waited_timeout").inc()
                 raise OriginTimeout("another worker's fetch did not land in time")
-            gevent.sleep(min(delays(), deadline - now))
+            assert isinstance(step, Wait)
+            gevent.sleep(step.delay)
             look = None
 
     def _acquire(self, key: str, fence: bytes | None, quiet: bool = False) -> Claim | None:

@@ -1,10 +1,10 @@
-"""The waiter's decision: what a reader does while another worker holds the lease. Pure.
+"""The waiter's decision: what a reader does while another worker holds the claim. Pure.
 
-A reader that found no usable entry and could not take the lease waits for the holder:
-it polls memcached for the entry, the lease and the holder's remembered error, and each
-observation goes through :func:`next_step`. Keeping the decision pure (no I/O, the clock
-passed in) lets the unit tests walk every branch with a fake clock; the loop that sleeps
-and reads lives in :mod:`service.loader`.
+A reader that found no usable entry and could not take the claim waits for the holder:
+it polls the key's item in memcached (the entry, the holder's failure or pass record, or
+the claim gone), and each observation goes through :func:`next_step`. Keeping the
+decision pure (no I/O, the clock passed in) lets the unit tests walk every branch with a
+fake clock; the loop that sleeps and reads lives in :mod:`service.loader`.
 
 The order of the checks is the protocol:
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -248,6 +249,35 @@ def test_slow_holder_cannot_overwrite_newer_value_across_processes(
     assert found.entry.value == newer.value     # ...and the newer value stays
     assert origin_server.count("/old") == 1
     assert origin_server.count("/new") == 1
+
+
+def test_a_paused_holder_loses_its_claim_and_its_late_write_is_fenced(
+    start_worker: StartWorker, origin_server: OriginServer, memcached: Any,
+    make_app: Callable[..., Flask]
+) -> None:
+    # SIGSTOP: the holder is alive but renews nothing (a stop-the-world pause, a frozen
+    # VM). Its claim lapses on memcached's clock; another worker wins the key and stores.
+    holder = start_worker("pause-key", 1, "/old", "--lock-lease", "2", "--fetch-timeout",
+                          "60", "--gate")
+    app = make_app(settings_for([memcached.address],
+                                refresh={"lock_lease": 2.0, "fetch_timeout": 10.0}))
+    holder.send("go")
+    holder.expect("fetched")
+    os.kill(holder.proc.pid, signal.SIGSTOP)
+    try:
+        with app.app_context():
+            newer = swr(app).region.get_or_load(
+                Job("pause-key", http_json(origin_server.url + "/new"), W, source="test"))
+    finally:
+        os.kill(holder.proc.pid, signal.SIGCONT)
+    assert (newer.status, newer.value["path"]) == ("MISS", "/new")
+    holder.send("finish")                       # the paused holder's write lands late
+    old = holder.result()
+    assert old["lease"].get("fenced") == 1      # refused: the claim's item changed
+    assert old["values"] == [newer.value]       # and its late value is not answered
+    with app.app_context():
+        found = swr(app).tiers.read_shared("pause-key")
+    assert found is not None and found.entry.value == newer.value
 
 
 # -- regressions: both of these once made the origin get two requests ----------------

@@ -15,12 +15,12 @@ import sys
 from collections.abc import Sequence
 
 from service.config import CacheSettings
-from service.entry import Entry
-from service.fastpath import Rendered
-from service.freshness import Windows
-from service.ledger import Ledger
-from service.loader import Job
-from service.tiers import LocalTier
+from service.flask.fastpath import Rendered
+from service.readpath.entry import Entry
+from service.readpath.freshness import Windows
+from service.readpath.ledger import Ledger
+from service.readpath.loader import Job
+from service.readpath.tiers import LocalTier
 
 
 def rss_mib() -> float:

@@ -17,7 +17,7 @@ from werkzeug.test import EnvironBuilder
 
 from service import create_app
 from service.config import parse_settings
-from service.fastpath import FastPath
+from service.flask.fastpath import FastPath
 
 
 def _profile(app: Any, environ: dict[str, Any], n: int, top: int) -> tuple[float, str]:

@@ -31,9 +31,9 @@ from flask_caching import Cache  # noqa: E402
 
 from service import SWR  # noqa: E402
 from service.config import parse_settings  # noqa: E402
-from service.freshness import Windows  # noqa: E402
-from service.loader import Job  # noqa: E402
-from service.state import state_of  # noqa: E402
+from service.flask.state import state_of  # noqa: E402
+from service.readpath.freshness import Windows  # noqa: E402
+from service.readpath.loader import Job  # noqa: E402
 from tests.servers import MemcachedProcess  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import gevent  # noqa: E402
 
 from service import create_app  # noqa: E402
 from service.config import parse_settings  # noqa: E402
-from service.state import state_of  # noqa: E402
+from service.flask.state import state_of  # noqa: E402
 from tests.servers import MemcachedProcess  # noqa: E402
 
 

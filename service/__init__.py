@@ -15,15 +15,15 @@ if TYPE_CHECKING:
     from .app import create_app as create_app
     from .config import Settings as Settings
     from .config import load_settings as load_settings
-    from .dropin import Cache as Cache
-    from .extension import SWR as SWR
-    from .freshness import Windows as Windows
+    from .flask.dropin import Cache as Cache
+    from .flask.extension import SWR as SWR
+    from .readpath.freshness import Windows as Windows
 
 __all__ = ["SWR", "Cache", "Settings", "Windows", "cache", "create_app", "load_settings"]
 
 _HOMES = {"cache": ".app", "create_app": ".app", "Settings": ".config",
-          "load_settings": ".config", "Cache": ".dropin", "SWR": ".extension",
-          "Windows": ".freshness"}
+          "load_settings": ".config", "Cache": ".flask.dropin", "SWR": ".flask.extension",
+          "Windows": ".readpath.freshness"}
 
 
 def __getattr__(name: str) -> Any:

@@ -8,9 +8,12 @@ from collections.abc import Callable
 
 from flask import Flask
 
-from . import admin, errors, health, logs, metrics, views
+from . import errors
+from .admin import routes as admin
 from .config import Settings, load_settings
-from .extension import SWR
+from .flask.extension import SWR
+from .http import health, views
+from .observe import logs, metrics
 
 swr = SWR()
 """The service's own :class:`~service.extension.SWR`; its state lives in each app."""
@@ -34,11 +37,12 @@ def create_app(settings: Settings | None = None, *, clock: Callable[[], float] =
     :raises ConfigError: the settings file is unusable.
     """
     settings = settings or load_settings()
+    # The ground floor is configured from above; it never reaches up for the settings.
+    logs.configure(settings.server.log_format)
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     monotonic = monotonic or (clock if clock is not time.time else time.monotonic)
     swr.init_app(app, settings, clock=clock, monotonic=monotonic)
-    logs.init_app(app)
     errors.init_app(app)
     views.init_app(app)
     admin.init_app(app)

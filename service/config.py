@@ -188,10 +188,12 @@ def _parse_refresh(r: _Reader, t: Mapping[str, Any]) -> RefreshSettings:
     r.only(t, "refresh", set(RefreshSettings.__dataclass_fields__))
     durations = {name: r.duration(t, f"refresh.{name}", getattr(d, name), positive=positive)
                  for name, positive in (("lock_lease", True), ("fetch_timeout", True),
-                                        ("error_ttl", False), ("backoff_max", True),
-                                        ("xfetch_beta", False))}
+                                        ("error_ttl", False), ("backoff_max", True))}
+    # XFetch's beta is a factor, not a duration: 0 turns early refreshes off, 1 is the
+    # paper's default, larger refreshes earlier.
+    beta = r.number(t, "refresh.xfetch_beta", d.xfetch_beta, "a factor >= 0 (1 is usual)")
     concurrency = r.integer(t, "refresh.concurrency", d.concurrency, minimum=1)
-    return RefreshSettings(concurrency=concurrency, **durations)
+    return RefreshSettings(concurrency=concurrency, xfetch_beta=beta, **durations)
 
 
 def _parse_server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
@@ -288,6 +290,15 @@ class _Reader:
         if value < minimum:
             self.fail(key, f"an integer >= {minimum}", value)
         return value
+
+    def number(self, t: Mapping[str, Any], key: str, default: float, expected: str) -> float:
+        """A finite number >= 0 that is not a duration (a factor)."""
+        leaf = key.rsplit(".", 1)[-1]
+        value = t.get(leaf, default)
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not math.isfinite(value) or value < 0):
+            self.fail(key, expected, value)
+        return float(value)
 
     def duration(self, t: Mapping[str, Any], key: str, default: float,
                  positive: bool = False) -> float:

@@ -11,6 +11,9 @@ The tree, so that callers can catch exactly what they mean::
     │   ├── CircuitOpen              the server failed recently; not asked again yet
     │   └── ItemRefused              CLIENT_ERROR about one item; the server is fine
     ├── CodecError                   bytes read from memcached are not our format
+    ├── TaskError                    a ``python`` source's function in a child process
+    │   │                            raised, died, or returned what JSON cannot carry
+    │   └── TaskTimeout              it ran past its timeout; the child was killed
     └── HTTPError                    carries an HTTP status for the client
         ├── BadRequest        400    missing or unknown parameters
         ├── NotFound          404    unknown source
@@ -64,6 +67,14 @@ class ItemRefused(CacheUnavailable):
 
 class CodecError(ServiceError):
     """Bytes read from memcached are not a value this service wrote; treated as a miss."""
+
+
+class TaskError(ServiceError):
+    """The function raised, or its result could not be sent back; the message says which."""
+
+
+class TaskTimeout(TaskError):
+    """The task ran past its timeout; its child process was killed."""
 
 
 class HTTPError(ServiceError):

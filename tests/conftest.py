@@ -68,7 +68,7 @@ def stop_app(app: Flask) -> None:
 
 
 def stop_hub_monitor() -> None:
-    """Stop the hub's blocking monitor thread (``service.monitor.start``) and its greenlet
+    """Stop the hub's blocking monitor thread (``service.observe.monitor.start``) and its greenlet
     tracer, so a test that started one leaves no thread behind."""
     hub = gevent.get_hub()
     thread = hub.periodic_monitoring_thread

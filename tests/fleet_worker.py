@@ -32,12 +32,12 @@ from typing import Any  # noqa: E402
 import gevent  # noqa: E402
 import gevent.socket  # noqa: E402
 
-from service import metrics  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.config import Settings, parse_settings  # noqa: E402
-from service.freshness import Windows  # noqa: E402
-from service.loader import Job  # noqa: E402
-from service.state import AppState, state_of  # noqa: E402
+from service.flask.state import AppState, state_of  # noqa: E402
+from service.observe import metrics  # noqa: E402
+from service.readpath.freshness import Windows  # noqa: E402
+from service.readpath.loader import Job  # noqa: E402
 
 WINDOWS = Windows(60, 600, 3600)
 SOURCE = "fleet"

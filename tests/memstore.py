@@ -1,4 +1,4 @@
-"""An in-memory stand-in for :class:`service.store.Store`, on a fake clock.
+"""An in-memory stand-in for :class:`service.memcache.store.Store`, on a fake clock.
 
 For unit tests of pure decisions (region, loader, waiter, fencing): the same operations
 and return values as the memcached store (``add`` fails when present, ``cas`` answers
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from service.errors import CacheUnavailable
-from service.store import EMPTY, MISS, Got, Stored
+from service.memcache.store import EMPTY, MISS, Got, Stored
 
 _tokens = itertools.count(1)
 

@@ -12,10 +12,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import monitor
-from service.admin import COOKIE, csrf_token
-from service.keys import digest
-from service.state import state_of
+from service.admin.routes import COOKIE, csrf_token
+from service.flask.state import state_of
+from service.memcache.keys import digest
+from service.observe import monitor
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached

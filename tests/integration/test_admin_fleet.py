@@ -10,11 +10,12 @@ import gevent
 import pytest
 from flask import Flask, jsonify, request
 
-from service import SWR, admin
-from service.freshness import Windows
-from service.loader import Job
-from service.registry import Registry, bucket_key
-from service.state import state_of
+from service import SWR
+from service.admin import routes as admin
+from service.admin.registry import Registry, bucket_key
+from service.flask.state import state_of
+from service.readpath.freshness import Windows
+from service.readpath.loader import Job
 from tests.conftest import settings_for, stop_app
 
 pytestmark = pytest.mark.memcached

@@ -19,12 +19,12 @@ from flask_caching import Cache
 from prometheus_client import REGISTRY
 
 from service import cache
-from service.backend import MemcachedCache
-from service.clients import close_pools, get_pool
 from service.config import ConfigError
-from service.flaskconfig import namespace_for
-from service.keys import memcached_key
-from service.store import MISS, Store
+from service.flask.backend import MemcachedCache
+from service.flask.flaskconfig import namespace_for
+from service.memcache.clients import close_pools, get_pool
+from service.memcache.keys import memcached_key
+from service.memcache.store import MISS, Store
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached

@@ -21,7 +21,7 @@ from flask_caching import Cache
 from flask_caching.backends import SimpleCache
 from flask_caching.backends.base import BaseCache
 
-from service.clients import close_pools
+from service.memcache.clients import close_pools
 
 pytestmark = pytest.mark.memcached
 

@@ -21,7 +21,7 @@ from flask import Flask, abort, g, jsonify, make_response, request, session
 from markupsafe import Markup
 
 from service import SWR
-from service.state import state_of
+from service.flask.state import state_of
 from tests.conftest import FakeClock, settings_for, stop_app
 
 pytestmark = pytest.mark.memcached

@@ -13,7 +13,7 @@ from flask import Flask
 
 from service import SWR
 from service import Cache as DropInCache
-from service.state import build, state_of
+from service.flask.state import build, state_of
 from tests.conftest import FakeClock, settings_for, stop_app
 
 pytestmark = pytest.mark.memcached

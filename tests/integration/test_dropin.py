@@ -14,11 +14,11 @@ import pytest
 from flask import Flask
 from flask_caching import Cache
 
-from service import metrics
-from service.backend import MemcachedCache
-from service.coalesce import Coalescer
 from service.config import RefreshSettings
-from service.lease import lease_key
+from service.flask.backend import MemcachedCache
+from service.flask.coalesce import Coalescer
+from service.observe import metrics
+from service.readpath.lease import lease_key
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.memcached
@@ -256,7 +256,7 @@ def dropin(memcached: Any, key_prefix: str, clock: FakeClock) -> Iterator[Any]:
         return ["first"]
 
     cache.init_app(app)
-    from service.state import build, state_of
+    from service.flask.state import build, state_of
 
     # The same settings, on the test's clock: one injected clock for the whole read path.
     build(app, state_of(app).settings, clock, clock)
@@ -266,7 +266,7 @@ def dropin(memcached: Any, key_prefix: str, clock: FakeClock) -> Iterator[Any]:
 
 def test_the_drop_in_cache_answers_stale_at_once_and_refreshes_in_the_background(
         dropin: Any, clock: FakeClock) -> None:
-    from service.state import state_of
+    from service.flask.state import state_of
 
     app, _cache, origin, _calls, _square, _comments = dropin
     client = app.test_client()

@@ -9,7 +9,7 @@ import pytest
 from flask import Flask, jsonify, request
 
 from service import SWR
-from service.state import state_of
+from service.flask.state import state_of
 from tests.conftest import FakeClock, settings_for, stop_app
 
 pytestmark = pytest.mark.memcached

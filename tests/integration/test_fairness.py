@@ -1,8 +1,8 @@
 """Real gunicorn with deploy/gunicorn.conf.py: a keep-alive connection whose requests are
 always already waiting must not keep the worker's other connections waiting, keep-alive
 connections must keep their turn while new connections keep arriving
-(``service.worker.post_request``), and a burst of new connections is accepted within a
-turn or two, not one turn per connection (``service.worker.accept_in_batches``)."""
+(``service.gunicorn.worker.post_request``), and a burst of new connections is accepted within a
+turn or two, not one turn per connection (``service.gunicorn.worker.accept_in_batches``)."""
 
 from __future__ import annotations
 

@@ -15,10 +15,10 @@ import pytest
 from flask import Flask, Response, jsonify, request
 from prometheus_client import REGISTRY
 
-from service import generations, keying
 from service.app import swr
-from service.fastpath import FastPath
-from service.state import state_of
+from service.flask.fastpath import FastPath
+from service.flask.state import state_of
+from service.readpath import keying
 from tests.conftest import FakeClock, settings_for
 
 pytestmark = pytest.mark.memcached
@@ -207,7 +207,7 @@ def test_memoized_routes_keys_and_headers_answer_like_flask_on_every_repeat(
     clock.advance(0.6)                                   # Age goes up by one
     compare(expect_fast=True)
     with app.test_request_context():
-        generations.bump(state_of(app), "double")   # every /v1/double key is new
+        state_of(app).generations.bump("double")   # every /v1/double key is new
     for url in ("/v1/double?x=4", "/v1/double?x=5"):     # no old-generation key served
         assert dict(send(app, True, "GET", url, {})[0][1])["X-Cache"] == "MISS"
     clock.advance(0.5)                                   # still inside l1_ttl (2 s)

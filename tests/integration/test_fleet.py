@@ -26,10 +26,10 @@ import gevent
 import pytest
 from flask import Flask
 
-from service import metrics
-from service.freshness import Windows
-from service.loader import Job
-from service.state import AppState, state_of
+from service.flask.state import AppState, state_of
+from service.observe import metrics
+from service.readpath.freshness import Windows
+from service.readpath.loader import Job
 from tests.conftest import settings_for
 from tests.servers import REPO_ROOT, OriginServer, log_tail
 

@@ -35,9 +35,9 @@ import gevent.event
 import pytest
 
 from service.config import Settings, parse_settings
-from service.keying import source_key
-from service.keys import memcached_key
-from service.state import swr_namespace
+from service.flask.state import swr_namespace
+from service.memcache.keys import memcached_key
+from service.readpath.keying import source_key
 from tests.servers import (
     GunicornFactory,
     GunicornProcess,

@@ -8,7 +8,7 @@ import gevent
 import pytest
 from flask import Flask
 
-from service.state import state_of
+from service.flask.state import state_of
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached

@@ -9,9 +9,9 @@ import gevent
 import pytest
 from flask import Flask
 
-from service.lease import PASS_RECORD, lease_key
-from service.state import AppState, state_of
-from service.store import EMPTY, MISS
+from service.flask.state import AppState, state_of
+from service.memcache.store import EMPTY, MISS
+from service.readpath.lease import PASS_RECORD, lease_key
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached

@@ -17,9 +17,9 @@ import gevent.event
 import pytest
 from flask import Flask
 
-from service.freshness import Windows
-from service.loader import Job
-from service.state import state_of
+from service.flask.state import state_of
+from service.readpath.freshness import Windows
+from service.readpath.loader import Job
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached

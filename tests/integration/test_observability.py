@@ -13,10 +13,10 @@ import gevent.events
 import pytest
 from gevent import monkey
 
-from service import logs, metrics, monitor
-from service.freshness import Windows
-from service.loader import Job
-from service.state import state_of
+from service.flask.state import state_of
+from service.observe import logs, metrics, monitor
+from service.readpath.freshness import Windows
+from service.readpath.loader import Job
 from tests.conftest import settings_for, stop_hub_monitor
 
 
@@ -90,7 +90,7 @@ def test_a_blocked_hub_is_counted_and_logged_with_its_stack(
     for record in reported:
         assert record.blocking_time == pytest.approx(0.1)
         assert "block_the_hub_until_reported" in record.stack, (
-            "the logged stack does not show the call that blocked the hub (service.monitor "
+            "the logged stack does not show the call that blocked the hub (service.observe.monitor "
             "keeps the tail of gevent's report, where the greenlet tree is, not its head, "
             "where the blocked stack is); logged:\n" + record.stack[:2000]
         )

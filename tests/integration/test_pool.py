@@ -12,7 +12,9 @@ import gevent.event
 import pytest
 from flask import Flask, g
 
-from service.clients import (
+from service.config import CacheSettings
+from service.errors import CacheUnavailable, PoolTimeout
+from service.memcache.clients import (
     ClientPool,
     Connection,
     borrow,
@@ -21,9 +23,7 @@ from service.clients import (
     get_pool,
     pool_for,
 )
-from service.config import CacheSettings
-from service.errors import CacheUnavailable, PoolTimeout
-from service.store import Store
+from service.memcache.store import Store
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached

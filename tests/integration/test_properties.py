@@ -12,8 +12,8 @@ from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.entry import MARKER
-from service.state import state_of
+from service.flask.state import state_of
+from service.readpath.entry import MARKER
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from service.entry import Entry
-from service.freshness import Windows
-from service.loader import Job
-from service.state import state_of
+from service.flask.state import state_of
+from service.readpath.entry import Entry
+from service.readpath.freshness import Windows
+from service.readpath.loader import Job
 from tests import sources_fixtures
 from tests.conftest import FakeClock, settings_for
 
@@ -135,7 +135,7 @@ def test_an_invalidation_survives_a_restart_of_the_server_with_the_generation(
 
     holder.restart()                                  # again, seen by a worker that
     pool.breakers[gen_server].record_success()
-    state_of(app).extra["generations"].clear()        # knows no generation (a new one)
+    state_of(app).generations.forget_known()          # knows no generation (a new one)
     again = {i: client.get(f"/v1/items?id={i}") for i in range(16)}
     # It starts afresh: every entry is fetched anew, none from before comes back.
     assert all(a.headers["X-Cache"] == "MISS" for a in again.values())
@@ -253,7 +253,7 @@ def test_a_hostile_envelope_is_replaced_not_rendered(
 
 
 def test_the_table_of_failing_keys_is_bounded(make_app: Any, memcached: Any) -> None:
-    from service import refresher as refresher_module
+    from service.readpath import refresher as refresher_module
 
     app: Flask = make_app(settings_for([memcached.address]))
     state = state_of(app)
@@ -272,7 +272,7 @@ def test_the_table_of_failing_keys_is_bounded(make_app: Any, memcached: Any) -> 
 
 def test_readyz_answers_503_once_the_worker_is_told_to_stop(
         make_app: Any, memcached: Any) -> None:
-    from service.worker import readiness_off
+    from service.gunicorn.worker import readiness_off
 
     app: Flask = make_app(settings_for([memcached.address]))
     client = app.test_client()
@@ -298,9 +298,9 @@ def test_a_trickling_origin_is_cut_at_fetch_timeout(
 @pytest.mark.parametrize("record", ["claim", "error", "lease"])
 def test_a_claim_or_record_without_expiry_heals_with_one_fetch(
         memcached: Any, make_app: Any, record: str) -> None:
-    from service import codec
     from service.errors import OriginError
-    from service.lease import error_record, lease_key
+    from service.memcache import codec
+    from service.readpath.lease import error_record, lease_key
 
     app: Flask = make_app(settings_for([memcached.address], refresh={"lock_lease": 2}))
     state = state_of(app)

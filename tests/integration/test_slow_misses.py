@@ -19,8 +19,8 @@ import pytest
 from flask import Flask
 
 from service.app import swr
-from service.clients import close_pools
-from service.state import state_of
+from service.flask.state import state_of
+from service.memcache.clients import close_pools
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached

@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service.state import AppState, state_of
+from service.flask.state import AppState, state_of
 from tests.conftest import FakeClock, settings_for
 from tests.servers import free_port, process_state
 

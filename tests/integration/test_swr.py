@@ -15,9 +15,9 @@ import pytest
 from flask import Flask
 
 from service.errors import OriginError, OriginTimeout
-from service.freshness import Windows
-from service.loader import Job
-from service.state import AppState, state_of
+from service.flask.state import AppState, state_of
+from service.readpath.freshness import Windows
+from service.readpath.loader import Job
 from tests.conftest import FakeClock, settings_for
 
 pytestmark = pytest.mark.memcached

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from service import metrics
-from service.state import AppState, state_of
-from service.store import MISS
+from service.flask.state import AppState, state_of
+from service.memcache.store import MISS
+from service.observe import metrics
 from tests.conftest import settings_for
 from tests.servers import MemcachedFactory, TwemproxyFactory, TwemproxyProcess
 
@@ -110,7 +110,7 @@ def test_counters_through_the_proxy(cache: AppState) -> None:
 def test_lease_release_falls_back_once_without_opening_the_circuit(
     cache: AppState, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="service.store")
+    caplog.set_level(logging.WARNING, logger="service.memcache.store")
     ms_before = calls("ms")
     leases = cache.leases
     for round_ in range(5):

@@ -1,4 +1,4 @@
-"""``service.acceptor``: a gevent worker accepts every waiting connection each turn of its
+"""``service.gunicorn.acceptor``: a gevent worker accepts every waiting connection each turn of its
 loop (gunicorn's one per turn is ignored), and a worker busier than another live one
 leaves the waiting connections to it for a moment; other workers and servers are left
 alone."""
@@ -19,7 +19,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 from gunicorn.workers import ggevent
 
-from service.acceptor import (
+from service.gunicorn.acceptor import (
     ACCEPT_PER_TURN,
     SLOTS,
     BatchAcceptServer,
@@ -93,7 +93,7 @@ def test_a_slot_left_by_a_killed_worker_is_claimed_again(tmp_path: Path) -> None
 
 
 def test_boards_of_masters_that_are_gone_are_swept(tmp_path: Path) -> None:
-    from service.acceptor import board_path, sweep
+    from service.gunicorn.acceptor import board_path, sweep
 
     gone, live = tmp_path / f"swr-accept-{gone_pid()}", tmp_path / f"swr-accept-{os.getpid()}"
     other = tmp_path / "swr-accept-notes"

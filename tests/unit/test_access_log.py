@@ -1,4 +1,4 @@
-"""The shipped access logger (service.accesslog, named by deploy/gunicorn.conf.py) writes
+"""The shipped access logger (service.gunicorn.accesslog, named by deploy/gunicorn.conf.py) writes
 exactly gunicorn's lines, and gunicorn's master can load it without importing Flask.
 
 ``BufferedAccessLogger.access`` computes only the atoms a format uses and appends the
@@ -28,7 +28,7 @@ import pytest
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
 
-from service import accesslog
+from service.gunicorn import accesslog
 
 CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
 NOW = "[29/Nov/2026:00:00:00 +0000]"
@@ -65,7 +65,7 @@ def test_the_shipped_config_names_the_logger(conf: dict[str, Any]) -> None:
 def test_the_master_loads_it_without_the_app() -> None:
     """gunicorn imports ``logger_class`` in the master: nothing that must wait for gevent's
     patch in the worker (Flask, the app, urllib3 and its ssl) may come with it."""
-    code = ("import sys, service.accesslog; "
+    code = ("import sys, service.gunicorn.accesslog; "
             "print(sorted(m for m in ('flask', 'gevent', 'urllib3', 'ssl', 'werkzeug', "
             "'pymemcache', 'service.app', 'prometheus_client') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

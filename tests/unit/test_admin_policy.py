@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from service.adminentries import Filters
-from service.adminstats import percentiles
-from service.freshness import Windows
-from service.loader import Job
-from service.registry import expired, kind_of, merge_records, valid_record
+from service.admin.entries import Filters
+from service.admin.registry import expired, kind_of, merge_records, valid_record
+from service.admin.stats import percentiles
+from service.readpath.freshness import Windows
+from service.readpath.loader import Job
 
 
 def rec(key: str, t: float, outcome: str = "ok", **extra: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The circuit breaker's decisions, with a fake clock."""
 
-from service.breaker import CircuitBreaker
+from service.memcache.breaker import CircuitBreaker
 
 
 def test_opens_after_consecutive_failures_only() -> None:

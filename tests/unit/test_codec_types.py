@@ -25,8 +25,8 @@ import pytest
 from flask import Response
 from markupsafe import Markup
 
-from service import codec
 from service.errors import CodecError
+from service.memcache import codec
 
 
 def _zone(key: str) -> ZoneInfo | None:

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from service.backend import flask_caching_config
 from service.config import FLASK_CONFIG, CacheSettings, ConfigError, parse_settings
-from service.flaskconfig import library_settings, namespace_for, settings_from_flask
+from service.flask.backend import flask_caching_config
+from service.flask.flaskconfig import library_settings, namespace_for, settings_from_flask
 
 
 @pytest.fixture(autouse=True)

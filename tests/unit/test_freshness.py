@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from service.freshness import (
+from service.readpath.freshness import (
     Action,
     State,
     Timing,

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from flask import Response
 
-from service import codec
 from service.errors import CodecError
-from service.keys import MAX_KEY_LENGTH, memcached_key
+from service.memcache import codec
+from service.memcache.keys import MAX_KEY_LENGTH, memcached_key
 
 ODD_KEYS = [
     "plain", "with space", "cr\rlf\n", "nul\x00byte", "tab\tkey", "ünïcödé ключ 键",

@@ -8,7 +8,8 @@ from pymemcache.exceptions import (
 )
 
 from service.errors import OriginError, OriginTimeout
-from service.lease import (
+from service.memcache.meta import Reply, parse_status
+from service.readpath.lease import (
     PASS_RECORD,
     error_of,
     error_record,
@@ -18,7 +19,6 @@ from service.lease import (
     new_token,
     renew_every,
 )
-from service.meta import Reply, parse_status
 
 
 def test_renewal_leaves_room_for_two_failed_renewals() -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from service.entry import Entry
-from service.freshness import Windows
-from service.tiers import ENTRY_OVERHEAD, LocalTier
+from service.readpath.entry import Entry
+from service.readpath.freshness import Windows
+from service.readpath.tiers import ENTRY_OVERHEAD, LocalTier
 
 W = Windows(60)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service import logs
+from service.observe import logs
 
 STANDARD = ("ts", "level", "logger", "pid", "msg")
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from service import metrics
-from service.metrics import Buffered
+from service.observe import metrics
+from service.observe.metrics import Buffered
 
 
 @pytest.fixture

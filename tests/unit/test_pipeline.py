@@ -14,17 +14,17 @@ import pytest
 from flask import Flask
 
 from service.config import RefreshSettings
-from service.entry import Entry
 from service.errors import OriginError
-from service.freshness import Windows
-from service.lease import PASS_RECORD, Leases, error_of, error_record, is_pass, lease_key
-from service.ledger import Ledger
-from service.loader import UNCACHEABLE, Job, Loader
-from service.refresher import Refresher
-from service.region import Region
-from service.state import in_app_context
-from service.store import EMPTY
-from service.tiers import FORGOT, LocalTier, TwoTier
+from service.flask.state import in_app_context
+from service.memcache.store import EMPTY
+from service.readpath.entry import Entry
+from service.readpath.freshness import Windows
+from service.readpath.lease import PASS_RECORD, Leases, error_of, error_record, is_pass, lease_key
+from service.readpath.ledger import Ledger
+from service.readpath.loader import UNCACHEABLE, Job, Loader
+from service.readpath.refresher import Refresher
+from service.readpath.region import Region
+from service.readpath.tiers import FORGOT, LocalTier, TwoTier
 from tests.conftest import FakeClock
 from tests.memstore import MemoryStore
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.errors import OriginError
-from service.waiting import GiveUp, Raise, Serve, TakeOver, Wait, next_step, poll_delays
+from service.readpath.waiting import GiveUp, Raise, Serve, TakeOver, Wait, next_step, poll_delays
 
 ENTRY = object()
 ERROR = OriginError("origin down")

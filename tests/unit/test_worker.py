@@ -1,4 +1,4 @@
-"""``service.worker.post_request``: after a keep-alive response, a gevent worker's
+"""``service.gunicorn.worker.post_request``: after a keep-alive response, a gevent worker's
 connection greenlet lets everything else that is ready run first."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 import gevent
 
-from service.worker import next_turn, post_request
+from service.gunicorn.worker import next_turn, post_request
 
 
 class Response:
@@ -71,7 +71,7 @@ def test_the_turn_comes_back_even_when_the_loop_is_never_idle() -> None:
 def test_the_objects_a_worker_loaded_are_kept_out_of_full_collections() -> None:
     import gc
 
-    from service.worker import freeze_startup_objects
+    from service.gunicorn.worker import freeze_startup_objects
 
     loaded = object.__new__(Response)          # something the worker made before serving
     try:

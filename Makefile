@@ -76,7 +76,7 @@ test: $(VENV)/.installed-dev sysdeps-test
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check service tests bench examples wsgi.py deploy
-	$(BIN)/mypy --strict service
+	$(BIN)/mypy --strict service tests/memstore.py
 
 # The hit table, 1,000 connections, a cold key, RSS and a profile (writes docs/BENCHMARKS.md),
 # then the herd, the drop-in, recovery and the load protocol's figures (bench/protocol.py).

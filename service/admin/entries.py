@@ -43,7 +43,7 @@ from ..memcache.keys import digest
 from ..memcache.store import MISS
 from ..readpath.entry import Entry
 from ..readpath.freshness import Timing, Windows, state
-from ..readpath.lease import holder_of, lease_key
+from ..readpath.lease import holder_of
 from .install import registry_of
 from .registry import Record, kind_of
 
@@ -130,7 +130,7 @@ def _rows(st: AppState, recs: list[Record], now: float) -> list[dict[str, Any]]:
     keys = [r["k"] for r in recs]
     try:
         meta = probe(st, keys)
-        leases = st.store.get_many(lease_key(k) for k in keys)
+        leases = st.leases.leases.get_many(keys)
         unsure = [r["k"] for r in recs if meta.get(r["k"]) is not None
                   and not _agrees(r, meta[r["k"]][1], now)]
         read = st.store.get_many(unsure) if unsure else {}
@@ -148,7 +148,7 @@ def _rows(st: AppState, recs: list[Record], now: float) -> list[dict[str, Any]]:
         in_mc = key in meta
         if not in_mc and local is not None and not reachable:
             entry, size = local.entry, len(local.blob)
-        lease = leases.get(lease_key(key))
+        lease = leases.get(key)
         if in_mc and entry is not None:
             status = state(entry.timing, now).value
         elif rec["o"] == "invalidated":

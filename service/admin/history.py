@@ -44,7 +44,7 @@ COUNTERS = ("hit", "stale", "miss", "refresh_ok", "refresh_failed", "lease_waits
 
 
 def slot_key(minute: int) -> str:
-    return f"history\x00{minute % MINUTES}"
+    return f"minute:{minute % MINUTES}"
 
 
 def _sum(metric: Any, label: str | None = None, values: tuple[str, ...] = ()

@@ -18,9 +18,10 @@ def install(st: AppState) -> None:
     """Install the registry and the reporter in ``st``, once."""
     if "registry" in st.extra:
         return
-    registry = st.extra["registry"] = Registry(st.store, st.tiers.local, st.clock)
+    registry = st.extra["registry"] = Registry(st.store.child("registry"), st.tiers.local,
+                                               st.clock)
     st.ledger.registry = registry
-    history = st.extra["history"] = History(st.store, st.clock, registry)
+    history = st.extra["history"] = History(st.store.child("history"), st.clock, registry)
     st.refresher.register(history.job, history.every, history.report)
 
 

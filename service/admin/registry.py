@@ -61,8 +61,8 @@ HUB_KEPT = 20
 FORGET_AFTER = 3600.0
 # A registry item not written for this long expires (its entries are long gone too).
 REGISTRY_TTL = 7 * 86400.0
-ERRORS_KEY = "registry\x00errors"
-HUB_KEY = "registry\x00hub"
+ERRORS_KEY = "errors"
+HUB_KEY = "hub"
 ENTRY_FIELDS = ("sa", "w", "etag", "z", "f")
 
 COMPLETENESS = (
@@ -85,7 +85,7 @@ def bucket_of(key: str, buckets: int) -> int:
 
 
 def bucket_key(index: int) -> str:
-    return f"registry\x00{index}"
+    return f"bucket:{index}"
 
 
 def kind_of(job: Job) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from operator import methodcaller
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import gevent
 from pymemcache.client.base import Client
@@ -156,6 +156,43 @@ def _counter_bytes(data: bytes) -> bytes | None:
     return digits if digits.isdigit() and len(digits) <= 20 else None
 
 
+class KeyValue(Protocol):
+    """What the read path needs of a store: :class:`Store` over memcached, or the
+    in-memory stand-in of the unit tests (``tests/memstore.py``), which one contract
+    suite runs side by side with this one (``tests/integration/test_store_contract.py``)."""
+
+    def key(self, key: str) -> bytes: ...
+
+    def child(self, family: str, follow: bool = False) -> KeyValue: ...
+
+    def get(self, key: str) -> Any: ...
+
+    def gets(self, key: str) -> tuple[Any, bytes | None]: ...
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]: ...
+
+    def set(self, key: str, value: Any, ttl: float | None = None) -> bool: ...
+
+    def add(self, key: str, value: Any, ttl: float | None = None) -> bool: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def incr(self, key: str, delta: int = 1) -> int | None: ...
+
+    def add_counter(self, key: str, initial: int = 0) -> bool: ...
+
+    def get_counter(self, key: str) -> int | None: ...
+
+    def mget(self, key: str, vivify: float | None = None) -> Got: ...
+
+    def mset(self, key: str, value: Any, ttl: float | None, cas: bytes | None = None,
+             add: bool = False) -> Stored: ...
+
+    def mdelete(self, key: str, cas: bytes | None = None) -> str: ...
+
+    def touch_if(self, key: str, cas: bytes | None, ttl: float) -> bool: ...
+
+
 class Store:
     """Typed memcached operations for one namespace.
 
@@ -166,12 +203,32 @@ class Store:
     :raises ValueError: an illegal namespace.
     """
 
-    def __init__(self, pool: ClientPool, namespace: str, item_size_max: int) -> None:
+    def __init__(self, pool: ClientPool, namespace: str, item_size_max: int,
+                 follows: Store | None = None) -> None:
         if not _NAMESPACE_RE.match(namespace):
             raise ValueError(f"namespace {namespace!r}: use 1-64 of A-Z a-z 0-9 . - _")
         self.pool = pool
         self.namespace = namespace
+        self.item_size_max = item_size_max
         self.chunk_size = max(1024, item_size_max - _ITEM_OVERHEAD)
+        self._follows = follows
+
+    def child(self, family: str, follow: bool = False) -> Store:
+        """The store of one family of keys beside this store's own (leases, invalidation
+        marks, counters, generations, the admin's records): its own namespace
+        (``<namespace>.<family>``), so no caller spells a family into a key, and no key of
+        this store (a public one, say) can ever name a key of the family.
+
+        :param follow: a key of the family lives on the server of the same key of this
+            store (a lease and its entry, on one server: one of them never outlives the
+            other's server alone).
+        """
+        return Store(self.pool, f"{self.namespace}.{family}", self.item_size_max,
+                     follows=self if follow else None)
+
+    def _home(self, key: str, mkey: bytes) -> bytes:
+        """The memcached key whose server holds ``key``."""
+        return self._follows.key(key) if self._follows is not None else mkey
 
     def key(self, key: str) -> bytes:
         """The memcached key of ``key`` in this namespace."""
@@ -190,7 +247,8 @@ class Store:
 
     def _gets(self, conn: Connection, key: str) -> tuple[Any, bytes | None]:
         mkey = self.key(key)
-        data, token = conn.call(conn.server_for(mkey), "gets", lambda c: c.gets(mkey))
+        data, token = conn.call(conn.server_for(self._home(key, mkey)), "gets",
+                                lambda c: c.gets(mkey))
         if data is None:
             return MISS, None
         return self._decode(key, data, conn), token
@@ -200,7 +258,10 @@ class Store:
         by_mkey = {self.key(k): k for k in keys}
         found: dict[str, Any] = {}
         with borrow(self.pool) as conn:
-            for server, mkeys in conn.by_server(by_mkey).items():
+            groups: dict[str, list[bytes]] = {}
+            for mkey, key in by_mkey.items():
+                groups.setdefault(conn.server_for(self._home(key, mkey)), []).append(mkey)
+            for server, mkeys in groups.items():
                 raw: dict[bytes, bytes] = conn.call(server, "get_many",
                                                     methodcaller("get_many", mkeys))
                 for mkey, data in raw.items():
@@ -343,7 +404,7 @@ class Store:
 
     # -- meta commands: reads that claim, fenced writes ----------------------------------
 
-    def mget(self, key: str, vivify: float | None = None, route: str | None = None) -> Got:
+    def mget(self, key: str, vivify: float | None = None) -> Got:
         """Read ``key`` with its CAS and remaining TTL; with ``vivify`` (seconds), a miss
         creates an empty item living that long and this call alone wins it.
 
@@ -351,12 +412,11 @@ class Store:
         classic equivalent (``gets``; on a miss ``add`` of an empty item, then ``gets``
         for its token) gives the same guarantee: exactly one caller wins.
 
-        :param route: a key whose server to use (a lease lives with its entry).
         :raises CacheUnavailable: memcached could not be asked.
         """
         mkey = self.key(key)
         with borrow(self.pool) as conn:
-            server = conn.server_for(self.key(route) if route else mkey)
+            server = conn.server_for(self._home(key, mkey))
 
             def classic() -> Got:
                 data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
@@ -380,7 +440,7 @@ class Store:
             return Got(self._raw(key, reply.data, conn), reply.cas, reply.ttl, reply.won)
 
     def mset(self, key: str, value: Any, ttl: float | None, cas: bytes | None = None,
-             add: bool = False, route: str | None = None) -> Stored:
+             add: bool = False) -> Stored:
         """Store ``value``: only while the item still has ``cas`` when given (the fence:
         ``EX`` when it changed, ``NF`` when it is gone; never turned into an add), only
         if absent with ``add``. ``value`` may be :data:`EMPTY` (a claim).
@@ -391,7 +451,7 @@ class Store:
         data = b"" if value is EMPTY else self._encode(value)
         with borrow(self.pool) as conn:
             mkey, data = self._prepare(conn, key, data, ttl)
-            server = conn.server_for(self.key(route) if route else mkey)
+            server = conn.server_for(self._home(key, mkey))
             exp = expire_time(ttl)
 
             def classic() -> Stored:
@@ -414,7 +474,7 @@ class Store:
                 return reply
             return Stored(reply.code.decode("ascii"), reply.cas if reply.code == b"HD" else None)
 
-    def mdelete(self, key: str, cas: bytes | None = None, route: str | None = None) -> str:
+    def mdelete(self, key: str, cas: bytes | None = None) -> str:
         """Delete ``key``, only while it still has ``cas`` when given: ``"HD"`` deleted,
         ``"EX"`` changed since, ``"NF"`` already gone.
 
@@ -422,7 +482,7 @@ class Store:
         """
         mkey = self.key(key)
         with borrow(self.pool) as conn:
-            server = conn.server_for(self.key(route) if route else mkey)
+            server = conn.server_for(self._home(key, mkey))
 
             def classic() -> str:
                 if cas is None:

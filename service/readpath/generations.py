@@ -8,7 +8,7 @@ age out of memcached (and out of each worker's local tier) on their own.
 
 A family is named by a string: a source's name (``[A-Za-z0-9_-]``) or ``fn:`` and a
 function's name, so the two kinds never share a counter. The counter lives in memcached
-under ``gen\\x00FAMILY`` (the store makes it a valid memcached key).
+in the store's ``gen`` family (:meth:`Store.child`).
 
 Each worker reads a generation from memcached at most once per ``l1_ttl``: a bump
 reaches the worker that made it at once and every other worker and host within
@@ -21,17 +21,13 @@ import os
 from collections.abc import Callable
 
 from ..errors import CacheUnavailable
-from ..memcache.store import Store
+from ..memcache.store import KeyValue
 
 
 def function_family(name: str) -> str:
     """The family of a memoized function's keys (``name`` as :mod:`service.readpath.keying`
     makes it: module and qualified name)."""
     return f"fn:{name}"
-
-
-def _key(family: str) -> str:
-    return f"gen\x00{family}"
 
 
 def _random_start() -> int:
@@ -46,8 +42,8 @@ class Generations:
     :param monotonic: the clock of ``l1_ttl``.
     """
 
-    def __init__(self, store: Store, l1_ttl: float, monotonic: Callable[[], float]) -> None:
-        self.store = store
+    def __init__(self, store: KeyValue, l1_ttl: float, monotonic: Callable[[], float]) -> None:
+        self.store = store.child("gen")   # one counter per family, in a family of its own
         self.l1_ttl = l1_ttl
         self.monotonic = monotonic
         # family -> (generation, monotonic time it was read)
@@ -77,7 +73,7 @@ class Generations:
         if cached is not None and now - cached[1] < self.l1_ttl:
             return cached[0]
         try:
-            value = self.store.get_counter(_key(family))
+            value = self.store.get_counter(family)
             if value is None:
                 value = self._restart(family)
         except CacheUnavailable:
@@ -99,7 +95,7 @@ class Generations:
         entry of the family is computed anew: a lost counter costs misses, never an
         invalidation. ``add`` makes the workers agree on one number.
         """
-        key = _key(family)
+        key = family
         start = _random_start()
         self.store.add_counter(key, start)
         return self.store.get_counter(key) or start
@@ -110,7 +106,7 @@ class Generations:
 
         :raises CacheUnavailable: memcached could not be asked (nothing was invalidated).
         """
-        key = _key(family)
+        key = family
         value = self.store.incr(key)
         if value is None:
             self._restart(family)

@@ -38,20 +38,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import HTTPError, OriginError, OriginTimeout
-from ..memcache.store import EMPTY, MISS, Store
+from ..memcache.store import EMPTY, MISS, KeyValue
 from ..observe import metrics
 from ..observe.logs import event
 
 log = logging.getLogger(__name__)
 
-LEASE = "lease\x00"
-"""The family of refresh leases in the SWR store (see :func:`lease_key`)."""
 FAILED = "\x00failed"
 PASS = "\x00pass"
-
-
-def lease_key(key: str) -> str:
-    return LEASE + key
 
 
 def new_token(host: str | None = None, pid: int | None = None) -> str:
@@ -141,8 +135,10 @@ class Leases:
     :param lock_lease: seconds a claim lives unless its holder renews it.
     """
 
-    def __init__(self, store: Store, lock_lease: float) -> None:
+    def __init__(self, store: KeyValue, lock_lease: float) -> None:
         self.store = store
+        # Refresh leases: a family of their own, each on its entry's server.
+        self.leases = store.child("lease", follow=True)
         self.lock_lease = lock_lease
         self.expiry = item_lifetime(lock_lease)
         self.token = new_token()
@@ -153,13 +149,12 @@ class Leases:
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        stored = self.store.mset(lease_key(key), self.token, self.expiry, add=True,
-                                 route=key)
+        stored = self.leases.mset(key, self.token, self.expiry, add=True)
         if not stored.ok:
             metrics.lease_total.labels("contended").inc()
             return None
         metrics.lease_total.labels("acquired").inc()
-        return Claim(key, fence, stored.cas or self._cas_of(lease_key(key), key))
+        return Claim(key, fence, stored.cas or self._cas_of(key))
 
     def take_over(self, key: str, fence: bytes | None, records: bool = True
                   ) -> tuple[Claim | None, Any]:
@@ -170,20 +165,19 @@ class Leases:
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        got = self.store.mget(lease_key(key), route=key)
+        got = self.leases.mget(key)
         if got.cas is None:
             return None, got.value
         record = error_of(got.value) or is_pass(got.value)
         if got.ttl != -1 and not (records and record):
             return None, got.value
-        stored = self.store.mset(lease_key(key), self.token, self.expiry, cas=got.cas,
-                                 route=key)
+        stored = self.leases.mset(key, self.token, self.expiry, cas=got.cas)
         if not stored.ok:
             return None, got.value
         metrics.lease_total.labels("acquired").inc()
         if got.ttl == -1:
             metrics.lease_total.labels("dead_removed").inc()
-        return Claim(key, fence, stored.cas or self._cas_of(lease_key(key), key)), None
+        return Claim(key, fence, stored.cas or self._cas_of(key)), None
 
     def lease_record(self, key: str) -> Any:
         """What holds ``key``'s refresh lease: the holder's name, an error or pass record,
@@ -191,7 +185,7 @@ class Leases:
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        return self.store.mget(lease_key(key), route=key).value
+        return self.leases.mget(key).value
 
     def renew(self, claim: Claim) -> bool:
         """Extend ``claim`` by ``lock_lease``; ``False`` (counted as lost) when it is no
@@ -202,11 +196,11 @@ class Leases:
         if claim.cold:
             ok = self.store.touch_if(claim.key, claim.fence, self.expiry)
         else:
-            stored = self.store.mset(lease_key(claim.key), self.token, self.expiry,
-                                     cas=claim.lease_cas, route=claim.key)
+            stored = self.leases.mset(claim.key, self.token, self.expiry,
+                                      cas=claim.lease_cas)
             ok = stored.ok
             if ok:
-                claim.lease_cas = stored.cas or self._cas_of(lease_key(claim.key), claim.key)
+                claim.lease_cas = stored.cas or self._cas_of(claim.key)
         if not ok:
             metrics.lease_total.labels("lost").inc()
             event(log, logging.WARNING, "lease_lost", "claim lost while fetching",
@@ -221,7 +215,7 @@ class Leases:
         if claim.cold:
             code = self.store.mdelete(claim.key, claim.fence)
         else:
-            code = self.store.mdelete(lease_key(claim.key), claim.lease_cas, route=claim.key)
+            code = self.leases.mdelete(claim.key, claim.lease_cas)
         metrics.lease_total.labels("released" if code == "HD" else "expired").inc()
         return code == "HD"
 
@@ -234,8 +228,7 @@ class Leases:
         if claim.cold:
             stored = self.store.mset(claim.key, record, ttl, cas=claim.fence)
         else:
-            stored = self.store.mset(lease_key(claim.key), record, ttl,
-                                     cas=claim.lease_cas, route=claim.key)
+            stored = self.leases.mset(claim.key, record, ttl, cas=claim.lease_cas)
         return stored.ok
 
     def holder(self, key: str) -> str | None:
@@ -249,7 +242,7 @@ class Leases:
             return value
         return "?" if self.store.mget(key).value is EMPTY else None
 
-    def _cas_of(self, key: str, route: str) -> bytes | None:
+    def _cas_of(self, key: str) -> bytes | None:
         # Through a proxy without meta commands a write does not say its new CAS.
-        got = self.store.mget(key, route=route)
+        got = self.leases.mget(key)
         return got.cas if got.value is not MISS else None

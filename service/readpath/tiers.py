@@ -28,7 +28,7 @@ from typing import Any
 
 from ..errors import CacheUnavailable, CodecError, HTTPError
 from ..memcache import codec
-from ..memcache.store import EMPTY, MISS, Got, Store
+from ..memcache.store import EMPTY, MISS, Got, KeyValue
 from ..observe import metrics
 from .entry import Entry
 from .lease import Claim, error_of, is_pass
@@ -45,7 +45,6 @@ LARGEST_FRACTION = 8
 # How long an invalidation's mark stays in memcached (see TwoTier.epoch): memcached's
 # longest relative expiry, so it outlives any copy a stale-if-error window still allows.
 FORGOTTEN_TTL = 30 * 24 * 3600.0
-FORGOT = "forgot\x00"
 # How far (seconds) a writer's stamp may stray from the age memcached's own clock gives an
 # entry before the server's figure wins: memcached counts TTLs in whole seconds.
 AGE_SLACK = 1.5
@@ -179,7 +178,7 @@ class TwoTier:
         which moves where memcached's cannot follow, has ``server_ages = False``).
     """
 
-    def __init__(self, store: Store, local: LocalTier, l1_ttl: float,
+    def __init__(self, store: KeyValue, local: LocalTier, l1_ttl: float,
                  monotonic: Callable[[], float],
                  clock: Callable[[], float] = time.time,
                  server_ages: bool | None = None) -> None:
@@ -188,6 +187,8 @@ class TwoTier:
         self.l1_ttl = l1_ttl
         self.monotonic = monotonic
         self.clock = clock
+        # Invalidation epochs: a family of their own, each on its entry's server.
+        self.marks = store.child("forgot", follow=True)
         if server_ages is None:
             server_ages = bool(getattr(clock, "server_ages", True))
         self.server_ages = server_ages
@@ -320,7 +321,7 @@ class TwoTier:
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        mark = self.store.mget(FORGOT + key, route=key).value
+        mark = self.marks.mget(key).value
         return mark if isinstance(mark, str) else ""
 
     def read_shared(self, key: str) -> Found | None:
@@ -374,5 +375,5 @@ class TwoTier:
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        self.store.mset(FORGOT + key, os.urandom(8).hex(), FORGOTTEN_TTL, route=key)
+        self.marks.mset(key, os.urandom(8).hex(), FORGOTTEN_TTL)
         self.store.mdelete(key)

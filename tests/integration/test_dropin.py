@@ -18,7 +18,6 @@ from service.config import RefreshSettings
 from service.flask.backend import MemcachedCache
 from service.flask.coalesce import Coalescer
 from service.observe import metrics
-from service.readpath.lease import lease_key
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.memcached
@@ -143,7 +142,7 @@ def test_a_failed_recompute_gives_the_lease_back_and_stale_if_error_serves(
     assert {r.data for r in (app.test_client().get("/report") for _ in range(5))} == {
         b"report #1"}
     assert origin.calls == 2
-    backend.store.mdelete(lease_key("view//report"))   # as error_ttl running out would
+    backend.herd.leases.leases.mdelete("view//report")  # as error_ttl running out would
     origin.fail = False
     assert app.test_client().get("/report").data == b"report #3"
 

@@ -72,7 +72,7 @@ class Fleet:
                              source_key("item", self.generation(), {"id": item}))
 
     def generation(self) -> int:
-        gkey = memcached_key(swr_namespace(self.settings), "gen\x00item")
+        gkey = memcached_key(swr_namespace(self.settings) + ".gen", "item")
         for server in self.servers:
             found = server.raw_get(gkey) if server.is_running() else None
             if found is not None:
@@ -259,7 +259,7 @@ def test_a_memcached_killed_mid_run(fleet: Fleet,
     # Not the server with the source's generation counter: losing that forgets every key
     # of the source at once (misses, never an invalidation undone: test_reliability),
     # which is another scenario than entries lost with their node.
-    gkey = memcached_key(swr_namespace(fleet.settings), "gen\x00item")
+    gkey = memcached_key(swr_namespace(fleet.settings) + ".gen", "item")
     counting = Counter(server for server in placement.values()
                        if server is not None and server.raw_get(gkey) is None)
     victim = counting.most_common(1)[0][0]

@@ -11,7 +11,7 @@ from flask import Flask
 
 from service.flask.state import AppState, state_of
 from service.memcache.store import EMPTY, MISS
-from service.readpath.lease import PASS_RECORD, lease_key
+from service.readpath.lease import PASS_RECORD
 from tests.conftest import settings_for
 
 pytestmark = pytest.mark.memcached
@@ -57,7 +57,7 @@ def test_only_one_refresh_lease_and_only_its_owner_gives_it_back(cache: AppState
     assert cache.leases.release(first)
     second = cache.leases.acquire("k", None)          # nothing lingers after release
     assert second is not None
-    cache.tiers.store.mdelete(lease_key("k"))          # lapsed / evicted
+    cache.leases.leases.mdelete("k")                   # lapsed / evicted
     third = cache.leases.acquire("k", None)
     assert third is not None
     assert not cache.leases.renew(second)

@@ -121,7 +121,7 @@ def test_a_worker_that_missed_a_bump_does_not_restore_the_old_generation(
     assert b.test_client().delete("/admin/api/sources/items",
                                   headers={"Authorization": "Bearer t"}).status_code == 200
     pool, store = state_of(a).pool, state_of(a).store
-    gen_server = pool.server_for(store.key("gen\x00items"))
+    gen_server = pool.server_for(store.child("gen").key("items"))
     next(s for s in servers if s.address == gen_server).restart()   # the counter is gone
     for _ in range(2):          # the first call meets the dead socket, the next reconnects
         after = {i: a.test_client().get(f"/v1/items?id={i}").data for i in range(16)}

@@ -70,7 +70,7 @@ def test_garbage_under_a_counter_heals_and_never_opens_the_circuit(
     app: Flask = make_app(settings_for([memcached.address]))
     client = app.test_client()
     store = state_of(app).store
-    memcached.raw_set(store.key("counter\x00poisoned"), b"not a number")
+    memcached.raw_set(store.child("counter").key("poisoned"), b"not a number")
     assert counter(client, "poisoned") == (200, {"name": "poisoned", "value": 1})
     statuses = [counter(client, "unrelated")[0] for _ in range(40)]
     assert set(statuses) == {200}
@@ -119,7 +119,7 @@ def test_an_invalidation_survives_a_restart_of_the_server_with_the_generation(
     assert client.delete("/admin/api/sources/items", headers=bearer).status_code == 200
     refreshed = {i: client.get(f"/v1/items?id={i}").data for i in range(16)}
     pool = state_of(app).pool
-    gen_server = pool.server_for(state_of(app).store.key("gen\x00items"))
+    gen_server = pool.server_for(state_of(app).store.child("gen").key("items"))
     holder = next(s for s in servers if s.address == gen_server)
 
     holder.restart()                                  # the generation counter is gone
@@ -300,7 +300,7 @@ def test_a_claim_or_record_without_expiry_heals_with_one_fetch(
         memcached: Any, make_app: Any, record: str) -> None:
     from service.errors import OriginError
     from service.memcache import codec
-    from service.readpath.lease import error_record, lease_key
+    from service.readpath.lease import error_record
 
     app: Flask = make_app(settings_for([memcached.address], refresh={"lock_lease": 2}))
     state = state_of(app)
@@ -313,7 +313,7 @@ def test_a_claim_or_record_without_expiry_heals_with_one_fetch(
                           codec.encode(error_record(OriginError("stuck"))), exptime=0)
     else:                       # a lease beside garbage, held for ever by nobody
         memcached.raw_set(state.store.key("k"), b"garbage", exptime=0)
-        memcached.raw_set(state.store.key(lease_key("k")), codec.encode("some-host:1:abc"),
+        memcached.raw_set(state.store.child("lease").key("k"), codec.encode("some-host:1:abc"),
                           exptime=0)
     calls = []
 

@@ -15,7 +15,6 @@ from service.readpath.lease import (
     error_record,
     holder_of,
     is_pass,
-    lease_key,
     new_token,
     renew_every,
 )
@@ -26,9 +25,17 @@ def test_renewal_leaves_room_for_two_failed_renewals() -> None:
     assert renew_every(0.01) == 0.05      # never a busy loop
 
 
-def test_lease_keys_are_distinct_from_entry_keys() -> None:
-    assert lease_key("report") != "report"
-    assert lease_key("a") != lease_key("b")
+def test_a_public_key_can_never_name_a_key_of_a_family() -> None:
+    from service.config import CacheSettings
+    from service.memcache.clients import ClientPool
+    from service.memcache.store import Store
+
+    store = Store(ClientPool(CacheSettings()), "svc.swr", 1024 * 1024)  # connects nothing
+    lease = store.child("lease", follow=True)
+    assert lease.key("k").startswith(b"svc.swr.lease:")
+    for public in ("k", "lease\x00k", "lease:k", ".lease:k:k", "svc.swr.lease:k:k"):
+        assert store.key(public) != lease.key("k")
+    assert lease.key("a") != lease.key("b")
 
 
 def test_an_error_record_says_the_failure_and_carries_no_time_of_its_own() -> None:

@@ -16,15 +16,15 @@ from flask import Flask
 from service.config import RefreshSettings
 from service.errors import OriginError
 from service.flask.state import in_app_context
-from service.memcache.store import EMPTY
+from service.memcache.store import EMPTY, MISS
 from service.readpath.entry import Entry
 from service.readpath.freshness import Windows
-from service.readpath.lease import PASS_RECORD, Leases, error_of, error_record, is_pass, lease_key
+from service.readpath.lease import PASS_RECORD, Leases, error_of, error_record, is_pass
 from service.readpath.ledger import Ledger
 from service.readpath.loader import UNCACHEABLE, Job, Loader
 from service.readpath.refresher import Refresher
 from service.readpath.region import Region
-from service.readpath.tiers import FORGOT, LocalTier, TwoTier
+from service.readpath.tiers import LocalTier, TwoTier
 from tests.conftest import FakeClock
 from tests.memstore import MemoryStore
 
@@ -66,6 +66,11 @@ class Pipeline:
         assert got.won and got.cas is not None
         return got.cas
 
+    @property
+    def leases(self) -> MemoryStore:
+        """The refresh leases' family, as the loader's claims see it."""
+        return self.store.child("lease")
+
     def polls(self) -> int:
         return self.store.calls.count("mg")
 
@@ -77,10 +82,10 @@ def pipe() -> Iterator[Pipeline]:
     app = Flask("pipeline")
     settings = RefreshSettings(lock_lease=5.0, fetch_timeout=5.0, error_ttl=5.0,
                                xfetch_beta=0.0)
-    tiers = TwoTier(store, LocalTier(100), 2.0, clock, clock,  # type: ignore[arg-type]
+    tiers = TwoTier(store, LocalTier(100), 2.0, clock, clock,
                     server_ages=True)  # the memory store's TTLs run on the same fake clock
     ledger = Ledger(100)
-    loader = Loader(tiers, Leases(store, 5.0), settings,  # type: ignore[arg-type]
+    loader = Loader(tiers, Leases(store, 5.0), settings,
                     in_app_context(app), clock, clock, observer=ledger)
     refresher = Refresher(app, 4, 60.0, clock)
     region = Region(tiers, loader, refresher, ledger, clock, 0.0)
@@ -270,7 +275,7 @@ def test_a_stale_read_answers_at_once_and_one_background_refresh_runs(pipe: Pipe
     assert pipe.refresher.join(timeout=5)
     assert pipe.calls == ["k"]
     assert pipe.region.get_or_load(pipe.job()).value == "new"
-    assert lease_key("k") not in pipe.store.items  # given back after the write
+    assert pipe.leases.get("k") is MISS  # given back after the write
 
 
 def test_a_background_refresh_never_overwrites_a_newer_entry(pipe: Pipeline) -> None:
@@ -285,7 +290,7 @@ def test_a_background_refresh_never_overwrites_a_newer_entry(pipe: Pipeline) -> 
 
 def test_a_background_refresh_leaves_it_to_the_lease_holder(pipe: Pipeline) -> None:
     pipe.store_entry("k", "old", pipe.clock())
-    assert pipe.store.mset(lease_key("k"), "another-worker", 5, add=True).ok
+    assert pipe.leases.mset("k", "another-worker", 5, add=True).ok
     assert pipe.loader.refresh(pipe.job(), pipe.region.never) is None
     assert pipe.calls == []
 
@@ -293,11 +298,11 @@ def test_a_background_refresh_leaves_it_to_the_lease_holder(pipe: Pipeline) -> N
 def test_a_refresh_that_finds_the_claim_held_settles_its_flight(pipe: Pipeline) -> None:
     pipe.store_entry("k", "old", pipe.clock())
     pipe.clock.advance(40)                            # usable only on error
-    assert pipe.store.mset(lease_key("k"), "another-worker", 5, add=True).ok
+    assert pipe.leases.mset("k", "another-worker", 5, add=True).ok
     refresh = gevent.spawn(pipe.loader.refresh, pipe.job(), pipe.region.never)
     reader = gevent.spawn(pipe.region.get_or_load, pipe.job(value="mine"))
     assert refresh.get(timeout=5) is None
-    pipe.store.mdelete(lease_key("k"))                # the other worker gave up
+    pipe.leases.mdelete("k")                # the other worker gave up
     assert reader.get(timeout=5).value == "mine"      # never hangs on the settled flight
 
 
@@ -306,7 +311,7 @@ def test_stale_if_error_serves_the_old_copy_when_the_fetch_fails(pipe: Pipeline)
     pipe.clock.advance(35)  # past stale_while_revalidate, inside stale_if_error
     result = pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
     assert (result.status, result.value) == ("STALE", "old")
-    assert error_of(pipe.store.get(lease_key("k"))) is not None  # the lease remembers why
+    assert error_of(pipe.leases.get("k")) is not None  # the lease remembers why
     pipe.clock.advance(30)  # gone
     with pytest.raises(OriginError):
         pipe.region.get_or_load(pipe.job(fail=OriginError("down")))
@@ -359,7 +364,7 @@ def test_a_local_copy_is_dropped_once_memcached_says_it_was_invalidated(
 
 def test_a_lost_entry_is_answered_stale_at_once_and_refreshed_once(pipe: Pipeline) -> None:
     pipe.region.get_or_load(pipe.job(value="v1"))
-    pipe.store.items.clear()                          # memcached restarted empty
+    pipe.store.flush()                          # memcached restarted empty
     pipe.clock.advance(2.5)
     gate = gevent.event.Event()
     results = [pipe.region.get_or_load(pipe.job(value="v2", gate=gate)) for _ in range(5)]
@@ -378,7 +383,7 @@ def read_after_l1_ttl_with_the_origin_down(pipe: Pipeline) -> Any:
 def another_worker(pipe: Pipeline, skew: float = 0.0) -> TwoTier:
     """A second worker's tiers over the same memcached (its own local tier, and a clock
     ``skew`` seconds off)."""
-    return TwoTier(pipe.store, LocalTier(100), 2.0, pipe.clock,  # type: ignore[arg-type]
+    return TwoTier(pipe.store, LocalTier(100), 2.0, pipe.clock,
                    lambda: pipe.clock() + skew, server_ages=True)
 
 
@@ -432,7 +437,7 @@ def test_an_invalidation_marks_before_it_deletes(pipe: Pipeline) -> None:
     pipe.store.calls.clear()
     pipe.region.invalidate("k")
     assert pipe.store.calls == ["ms", "md"]
-    assert isinstance(pipe.store.get(FORGOT + "k"), str)
+    assert isinstance(pipe.store.child("forgot").get("k"), str)
 
 
 def test_memcached_down_still_answers_and_serves_the_local_copy(pipe: Pipeline) -> None:
@@ -503,7 +508,7 @@ def test_stale_reads_do_not_ask_for_a_lease_another_worker_holds_for_a_moment(
         pipe: Pipeline) -> None:
     pipe.store_entry("k", "old", pipe.clock())
     pipe.clock.advance(15)                                   # stale
-    assert pipe.store.mset(lease_key("k"), "another-worker", 30, add=True).ok
+    assert pipe.leases.mset("k", "another-worker", 30, add=True).ok
     assert pipe.region.get_or_load(pipe.job()).status == "STALE"
     assert pipe.refresher.join(timeout=5)                    # it found the lease held
     writes = pipe.store.calls.count("ms")

@@ -3,7 +3,7 @@
 The test process is monkey-patched first, like a gunicorn gevent worker, so that
 greenlets in tests really interleave on sockets the way they do in production.
 
-Every test runs under two rules enforced here and in tests/servers.py:
+Every test runs under two rules enforced here and in tests/servers/:
 
 - its keys live under a prefix of its own (``settings_for`` uses it), so all tests can share
   the session's one memcached;

@@ -21,7 +21,7 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "                self.give_back(claim, error_record(exc) if exc.status in (502, 504)\n"
   "                               else None, self.settings.error_ttl)",
   "                self.give_back(claim)",
-  ["tests/unit/test_pipeline.py", "tests/integration/test_swr.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_swr.py"]),
  ("M2 owner check then a plain delete", "service/readpath/lease.py",
   "            code = self.store.mdelete(lease_key(claim.key), claim.lease_cas, "
   "route=claim.key)",
@@ -34,17 +34,17 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
  ("M4 schedule blocks a stale reader when the pool is full", "service/readpath/refresher.py",
   "        if self._pool.full():\n",
   "        if False:\n",
-  ["tests/unit/test_pipeline.py"]),
+  ["tests/unit/readpath/test_pipeline.py"]),
  ("M5 waiters never woken when the loading request raises", "service/readpath/loader.py",
   "            flight.result.set_exception(_Pass())\n"
   "            raise\n"
   "        except BaseException:",
   "            raise\n        except BaseException:",
-  ["tests/unit/test_pipeline.py", "tests/integration/test_uncacheable.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_uncacheable.py"]),
  ("M6 claim check skipped on the meta path", "service/readpath/tiers.py",
   "            if got.won:\n",
   "            if True:\n",
-  ["tests/unit/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
  ("M7 an EX/NF write turned into a plain set", "service/readpath/tiers.py",
   "        if stored.ok:\n            claim.fence = stored.cas",
   "        if not stored.ok:\n"
@@ -53,36 +53,36 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "            stored = Stored('HD')\n"
   "        if stored.ok:\n"
   "            claim.fence = stored.cas",
-  ["tests/unit/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
  ("M8 comparing two clocks (the writer's stamp trusted)", "service/readpath/tiers.py",
   "        lifetime = entry.windows.lifetime\n        if ttl is None",
   "        lifetime = entry.windows.lifetime\n        return entry\n        if ttl is None",
-  ["tests/unit/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
  ("M9 the lease always granted", "service/readpath/lease.py",
   "        if not stored.ok:\n"
   "            metrics.lease_total.labels(\"contended\").inc()\n"
   "            return None",
   "        if False:\n            return None",
-  ["tests/integration/test_extension.py", "tests/unit/test_pipeline.py"]),
+  ["tests/integration/test_extension.py", "tests/unit/readpath/test_pipeline.py"]),
  ("M10 the fence dropped", "service/readpath/tiers.py",
   "cas=claim.fence)\n        except CacheUnavailable:",
   "cas=None)\n        except CacheUnavailable:",
-  ["tests/unit/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
  ("M11 the reader blocked by its refresh", "service/readpath/region.py",
   "        return self.refresher.schedule(\n"
   "            job.key, lambda: self.loader.refresh(job, self.never, seen), job.source)",
   "        self.loader.refresh(job, self.never, seen)\n        return True",
-  ["tests/unit/test_pipeline.py"]),
+  ["tests/unit/readpath/test_pipeline.py"]),
  ("M12 a lost entry waits (no last good copy)", "service/readpath/region.py",
   "            lost = self._lost(job, look)",
   "            lost = None",
-  ["tests/unit/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
  ("M13 a generation restored from the remembered number", "service/readpath/generations.py",
   "                value = self._restart(family)\n",
   "                value = cached[0] if cached is not None "
   "else self._restart(family)\n"
   "                self.store.add_counter(_key(family), value)\n",
-  ["tests/unit/test_generations.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
 ]
 
 

@@ -51,8 +51,7 @@ from werkzeug.wrappers import Request
 from ..errors import BadRequest
 from ..observe import metrics
 from ..readpath import keying
-from ..readpath.freshness import Action, State, decide
-from ..readpath.tiers import _Local
+from ..readpath.tiers import LocalCopy
 from .httpcache import cache_control
 from .responses import thaw
 from .state import EXTENSION, AppState
@@ -128,7 +127,7 @@ class _Answer:
 
     __slots__ = ("item", "age", "status", "headers")
 
-    def __init__(self, item: _Local, age: int, status: str,
+    def __init__(self, item: LocalCopy, age: int, status: str,
                  headers: tuple[tuple[str, str], ...]) -> None:
         self.item = weakref.ref(item)
         self.age = age
@@ -300,32 +299,19 @@ class FastPath:
     def _serve(self, state: AppState, key: str, source: str,
                render: Callable[[Any], Response], environ: dict[str, Any]
                ) -> tuple[str, list[tuple[str, str]], bytes] | None:
-        tiers = state.tiers
-        item: _Local | None = tiers.local.get(key)
-        if item is None or state.monotonic() - item.checked_at >= tiers.l1_ttl:
+        hit = state.region.local_hit(key)
+        if hit is None:
             return None
-        if state.ledger.get(key) is None:
-            return None  # the admin's ledger learns of keys through the slow path
+        item, status, now = hit
         entry = item.entry
-        now = state.clock()
-        decision = decide(entry.timing, now, state.region.xfetch_beta)
-        if decision.action is Action.SERVE:
-            status = "HIT"
-        elif (decision.action is Action.SERVE_AND_REFRESH
-              and (state.refresher.is_running(key) or state.loader.held_elsewhere(key))):
-            # Region.get_or_load would serve this copy and its refresh_later would find
-            # the refresh already running (here, or in another worker that holds the
-            # lease): the same answer, without Flask.
-            status = "HIT" if decision.state is State.FRESH else "STALE"
-        else:
-            return None
         if item.rendered is None:
             try:
                 made = rendered(render(item.materialize().value))
             except ValueError:
                 made = None
             # False: this entry's answer cannot be replayed; do not try again.
-            tiers.local.attach(key, item, made or False, len(made.body) + 200 if made else 0)
+            state.tiers.local.attach(key, item, made or False,
+                                     len(made.body) + 200 if made else 0)
         answer = item.rendered
         if not isinstance(answer, Rendered):
             return None

@@ -26,7 +26,7 @@ from .freshness import Action, State, decide, state
 from .ledger import Ledger
 from .loader import Job, Loaded, Loader, Usable
 from .refresher import Refresher
-from .tiers import Found, Look, TwoTier
+from .tiers import Found, LocalCopy, Look, TwoTier
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,30 @@ class Region:
                 self.loader.give_back(claim)  # nobody will fill it: do not make others wait
         metrics.requests_total.labels(job.source, "stale").inc()
         return Result(copy.value, copy, "STALE")
+
+    def local_hit(self, key: str) -> tuple[LocalCopy, str, float] | None:
+        """What :meth:`get_or_load` would answer for ``key`` from this worker's copy alone,
+        without asking memcached or scheduling anything: ``(copy, "HIT" or "STALE", now)``,
+        or ``None`` when the read needs the slow path (no copy within ``l1_ttl``, a key
+        the ledger has not seen, a refresh to schedule). For the WSGI fast path.
+        """
+        tiers = self.tiers
+        item = tiers.local.get(key)
+        if item is None or tiers.monotonic() - item.checked_at >= tiers.l1_ttl:
+            return None
+        if self.ledger.get(key) is None:
+            return None  # the admin's ledger learns of keys through the slow path
+        now = self.clock()
+        decision = decide(item.entry.timing, now, self.xfetch_beta)
+        if decision.action is Action.SERVE:
+            return item, "HIT", now
+        if (decision.action is Action.SERVE_AND_REFRESH
+                and (self.refresher.is_running(key) or self.loader.held_elsewhere(key))):
+            # get_or_load would serve this copy and its refresh_later would find the
+            # refresh already running (here, or in another worker that holds the claim):
+            # the same answer, without the slow path.
+            return item, "HIT" if decision.state is State.FRESH else "STALE", now
+        return None
 
     @staticmethod
     def _loaded(job: Job, loaded: Loaded) -> Result:

@@ -51,7 +51,7 @@ AGE_SLACK = 1.5
 
 
 @dataclass
-class _Local:
+class LocalCopy:
     entry: Entry        # with value=None; the value lives encoded in blob
     blob: bytes
     checked_at: float   # monotonic time memcached last confirmed (or supplied) this copy
@@ -75,15 +75,15 @@ class LocalTier:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[str, _Local] = OrderedDict()
+        self._items: OrderedDict[str, LocalCopy] = OrderedDict()
 
-    def get(self, key: str) -> _Local | None:
+    def get(self, key: str) -> LocalCopy | None:
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
-    def peek(self, key: str) -> _Local | None:
+    def peek(self, key: str) -> LocalCopy | None:
         """The item without touching the LRU order (the fast path's look-up)."""
         return self._items.get(key)
 
@@ -97,12 +97,12 @@ class LocalTier:
             self.delete(key)  # an older, smaller copy must not outlive this write
             return
         self.delete(key)
-        self._items[key] = _Local(dataclasses.replace(entry, value=None), blob, checked_at,
+        self._items[key] = LocalCopy(dataclasses.replace(entry, value=None), blob, checked_at,
                                   size, cas=cas)
         self.bytes += size
         self._evict()
 
-    def attach(self, key: str, item: _Local, rendered: Any, size: int) -> None:
+    def attach(self, key: str, item: LocalCopy, rendered: Any, size: int) -> None:
         """Keep ``rendered`` with ``item`` (if ``item`` is still the entry of ``key``),
         counting ``size`` more bytes against ``max_bytes``."""
         if self._items.get(key) is not item or item.rendered is not None:

@@ -1,10 +1,11 @@
-"""Tests of the real-process fixtures in tests/servers.py themselves."""
+"""Tests of the real-process fixtures in tests/servers/ themselves."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import http.client
+import importlib
 import json
 import os
 import signal
@@ -191,7 +192,10 @@ def test_private_memcached_marker_gives_a_server_of_the_test_s_own(
 
 
 def test_require_memcached_skips_or_fails_when_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(servers, "memcached_binary", lambda: None)
+    # require_memcached looks the binary up in its own module (tests/servers/memcached.py,
+    # which the package's `memcached` fixture hides as an attribute).
+    module = importlib.import_module("tests.servers.memcached")
+    monkeypatch.setattr(module, "memcached_binary", lambda: None)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install memcached"):
         servers.require_memcached()

@@ -120,7 +120,7 @@ def test_text_values_are_bare_when_plain_and_quoted_otherwise() -> None:
 
 
 def test_an_event_reads_the_same_in_both_formats_and_its_key_is_hashed() -> None:
-    logger = logging.getLogger("tests.unit.test_logs")
+    logger = logging.getLogger("tests.unit.observe.test_logs")
     out = {"json": io.StringIO(), "text": io.StringIO()}
     handlers = []
     for name, formatter in (("json", logs.JSONFormatter()), ("text", logs.TextFormatter())):

@@ -30,7 +30,7 @@ from gunicorn.glogging import Logger
 
 from service.gunicorn import accesslog
 
-CONF = Path(__file__).resolve().parents[2] / "deploy" / "gunicorn.conf.py"
+CONF = Path(__file__).resolve().parents[3] / "deploy" / "gunicorn.conf.py"
 NOW = "[29/Nov/2026:00:00:00 +0000]"
 
 EVERY_ATOM = ("%(h)s|%(l)s|%(u)s|%(t)s|%(r)s|%(s)s|%(m)s|%(U)s|%(q)s|%(H)s|%(b)s|%(B)s|"

@@ -80,6 +80,26 @@ def on_starting(server):
     os.makedirs(METRICS_DIR, exist_ok=True)
     for path in glob.glob(os.path.join(METRICS_DIR, "*.db")):
         os.remove(path)
+    # The settings as they are now are the last good ones a reload can fall back on.
+    from service.gunicorn.reload import check_settings
+
+    check_settings(server.log)
+
+
+# -- reloads (kill -HUP) never take the host down ----------------------------------------
+# The master checks the settings file before the new workers start: a broken one is logged
+# once (file and key) and the new workers keep the last good settings; a good one takes
+# effect. service/gunicorn/reload.py says how. It imports no Flask: this is the master.
+def on_reload(server):
+    from service.gunicorn.reload import check_settings
+
+    check_settings(server.log)
+
+
+def on_exit(server):
+    from service.gunicorn.reload import forget
+
+    forget()
 
 
 def child_exit(server, worker):

@@ -98,18 +98,42 @@ class Settings:
     sources: Mapping[str, SourceSettings] = field(default_factory=dict)
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read and validate the service's settings file.
+LAST_GOOD = "SERVICE_SETTINGS_LAST_GOOD"
+"""Set by the gunicorn master (service.gunicorn.reload): a snapshot of the last settings
+file that was good, which a worker reads when the file was broken by a reload."""
 
-    :param path: the TOML file; by default the one named by ``SERVICE_SETTINGS``, else the
-        repository's ``settings.toml``, else the defaults (installed in site-packages,
-        there is no repository, and a ``settings.toml`` there would be somebody else's).
-    :raises ConfigError: the file is missing, does not parse, or holds a bad value.
-    """
-    path = path or os.environ.get("SERVICE_SETTINGS") or None
+
+def settings_path() -> str | os.PathLike[str] | None:
+    """The settings file :func:`load_settings` reads by default: ``SERVICE_SETTINGS``, else
+    the repository's ``settings.toml``, else none (installed in site-packages there is no
+    repository, and a ``settings.toml`` there would be somebody else's)."""
+    path: str | os.PathLike[str] | None = os.environ.get("SERVICE_SETTINGS") or None
     if path is None and (REPOSITORY / "pyproject.toml").is_file() and DEFAULT_PATH.is_file():
         path = DEFAULT_PATH
-    return Settings() if path is None else parse_settings(_read_toml(Path(path)), str(path))
+    return path
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, fallback: bool = True
+                  ) -> Settings:
+    """Read and validate the service's settings file.
+
+    :param path: the TOML file; by default :func:`settings_path`, else the defaults.
+    :param fallback: when the file is broken and the gunicorn master left a snapshot of the
+        last good one (a reload with a broken file: see :mod:`service.gunicorn.reload`),
+        read that instead; the master has logged which key of which file is wrong.
+    :raises ConfigError: the file is missing, does not parse, or holds a bad value (and
+        there is no last good snapshot to fall back on).
+    """
+    path = path or settings_path()
+    if path is None:
+        return Settings()
+    try:
+        return parse_settings(_read_toml(Path(path)), str(path))
+    except ConfigError:
+        last_good = os.environ.get(LAST_GOOD)
+        if not fallback or not last_good:
+            raise
+        return parse_settings(_read_toml(Path(last_good)), str(path))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -75,7 +75,10 @@ def session_cookie(token: str, now: float) -> str:
 
 def _valid_session(value: str, token: str, now: float) -> bool:
     expiry, _, mac = value.partition(".")
-    if not expiry.isdigit() or int(expiry) < now:
+    # A cookie is the client's: at most 12 ASCII digits (a Unix time) before it is a number
+    # at all. int() of thousands of digits raises, and a 500 before authentication would
+    # be the answer to anyone who sends one.
+    if not (expiry.isascii() and expiry.isdigit()) or len(expiry) > 12 or int(expiry) < now:
         return False
     return hmac.compare_digest(mac.encode(), _sign(token, f"session:{expiry}").encode())
 

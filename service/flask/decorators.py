@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,7 @@ from flask import (
     request,
 )
 
+from ..config import ConfigError
 from ..readpath import keying
 from ..readpath.fetching import Runner
 from ..readpath.freshness import Windows
@@ -81,6 +83,19 @@ class Options:
     args_to_ignore: tuple[str, ...] = ()
     is_stale: Callable[[Any], bool] | None = None
     hit_indication: bool = False
+
+    def __post_init__(self) -> None:
+        # Refused where it is declared (at import), not at the first request: the message
+        # names the parameter and what it takes.
+        for name in ("max_age", "stale_while_revalidate", "stale_if_error"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value < 0):
+                raise ConfigError(
+                    f"@cached/@memoize: {name}={value!r}: expected a number of seconds >= 0 "
+                    f"(or None for the app's default)")
 
     def windows(self, state: AppState) -> Windows:
         defaults = state.settings.cache

@@ -52,7 +52,7 @@ from ..errors import BadRequest
 from ..observe import metrics
 from ..readpath import keying
 from ..readpath.tiers import LocalCopy
-from .httpcache import cache_control
+from .httpcache import cache_control, cache_status
 from .responses import thaw
 from .state import EXTENSION, AppState
 
@@ -327,7 +327,8 @@ class FastPath:
         if (built is None or built.item() is not item or built.age != age
                 or built.status != status):
             built = _Answer(item, age, status, (
-                *answer.headers, ("X-Cache", status), ("Age", str(age)),
+                *answer.headers, ("X-Cache", status),
+                ("Cache-Status", cache_status(status, entry, age)), ("Age", str(age)),
                 ("Cache-Control", cache_control(entry)), ("ETag", entry.etag),
                 *answer.trailing))
             _remember(self._answers, key, built, self.MEMO_LIMIT)

@@ -10,6 +10,7 @@ the user wrote it. Like :mod:`service.config`, nothing else of the service is im
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 import os
@@ -53,7 +54,8 @@ def settings_from_flask(config: Mapping[str, Any], path: str = FLASK_CONFIG) -> 
     """Settings from Flask-Caching's keys over the defaults; other keys are ignored.
 
     ``CACHE_MEMCACHED_SERVERS`` is a list of ``"host:port"`` (no port: 11211) or one
-    comma-separated string; ``CACHE_KEY_PREFIX`` any string (see :func:`namespace_for`);
+    string of them separated by commas or semicolons (as Flask-Caching splits it);
+    ``CACHE_KEY_PREFIX`` any string (see :func:`namespace_for`);
     ``CACHE_DEFAULT_TIMEOUT`` whole seconds or a ``timedelta``, 0 = forever;
     ``CACHE_STALE_WHILE_REVALIDATE`` and ``CACHE_STALE_IF_ERROR`` seconds >= 0;
     ``CACHE_OPTIONS`` a dict of the ``[cache]`` keys in ``POOL_OPTIONS``, ``lock_lease``
@@ -103,12 +105,15 @@ def _flask_document(config: Mapping[str, Any], path: str) -> dict[str, Any]:
     table: dict[str, Any] = {}
     servers = config.get("CACHE_MEMCACHED_SERVERS")
     if isinstance(servers, str):
-        servers = [s.strip() for s in servers.split(",") if s.strip()]
+        # Flask-Caching's string forms: "a:1,b:2" and "a:1;b:2" (its memcached backends
+        # split on either); any whitespace around the names is dropped.
+        servers = [s.strip() for s in re.split(r"[,;]", servers) if s.strip()]
     if isinstance(servers, list | tuple):  # "host" alone means memcached's port
         table["servers"] = [f"{s}:11211" if isinstance(s, str) and ":" not in s else s
                             for s in servers]
     elif servers is not None:
-        r.fail("cache.servers", "a list of 'host:port', or one comma-separated string", servers)
+        r.fail("cache.servers",
+               "a list of 'host:port', or one string of them separated by , or ;", servers)
     prefix = config.get("CACHE_KEY_PREFIX")
     if prefix is not None:
         if not isinstance(prefix, str):
@@ -124,8 +129,11 @@ def _flask_document(config: Mapping[str, Any], path: str) -> dict[str, Any]:
     refresh: dict[str, Any] = {}
     for name, value in options.items():
         if name not in allowed:
+            near = difflib.get_close_matches(str(name), allowed, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
             _Reader(path).fail(f"CACHE_OPTIONS.{name}",
-                               f"a known option; allowed: {', '.join(allowed)}", "unknown option")
+                               f"a known option ({hint}allowed: {', '.join(allowed)})",
+                               name)
         if name in _REFRESH_OPTIONS:
             refresh[name] = value
         elif name != "ignore_delete_many_errors":

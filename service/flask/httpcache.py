@@ -26,6 +26,29 @@ def cache_control(entry: Entry) -> str:
             f"stale-if-error={math.floor(w.stale_if_error)}")
 
 
+CACHE_NAME = "swr-cache"
+"""This cache's name in RFC 9211's ``Cache-Status`` (a downstream cache adds its own)."""
+
+
+def cache_status(status: str, entry: Entry | None, age: int) -> str:
+    """RFC 9211's ``Cache-Status`` for an answer ``X-Cache`` calls ``status``.
+
+    ``hit`` with the freshness left (``ttl``, negative once stale) for HIT and STALE (a
+    stale one says ``detail=stale``); ``fwd=uri-miss`` for an answer fetched for this
+    request, with ``stored`` when it was stored, or ``detail=uncacheable`` when it may not
+    be (``X-Cache: PASS``). The ``ttl`` is counted from the ``Age`` sent, so both agree.
+    """
+    if entry is None:
+        detail = "; detail=uncacheable" if status == "PASS" else ""
+        return f"{CACHE_NAME}; fwd=uri-miss{detail}"
+    ttl = math.floor(entry.windows.max_age) - age
+    if status == "HIT":
+        return f"{CACHE_NAME}; hit; ttl={ttl}"
+    if status == "STALE":
+        return f"{CACHE_NAME}; hit; ttl={ttl}; detail=stale"
+    return f"{CACHE_NAME}; fwd=uri-miss; stored; ttl={ttl}"
+
+
 def apply(response: Response, request: Request, entry: Entry | None, status: str,
           now: float) -> Response:
     """Add the cache headers to ``response``; answer 304 for a matching If-None-Match.
@@ -36,8 +59,11 @@ def apply(response: Response, request: Request, entry: Entry | None, status: str
     """
     response.headers["X-Cache"] = status
     if entry is None:
+        response.headers["Cache-Status"] = cache_status(status, None, 0)
         return response
-    response.headers["Age"] = str(math.floor(entry.timing.age(now)))
+    age = math.floor(entry.timing.age(now))
+    response.headers["Cache-Status"] = cache_status(status, entry, age)
+    response.headers["Age"] = str(age)
     response.headers["Cache-Control"] = cache_control(entry)
     response.headers["ETag"] = entry.etag
     # If-None-Match uses the weak comparison (RFC 9110 13.1.2): proxies that compress

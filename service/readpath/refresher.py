@@ -48,6 +48,13 @@ class Periodic:
     greenlet: Any = field(default=None, repr=False)
 
 
+def next_run_in(period: float, started: float, now: float, rand: float) -> float:
+    """Seconds until a periodic job's next run: ``period`` counted from the start of the
+    run that just ended (``every=5`` runs every 5 s, not every 5 s plus the run's own
+    time), less up to 5% of jitter so the workers' checks spread, and never a busy loop."""
+    return max(0.05, period * (1.0 - 0.05 * rand) - (now - started))
+
+
 class Refresher:
     """Runs refresh jobs in the background of one worker.
 
@@ -195,12 +202,13 @@ class Refresher:
 
     def _periodic_loop(self, job: Periodic) -> None:
         while not self._stopping:
+            started = self.monotonic()
             delay = job.every
             try:
                 with self.app.app_context():
                     delay = job.run()
             except Exception:  # noqa: BLE001 - keep the loop alive; run() logs and counts
                 log.exception("periodic %s failed", job.name)
-            # Sleep until the entry is due; a little jitter spreads the workers' checks.
-            gevent.sleep(max(0.05, float(delay or job.every)) * (0.9 + 0.2 * random.random()))
+            gevent.sleep(next_run_in(float(delay or job.every), started, self.monotonic(),
+                                     random.random()))
 

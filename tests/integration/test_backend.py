@@ -239,7 +239,8 @@ def test_the_default_timeout_comes_from_the_flask_config(plain_app: Flask,
 
 def test_a_bad_flask_config_stops_init_app_naming_the_key(plain_app: Flask,
                                                           memcached: Any) -> None:
-    with pytest.raises(ConfigError, match=r"\[CACHE_OPTIONS\.pool_szie\] .*unknown option"):
+    with pytest.raises(ConfigError,
+                       match=r"\[CACHE_OPTIONS\.pool_szie\] .*did you mean .pool_size."):
         backend_cache(plain_app, memcached, CACHE_OPTIONS={"pool_szie": 4})
 
 

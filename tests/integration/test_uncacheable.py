@@ -132,6 +132,11 @@ def test_concurrent_requests_run_the_view_at_once(front: tuple[Flask, Room],
     # Hit-for-miss: the next eight are not coalesced at all.
     answers += burst(N, [N])
     assert {a.status_code for a in answers} == {expected}
+    for answer in answers:
+        if "X-Cache" in answer.headers:  # our decorators (plain Flask-Caching sets none)
+            assert answer.headers["X-Cache"] == "PASS"
+            assert answer.headers["Cache-Status"] == "swr-cache; fwd=uri-miss; " \
+                                                     "detail=uncacheable"
     if path == "/cookie":
         for i, answer in enumerate(answers):
             assert answer.headers.getlist("Set-Cookie") == [f"who={i}; Path=/"]

@@ -77,3 +77,11 @@ def test_filters_are_checked_and_bounded() -> None:
         Filters.parse({"state": "nope"})
     with pytest.raises(ValueError, match="integers"):
         Filters.parse({"limit": "ten"})
+
+
+@pytest.mark.parametrize("expiry", ["9" * 5000, "\u0661\u0662\u0663", "1" * 13, "", "-1"])
+def test_a_session_cookie_with_a_hostile_expiry_is_refused_not_a_crash(expiry: str) -> None:
+    # int() of thousands of digits raises: before authentication that was a 500.
+    from service.admin.routes import _valid_session
+
+    assert _valid_session(f"{expiry}.forged", "token", 0.0) is False

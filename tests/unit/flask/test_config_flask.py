@@ -98,7 +98,7 @@ def test_stale_windows() -> None:
 
 
 @pytest.mark.parametrize(("config", "key", "expected"), [
-    ({"CACHE_MEMCACHED_SERVERS": 11211}, "CACHE_MEMCACHED_SERVERS", "comma-separated"),
+    ({"CACHE_MEMCACHED_SERVERS": 11211}, "CACHE_MEMCACHED_SERVERS", "separated by , or ;"),
     ({"CACHE_MEMCACHED_SERVERS": ["h:99999"]}, "CACHE_MEMCACHED_SERVERS", "port 1-65535"),
     ({"CACHE_MEMCACHED_SERVERS": []}, "CACHE_MEMCACHED_SERVERS", "at least one"),
     ({"CACHE_MEMCACHED_SERVERS": ["a:1", "a:1"]}, "CACHE_MEMCACHED_SERVERS", "once"),
@@ -108,12 +108,12 @@ def test_stale_windows() -> None:
     ({"CACHE_STALE_WHILE_REVALIDATE": -5}, "CACHE_STALE_WHILE_REVALIDATE", ">= 0"),
     ({"CACHE_STALE_IF_ERROR": "1h"}, "CACHE_STALE_IF_ERROR", "seconds"),
     ({"CACHE_OPTIONS": ["pool_size", 8]}, "CACHE_OPTIONS", "a dict"),
-    ({"CACHE_OPTIONS": {"behaviors": {}}}, "CACHE_OPTIONS.behaviors", "unknown option"),
+    ({"CACHE_OPTIONS": {"behaviors": {}}}, "CACHE_OPTIONS.behaviors", "a known option"),
     ({"CACHE_OPTIONS": {"pool_size": "8"}}, "CACHE_OPTIONS.pool_size", "a int"),
     ({"CACHE_OPTIONS": {"pool_size": 0}}, "CACHE_OPTIONS.pool_size", ">= 1"),
     ({"CACHE_OPTIONS": {"timeout": 0}}, "CACHE_OPTIONS.timeout", "positive"),
     ({"CACHE_OPTIONS": {"l1_ttl": True}}, "CACHE_OPTIONS.l1_ttl", "seconds"),
-    ({"CACHE_OPTIONS": {"key_prefix": "x"}}, "CACHE_OPTIONS.key_prefix", "unknown option"),
+    ({"CACHE_OPTIONS": {"key_prefix": "x"}}, "CACHE_OPTIONS.key_prefix", "a known option"),
 ])
 def test_bad_values_name_the_flask_key(config: dict[str, Any], key: str, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -176,3 +176,17 @@ def test_flask_caching_config_round_trips() -> None:
     config = flask_caching_config(settings)
     assert config["CACHE_TYPE"] == "service.backend.MemcachedCache"
     assert settings_from_flask(config).cache == settings
+
+
+@pytest.mark.parametrize("servers", ["a:1;b:2", "a:1, b:2", " a:1 ; b:2 ", "a:1,b:2;"])
+def test_server_strings_split_as_flask_caching_splits_them(servers: str) -> None:
+    settings = settings_from_flask({"CACHE_MEMCACHED_SERVERS": servers})
+    assert settings.cache.servers == ("a:1", "b:2")
+
+
+def test_an_unknown_cache_option_names_itself_and_the_nearest_valid_one() -> None:
+    with pytest.raises(ConfigError) as caught:
+        settings_from_flask({"CACHE_OPTIONS": {"pool_szie": 4}})
+    message = str(caught.value)
+    assert "CACHE_OPTIONS.pool_szie" in message and "did you mean 'pool_size'" in message
+    assert "got 'pool_szie'" in message

@@ -8,6 +8,7 @@ on the command line or with ``GUNICORN_CMD_ARGS`` (e.g. ``--bind=127.0.0.1:9000
 import glob
 import multiprocessing
 import os
+import shutil
 import tempfile
 
 # -- workers -------------------------------------------------------------------------------
@@ -69,10 +70,11 @@ control_socket_disable = True
 # Each worker writes its counters to files in this directory and /metrics merges them. It
 # must be set before any worker imports prometheus_client, hence here, in the master. The
 # directory is per master (this file is evaluated by the master; its pid survives HUP).
-METRICS_DIR = os.environ.setdefault(
-    "PROMETHEUS_MULTIPROC_DIR",
-    os.path.join(tempfile.gettempdir(), f"swr-cache-metrics-{os.getpid()}"),
-)
+# A directory of our own (none was given) is removed when the master exits (on_exit), so
+# no run leaves one behind in the temp directory.
+OWN_METRICS_DIR = os.path.join(tempfile.gettempdir(), f"swr-cache-metrics-{os.getpid()}")
+METRICS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or OWN_METRICS_DIR
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR
 
 
 def on_starting(server):
@@ -100,6 +102,8 @@ def on_exit(server):
     from service.gunicorn.reload import forget
 
     forget()
+    if METRICS_DIR == OWN_METRICS_DIR:
+        shutil.rmtree(METRICS_DIR, ignore_errors=True)
 
 
 def child_exit(server, worker):

@@ -114,7 +114,8 @@ class Connection:
                 # CLIENT_ERROR about one item (incr of a non-number, a value too large):
                 # the server and this socket are fine; only this call failed.
                 metrics.memcached_errors_total.labels(kind).inc()
-                event(log, logging.WARNING, "memcached_error", f"memcached {command} refused",
+                event(log, logging.WARNING, "memcached_error",
+                      f"memcached {command} refused by {server}: {_reason(exc, kind)}",
                       server=server, command=command, kind=kind, error=str(exc))
                 raise ItemRefused(f"memcached {server}: {command} refused: {exc}") from exc
             if kind != "server":
@@ -135,9 +136,12 @@ class Connection:
                         "tier and the origins without it, and trying again every %gs. "
                         "Check that memcached runs there, or set CACHE_MEMCACHED_SERVERS "
                         "(Flask config) / [cache] servers (settings.toml).",
-                        server, exc or kind, breaker.reset)
+                        server, _reason(exc, kind), breaker.reset)
             metrics.memcached_errors_total.labels(kind).inc()
-            event(log, logging.WARNING, "memcached_error", f"memcached {command} failed",
+            # The line says where and why by itself: an app without a logging config of its
+            # own prints the message alone, not the event's fields.
+            event(log, logging.WARNING, "memcached_error",
+                  f"memcached {command} failed on {server}: {_reason(exc, kind)}",
                   server=server, command=command, kind=kind, error=str(exc))
             self.broken = True
             self.close()
@@ -172,6 +176,12 @@ def _close(client: Client) -> None:
         client.close()
     except OSError:  # closing a socket that already broke
         pass
+
+
+def _reason(exc: BaseException, kind: str) -> str:
+    """Why a call failed, never empty (a closed socket's exception has no message)."""
+    text = str(exc)
+    return f"{kind}: {text}" if text else f"{kind} ({type(exc).__name__})"
 
 
 def _error_kind(exc: BaseException) -> str:

@@ -65,3 +65,21 @@ def test_a_reload_with_a_broken_settings_file_keeps_the_host_serving(
 
     path.write_text(good + source("two", origin_server))        # fixed, and a new source
     reload_and_wait(server, lambda: names(server) == ["one", "two"], "the good file")
+
+
+def test_a_run_leaves_nothing_in_the_temp_directory(
+        memcached: Any, gunicorn_factory: Any, origin_server: Any, tmp_path: Path,
+        key_prefix: str) -> None:
+    path = tmp_path / "settings.toml"
+    path.write_text(f'[cache]\nservers = ["{memcached.address}"]\nkey_prefix = "{key_prefix}"\n'
+                    + source("one", origin_server))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    # No metrics directory given: the config makes its own, and the settings snapshot,
+    # both in the temp directory (TMPDIR here).
+    server: GunicornProcess = gunicorn_factory(
+        path, workers=2, env={"TMPDIR": str(temp), "PROMETHEUS_MULTIPROC_DIR": ""})
+    assert http_get(server.url + "/v1/one?id=1", timeout=5.0)[0] == 200
+    assert sorted(p.name.split("-")[2] for p in temp.iterdir()) == ["metrics", "settings"]
+    server.stop()
+    assert list(temp.iterdir()) == []

@@ -87,3 +87,9 @@ def big(size: str = "2000000") -> str:
 def crash(code: str = "3") -> None:
     """Ends its process at once, as a segfaulting extension would (process executor only)."""
     os._exit(int(code))
+
+
+def typed(n: int, ratio: float = 1.0, flag: bool = False) -> dict[str, Any]:
+    """Annotated parameters: the source converts the query's text before the call."""
+    return {"n": n, "ratio": ratio, "flag": flag, "types": [type(v).__name__
+                                                           for v in (n, ratio, flag)]}

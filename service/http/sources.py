@@ -15,9 +15,11 @@ missing or unknown), and fetches a value. It never blocks the gevent hub:
 from __future__ import annotations
 
 import inspect
+import math
 import string
+import typing
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +44,9 @@ class Source:
     optional: tuple[str, ...] = ()
     accepts_any: bool = False
     parts: tuple[Source, ...] = field(default=(), repr=False)
+    # A python source's parameters annotated int, float or bool: converted from the query's
+    # text before the call, and a value that does not convert is the caller's 400.
+    types: Mapping[str, type] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -81,7 +86,25 @@ class Source:
         for key, value in args.items():
             if len(value.encode("utf-8", "surrogatepass")) > MAX_PARAM_BYTES:
                 raise BadRequest(f"parameter {key!r} is longer than {MAX_PARAM_BYTES} bytes")
+        self.convert(args)  # a value its function cannot take is refused here, named
         return dict(args)
+
+    def convert(self, args: Mapping[str, str]) -> dict[str, Any]:
+        """The parameters as the function's annotations say (``int``, ``float``, ``bool``;
+        anything else stays text).
+
+        :raises BadRequest: a value that is not of its parameter's type, named.
+        """
+        out: dict[str, Any] = dict(args)
+        for name, kind in self.types.items():
+            if name in args:
+                try:
+                    out[name] = _CONVERT[kind](args[name])
+                except ValueError:
+                    raise BadRequest(
+                        f"parameter {name!r} must be {_NAMES[kind]}, got {args[name]!r}",
+                        parameter=name) from None
+        return out
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
@@ -152,14 +175,14 @@ class Fetchers:
         target = source.settings.target or ""
         if source.settings.executor == "process":
             try:
-                return self.processes.run(target, dict(params), self.fetch_timeout)
+                return self.processes.run(target, source.convert(params), self.fetch_timeout)
             except TaskTimeout as exc:
                 raise OriginTimeout(f"{source.name}: {exc}") from exc
             except TaskError as exc:
                 raise OriginError(f"{source.name}: {exc}") from exc
         func = resolve(target)
         # The hub's thread pool: the greenlet waits, the hub keeps serving.
-        value = get_hub().threadpool.apply(func, kwds=dict(params))
+        value = get_hub().threadpool.apply(func, kwds=source.convert(params))
         try:
             orjson.dumps(value)
         except TypeError as exc:
@@ -242,8 +265,9 @@ def build_sources(configured: Mapping[str, SourceSettings], path: str) -> dict[s
             required = tuple(dict.fromkeys(r for p in parts for r in p.required))
             optional = tuple(dict.fromkeys(
                 o for p in parts for o in p.optional if o not in required))
+            types = {k: v for p in parts for k, v in p.types.items()}
             sources[name] = Source(s, required, optional,
-                                   any(p.accepts_any for p in parts), parts)
+                                   any(p.accepts_any for p in parts), parts, types)
     return {name: sources[name] for name in configured}
 
 
@@ -251,9 +275,42 @@ def _python_source(s: SourceSettings, func: Any) -> Source:
     required: list[str] = []
     optional: list[str] = []
     accepts_any = False
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:  # noqa: BLE001 - an annotation that does not evaluate: all text
+        hints = {}
+    types: dict[str, type] = {}
     for p in inspect.signature(func).parameters.values():
         if p.kind is p.VAR_KEYWORD:
             accepts_any = True
         elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
             (optional if p.default is not p.empty else required).append(p.name)
-    return Source(s, tuple(required), tuple(optional), accepts_any)
+            if hints.get(p.name) in _CONVERT:
+                types[p.name] = hints[p.name]
+    return Source(s, tuple(required), tuple(optional), accepts_any, types=types)
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _integer(text: str) -> int:
+    if not text.strip().lstrip("+-").isdigit() or len(text) > 30:
+        raise ValueError(text)  # no "1_000", no 4,000 digits: a number as people write it
+    return int(text)
+
+
+def _real(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+_CONVERT: dict[type, Callable[[str], Any]] = {int: _integer, float: _real, bool: _boolean}
+_NAMES = {int: "a whole number", float: "a number", bool: "true or false"}

@@ -573,3 +573,22 @@ def test_stale_if_error_serves_the_old_body_once_the_origin_fails(
     gone = get(client, "items", id="1")
     # A refused connection is an origin error: past stale_if_error it is a 502.
     assert_error(gone, 502)
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_annotated_parameters_are_converted_and_a_bad_value_is_the_callers_400(
+        build: Build, executor: str) -> None:
+    client = build({"typed": python_source("typed", executor)}).test_client()
+    ok = get(client, "typed", n="3", ratio="0.5", flag="yes")
+    assert ok.status_code == 200
+    assert ok.get_json() == {"n": 3, "ratio": 0.5, "flag": True,
+                             "types": ["int", "float", "bool"]}
+    for params, name in (({"n": "abc"}, "'n'"), ({"n": "1", "ratio": "nan"}, "'ratio'"),
+                         ({"n": "1", "flag": "maybe"}, "'flag'"), ({"n": "9" * 50}, "'n'")):
+        assert_error(get(client, "typed", **params), 400, name)
+
+
+def test_the_demo_says_a_bad_limit_is_the_callers_400(build: Build) -> None:
+    client = build({"primes": {"kind": "python", "target": "service.http.demo:primes",
+                               "executor": "thread", "max_age": 60}}).test_client()
+    assert_error(get(client, "primes", limit="abc"), 400, "'limit'", "whole number")

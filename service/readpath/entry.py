@@ -9,6 +9,7 @@ stored through the safe codec as a plain dict, so a newer release can add fields
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,28 @@ ENVELOPE_VERSION = 1
 MARKER = "\x00entry"
 """A key no value of a user's has (the codec wraps a dict whose only key starts with NUL,
 and this one is never alone): tells an envelope from a plain value stored under a key."""
+
+
+# Bounds of the numbers an envelope may hold: what this service writes stays far inside
+# them; anything outside (infinity, NaN, 5,000 digits, the year 2286) is somebody's garbage,
+# and such an item is unusable, so replaced by the next fetch, never a 500 on every read.
+MAX_SECONDS = 10 * 366 * 86400.0   # a window, or a fetch: ten years
+MAX_TIME = 2.0**33                 # a wall-clock time: the year 2242
+
+
+def _number(raw: Any, low: float, high: float) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise CodecError(f"malformed cache entry: {type(raw).__name__} where a number goes")
+    if isinstance(raw, int) and abs(raw) > 2**53:
+        raise CodecError("malformed cache entry: a number out of bounds")
+    value = float(raw)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise CodecError("malformed cache entry: a number out of bounds")
+    return value
+
+
+def _seconds(raw: Any) -> float:
+    return _number(raw, 0.0, MAX_SECONDS)
 
 
 @dataclass(frozen=True)
@@ -75,8 +98,10 @@ class Entry:
         try:
             if not isinstance(data, dict) or data.get("env") != ENVELOPE_VERSION:
                 raise CodecError("not a cache entry envelope")
-            windows = Windows(float(data["max_age"]), float(data["swr"]), float(data["sie"]))
-            timing = Timing(float(data["stored_at"]), windows, float(data["fetch"]))
+            windows = Windows(_seconds(data["max_age"]), _seconds(data["swr"]),
+                              _seconds(data["sie"]))
+            timing = Timing(_number(data["stored_at"], -MAX_TIME, MAX_TIME), windows,
+                            _seconds(data["fetch"]))
             epoch = data.get("epoch", "")
             if not isinstance(epoch, str):
                 raise CodecError("malformed cache entry: epoch")

@@ -327,3 +327,23 @@ def test_a_claim_or_record_without_expiry_heals_with_one_fetch(
         second = state.region.get_or_load(job)
     assert (first.status, first.value) == ("MISS", "fresh")
     assert second.status == "HIT" and calls == [1]
+
+
+@pytest.mark.parametrize("field, number", [("max_age", float("inf")), ("stored_at", 9e18),
+                                           ("swr", float("nan")), ("fetch", -5)])
+def test_an_envelope_with_a_hostile_number_is_replaced_not_a_500(
+        memcached: Any, make_app: Any, origin_server: Any, field: str, number: float) -> None:
+    app: Flask = make_app(settings_for([memcached.address], cache={"l1_max_entries": 0},
+                                       sources={"items": {
+                                           "kind": "http", "max_age": 60,
+                                           "url": origin_server.url + "/items?id={id}"}}))
+    client = app.test_client()
+    first = client.get("/v1/items?id=1")
+    state = state_of(app)
+    key = next(k for k, _ in state.ledger.items())
+    raw, _ = state.store.gets(key)
+    raw[field] = number                                 # parses, but is absurd
+    state.store.set(key, raw, 60)
+    again = client.get("/v1/items?id=1")
+    assert again.status_code == 200 and again.data != first.data   # fetched anew
+    assert client.get("/v1/items?id=1").headers["X-Cache"] == "HIT"   # healed

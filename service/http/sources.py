@@ -148,12 +148,18 @@ class Fetchers:
         # request's parameters: they reach clients (502 bodies) and logs.
         try:
             response = self.http().request("GET", url, preload_content=False)
+            body = None
             try:
                 if response.status >= 500:
                     raise OriginError(f"{source.name}: the origin answered {response.status}",
                                       origin_status=response.status)
                 body = _read_bounded(response, limit)
             finally:
+                if body is None:
+                    # Its body was not read to the end (an error status, an answer over the
+                    # limit, an exception): the connection must not go back to the pool, or
+                    # the next request on it would read the rest as its own answer.
+                    response.close()
                 response.release_conn()
         except urllib3.exceptions.NewConnectionError as exc:
             # Refused, unreachable or unresolvable. urllib3 makes this a subclass of its

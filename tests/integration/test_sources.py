@@ -592,3 +592,15 @@ def test_the_demo_says_a_bad_limit_is_the_callers_400(build: Build) -> None:
     client = build({"primes": {"kind": "python", "target": "service.http.demo:primes",
                                "executor": "thread", "max_age": 60}}).test_client()
     assert_error(get(client, "primes", limit="abc"), 400, "'limit'", "whole number")
+
+
+def test_an_origin_error_does_not_poison_the_next_request_on_its_connection(
+        build: Build, origin_server: Any) -> None:
+    # The 503's body is not read: its connection must not be lent to the next request
+    # (which would read that body as its own answer: a ProtocolError, a 502).
+    client = build({"a": http_source(origin_server.url + "/a?id={id}"),
+                    "broken": http_source(origin_server.url + "/broken?status=503&n={id}")}
+                   ).test_client()
+    for i in range(5):
+        assert_error(get(client, "broken", id=str(i)), 502, "503")
+        assert get(client, "a", id=str(i)).status_code == 200

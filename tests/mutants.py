@@ -23,9 +23,8 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "                self.give_back(claim)",
   ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_swr.py"]),
  ("M2 owner check then a plain delete", "service/readpath/lease.py",
-  "            code = self.store.mdelete(lease_key(claim.key), claim.lease_cas, "
-  "route=claim.key)",
-  "            code = self.store.mdelete(lease_key(claim.key), route=claim.key)",
+  "            code = self.leases.mdelete(claim.key, claim.lease_cas)",
+  "            code = self.leases.mdelete(claim.key)",
   ["tests/integration/test_lease.py"]),
  ("M3 backend write without a fence", "service/flask/coalesce.py",
   "self.memcached_ttl(timeout), cas=held.claim.fence)",

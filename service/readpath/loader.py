@@ -405,7 +405,7 @@ class Loader:
             gevent.sleep(step.delay)
             look = None
 
-    def _acquire(self, key: str, fence: bytes | None, quiet: bool = False) -> Claim | None:
+    def _acquire(self, key: str, fence: bytes | None) -> Claim | None:
         """The refresh lease of an existing item, or ``None`` while another worker holds
         it; a failure or pass record in its place is raised (the waiter answers it)."""
         try:
@@ -419,9 +419,9 @@ class Loader:
             return None
         self._note_elsewhere(key)
         error = error_of(record)
-        if error is not None and not quiet:
+        if error is not None:
             raise error
-        if is_pass(record) and not quiet:
+        if is_pass(record):
             raise _PassNow(None)
         return None
 

@@ -24,7 +24,7 @@ from ..observe import metrics
 from .entry import Entry
 from .freshness import Action, State, decide, state
 from .ledger import Ledger
-from .loader import Job, Loaded, Loader, Usable
+from .loader import Job, Loaded, Loader
 from .refresher import Refresher
 from .tiers import Found, LocalCopy, Look, TwoTier
 
@@ -60,11 +60,6 @@ class Region:
     def fresh(self, entry: Entry) -> bool:
         """Periodic job: the entry is not due yet."""
         return state(entry.timing, self.clock()) is State.FRESH
-
-    @staticmethod
-    def newer_than(seen: float) -> Usable:
-        """Background refresh: an entry newer than the one the reader saw landed."""
-        return lambda entry: entry.stored_at > seen
 
     @staticmethod
     def never(entry: Entry) -> bool:

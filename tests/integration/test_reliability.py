@@ -227,14 +227,10 @@ def test_error_details_name_neither_the_origin_nor_the_parameters(
     assert str(port) not in detail and "127.0.0.1" not in detail and "hunter2" not in detail
 
 
-@pytest.mark.parametrize("value", [
-    {"status": "200", "content_type": "text/plain", "body": b"x"},       # a string status
-    {"status": 200, "content_type": "text/plain\r\nSet-Cookie: a=b", "body": b"x"},
-    {"status": 200, "content_type": "text/plain", "body": "not bytes"},
-    ["not", "a", "dict"],
-])
-def test_a_hostile_envelope_is_replaced_not_rendered(
-        memcached: Any, make_app: Any, origin_server: Any, value: Any) -> None:
+def rewrite_stored_envelope(memcached: Any, make_app: Any, origin_server: Any,
+                            field: str, value: Any) -> tuple[Any, Any, Any]:
+    """Read /v1/items?id=1 once, then rewrite one field of its stored envelope: the
+    client, the first answer and the answer after the rewrite."""
     app: Flask = make_app(settings_for([memcached.address], cache={"l1_max_entries": 0},
                                        sources={"items": {
                                            "kind": "http", "max_age": 60,
@@ -244,9 +240,22 @@ def test_a_hostile_envelope_is_replaced_not_rendered(
     state = state_of(app)
     key = next(k for k, _ in state.ledger.items())
     raw, _ = state.store.gets(key)
-    raw["value"] = value                               # well-formed envelope, hostile field
+    raw[field] = value
     state.store.set(key, raw, 60)
-    again = client.get("/v1/items?id=1")
+    return client, first, client.get("/v1/items?id=1")
+
+
+@pytest.mark.parametrize("value", [
+    {"status": "200", "content_type": "text/plain", "body": b"x"},       # a string status
+    {"status": 200, "content_type": "text/plain\r\nSet-Cookie: a=b", "body": b"x"},
+    {"status": 200, "content_type": "text/plain", "body": "not bytes"},
+    ["not", "a", "dict"],
+])
+def test_a_hostile_envelope_is_replaced_not_rendered(
+        memcached: Any, make_app: Any, origin_server: Any, value: Any) -> None:
+    # A well-formed envelope with a hostile field.
+    client, first, again = rewrite_stored_envelope(memcached, make_app, origin_server,
+                                                   "value", value)
     assert again.status_code == 200 and again.data != first.data   # fetched anew
     assert origin_server.count("/items") == 2
     assert client.get("/v1/items?id=1").headers["X-Cache"] == "HIT"   # healed
@@ -333,17 +342,8 @@ def test_a_claim_or_record_without_expiry_heals_with_one_fetch(
                                            ("swr", float("nan")), ("fetch", -5)])
 def test_an_envelope_with_a_hostile_number_is_replaced_not_a_500(
         memcached: Any, make_app: Any, origin_server: Any, field: str, number: float) -> None:
-    app: Flask = make_app(settings_for([memcached.address], cache={"l1_max_entries": 0},
-                                       sources={"items": {
-                                           "kind": "http", "max_age": 60,
-                                           "url": origin_server.url + "/items?id={id}"}}))
-    client = app.test_client()
-    first = client.get("/v1/items?id=1")
-    state = state_of(app)
-    key = next(k for k, _ in state.ledger.items())
-    raw, _ = state.store.gets(key)
-    raw[field] = number                                 # parses, but is absurd
-    state.store.set(key, raw, 60)
-    again = client.get("/v1/items?id=1")
+    # A number that parses, but is absurd.
+    client, first, again = rewrite_stored_envelope(memcached, make_app, origin_server,
+                                                   field, number)
     assert again.status_code == 200 and again.data != first.data   # fetched anew
     assert client.get("/v1/items?id=1").headers["X-Cache"] == "HIT"   # healed

@@ -72,7 +72,7 @@ class RefreshSettings:
 @dataclass(frozen=True)
 class ServerSettings:
     monitor_threshold: float = 0.5
-    log_format: str = "json"
+    log_format: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -224,8 +224,8 @@ def _parse_server(r: _Reader, t: Mapping[str, Any]) -> ServerSettings:
     d = ServerSettings()
     r.only(t, "server", set(ServerSettings.__dataclass_fields__))
     fmt = r.get(t, "server.log_format", str, d.log_format)
-    if fmt not in ("json", "text"):
-        r.fail("server.log_format", "'json' or 'text'")
+    if fmt not in ("auto", "json", "text"):
+        r.fail("server.log_format", "'auto' (text on a terminal, JSON otherwise), 'json' or 'text'")
     threshold = r.duration(t, "server.monitor_threshold", d.monitor_threshold, positive=True)
     return ServerSettings(monitor_threshold=threshold, log_format=fmt)
 

@@ -51,7 +51,8 @@ MAX_LIMIT = 1000
 # How far memcached's expiry may be from the registry's idea of it before the registry's
 # record is taken to describe an older entry (memcached counts whole seconds).
 TTL_SLACK = 2.5
-STATES = ("fresh", "stale", "error_only", "loading", "gone", "invalidated")
+STATES = ("fresh", "stale", "error_only", "loading", "gone", "invalidated", "uncacheable",
+          "client_error")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +117,17 @@ def listing(st: AppState, filters: Filters) -> dict[str, Any]:
     }
 
 
+def one(st: AppState, entry_id: str) -> dict[str, Any] | None:
+    """``GET /admin/api/entries/<id>``: the row of one entry (as in the listing, live from
+    memcached), or ``None`` when the registry lists no entry with that id."""
+    rec = find(st, entry_id)
+    if rec is None:
+        return None
+    now = st.clock()
+    [row] = _rows(st, [rec], now)
+    return {**row, "generated_at": now, "answered_by": answered_by()}
+
+
 def answered_by() -> dict[str, Any]:
     """The worker answering this request."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
@@ -151,8 +163,11 @@ def _rows(st: AppState, recs: list[Record], now: float) -> list[dict[str, Any]]:
         lease = leases.get(key)
         if in_mc and entry is not None:
             status = state(entry.timing, now).value
-        elif rec["o"] == "invalidated":
-            status = "invalidated"
+        elif rec["o"] in ("invalidated", "uncacheable", "client_error"):
+            # Nothing stored, and the last load says why: the admin deleted it, the answer
+            # was not cacheable (Cache-Control: no-store, a cookie...), or it was a 4xx
+            # (``abort(404)``): what the caller got, not a failed fetch.
+            status = rec["o"]
         else:
             status = "loading" if lease is not None else "gone"
         row: dict[str, Any] = {
@@ -166,7 +181,8 @@ def _rows(st: AppState, recs: list[Record], now: float) -> list[dict[str, Any]]:
             if lease is not None else None,
             "in_memcached": in_mc,
         }
-        if entry is not None and status not in ("gone", "invalidated"):
+        if entry is not None and status not in ("gone", "invalidated", "uncacheable",
+                                                "client_error"):
             t = entry.timing
             row.update(age=round(t.age(now), 3), stored_at=t.stored_at,
                        fresh_until=t.fresh_until, stale_until=t.stale_until,

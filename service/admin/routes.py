@@ -40,7 +40,7 @@ from flask.blueprints import BlueprintSetupState
 
 from ..errors import BadRequest, CacheUnavailable, HTTPError, NotFound, Unavailable
 from ..flask.state import EXTENSION, AppState, state_of
-from ..observe.logs import event
+from ..observe.logs import QUIET, event
 from . import entries as adminentries
 from . import stats as adminstats
 from .install import install
@@ -51,6 +51,8 @@ bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="template
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 COOKIE = "swr_admin"
 SESSION_SECONDS = 12 * 3600
+# The header the page's script sends on its timed reloads (not on a click).
+POLL_HEADER = "X-SWR-Admin-Poll"
 
 
 @bp.errorhandler(HTTPError)
@@ -121,6 +123,11 @@ def authenticate() -> Response | None:
         if not hmac.compare_digest(sent.encode(), csrf_token(token).encode()):
             return _error(403, "forbidden", "X-CSRF-Token missing or wrong")
     request.environ["swr.admin.scheme"] = scheme
+    if request.method == "GET" and request.headers.get(POLL_HEADER) == "1":
+        # The page's own timed reload, every 5 s while a tab is open: the access log
+        # (service.gunicorn.accesslog) leaves it out. Only after authentication, so that
+        # nobody else can hide requests from the log with the header.
+        request.environ[QUIET] = True
     return None
 
 
@@ -155,6 +162,14 @@ def entries() -> Response:
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     return jsonify(adminentries.listing(state_of(), filters))
+
+
+@bp.get("/api/entries/<entry_id>")
+def entry(entry_id: str) -> Response:
+    row = adminentries.one(state_of(), entry_id)
+    if row is None:
+        raise NotFound(f"no entry with id {entry_id!r} is listed")
+    return jsonify(row)
 
 
 @bp.get("/api/sources")
@@ -298,10 +313,23 @@ def refresh_source_entry(name: str) -> tuple[Response, int]:
 
 @bp.get("/")
 def page() -> Response:
+    return _page(None)
+
+
+@bp.get("/entries/<entry_id>")
+def entry_page(entry_id: str) -> Response:
+    """One entry's page: a URL to share (the list links each row to it). The entry is read
+    by the page's script, so an id the registry no longer lists says so on the page."""
+    return _page(entry_id)
+
+
+def _page(entry_id: str | None) -> Response:
     st = state_of()
     token = admin_token(st) or ""
     nonce = secrets.token_urlsafe(16)
     body = render_template("swr_admin/index.html", csrf=csrf_token(token), nonce=nonce,
+                           base=url_for("admin.page"), entry_id=entry_id or "",
+                           favicon=adminstats.favicon(),
                            script=adminstats.asset("admin.js"),
                            style=adminstats.asset("admin.css"))
     response = Response(body, mimetype="text/html", headers={

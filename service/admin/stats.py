@@ -5,8 +5,11 @@ Each part says what it covers (``scope`` in the answer):
 * per source, per tier, leases, memcached errors: the Prometheus counters of
   :mod:`service.metrics`, merged over this host's workers like ``/metrics`` (another host
   of the fleet has its own): requests and the hit / stale / miss ratios, origin fetches by
-  outcome, fetch-time percentiles estimated from the histogram's buckets, readers that
-  waited for another worker's fetch;
+  outcome, readers that waited for another worker's fetch, and the histogram's bucket
+  bounds of the fetch times (``refresh_seconds``: "p50 ≤ 2.5 s", never a value
+  interpolated inside a bucket);
+* fetch-time percentiles from observed durations (``fetch_seconds``): the time the last
+  fetch of each entry the registry lists took, per source, the whole fleet;
 * per memcached server: up or down, this worker's circuit breaker, and the server's own
   ``stats`` (items, memory used of its limit, evictions, connections, hit ratio);
 * the latest refresh failures and blocked-hub reports, and the last hour per minute:
@@ -15,6 +18,7 @@ Each part says what it covers (``scope`` in the answer):
 
 from __future__ import annotations
 
+import base64
 import math
 from functools import cache
 from importlib import resources
@@ -27,6 +31,7 @@ from ..observe import metrics, monitor
 from . import entries as adminentries
 from .history import History
 from .install import registry_of
+from .registry import Record
 
 QUANTILES = (0.5, 0.9, 0.99)
 SERVER_STATS = ("version", "uptime", "curr_items", "bytes", "limit_maxbytes", "evictions",
@@ -37,6 +42,14 @@ SERVER_STATS = ("version", "uptime", "curr_items", "bytes", "limit_maxbytes", "e
 def asset(name: str) -> str:
     """A file of the page (``service/admin/assets/``), read once."""
     return (resources.files("service.admin") / "assets" / name).read_text("utf-8")
+
+
+@cache
+def favicon() -> str:
+    """The page's icon as a ``data:`` URI (``assets/favicon.svg``): no extra request, and
+    no 404 for ``/favicon.ico`` in the browser's console."""
+    svg = asset("favicon.svg").strip().encode("utf-8")
+    return "data:image/svg+xml;base64," + base64.b64encode(svg).decode("ascii")
 
 
 def collect(st: AppState) -> dict[str, Any]:
@@ -50,6 +63,7 @@ def collect(st: AppState) -> dict[str, Any]:
         **counters(),
         "servers": servers(st),
         "answered_by": adminentries.answered_by(),
+        "fetch_seconds": observed(adminentries.records(st)[0]),
     }
     history: History | None = st.extra.get("history")
     registry = registry_of(st)
@@ -122,28 +136,54 @@ def counters() -> dict[str, Any]:
     return out
 
 
-def percentiles(cumulative: dict[float, float]) -> dict[str, float | None]:
-    """Quantiles from a histogram's cumulative buckets (``{le: count}``), interpolated
-    linearly inside a bucket as Prometheus' ``histogram_quantile`` does; a quantile that
-    falls in the ``+Inf`` bucket is reported as the largest finite bound."""
+def percentiles(cumulative: dict[float, float]) -> dict[str, Any]:
+    """The bucket bound under which each quantile lies, from a histogram's cumulative
+    buckets (``{le: count}``): ``p50 = 2.5`` reads "half the fetches took at most 2.5 s".
+
+    Not interpolated inside a bucket (Prometheus' ``histogram_quantile`` does): with
+    buckets 1 and 2.5 s, 1.0 s fetches would read 1.8 / 2.4 / 2.5 s. A quantile in the
+    ``+Inf`` bucket is ``inf`` ("more than the largest bound"; JSON has no infinity, so
+    it is sent as ``null`` with ``over`` set to that bound).
+    """
     bounds = sorted(cumulative)
     count = cumulative.get(math.inf, cumulative[bounds[-1]] if bounds else 0.0)
-    out: dict[str, float | None] = {"count": count}
+    out: dict[str, Any] = {"count": count, "basis": "bucket bounds", "over": None}
+    finite = [le for le in bounds if not math.isinf(le)]
     for q in QUANTILES:
-        out[f"p{round(q * 100)}"] = None
+        name = f"p{round(q * 100)}"
+        out[name] = None
         if not count:
             continue
-        rank, lower, below = q * count, 0.0, 0.0
         for le in bounds:
-            seen = cumulative[le]
-            if seen >= rank:
+            if cumulative[le] >= q * count:
                 if math.isinf(le):
-                    out[f"p{round(q * 100)}"] = lower
+                    out["over"] = finite[-1] if finite else 0.0
                 else:
-                    share = (rank - below) / (seen - below) if seen > below else 1.0
-                    out[f"p{round(q * 100)}"] = lower + (le - lower) * share
+                    out[name] = le
                 break
-            lower, below = (le if not math.isinf(le) else lower), seen
+    return out
+
+
+def observed(recs: list[Record]) -> dict[str, dict[str, Any]]:
+    """Per source, percentiles of the observed fetch times: how long the last fetch of
+    each listed entry took (the registry's ``f``), nearest rank, never interpolated."""
+    durations: dict[str, list[float]] = {}
+    for rec in recs:
+        f = rec.get("f")
+        # Read from memcached: only a finite, non-negative number of seconds counts.
+        if isinstance(f, int | float) and not isinstance(f, bool) and math.isfinite(f) \
+                and f >= 0:
+            durations.setdefault(rec["s"], []).append(float(f))
+    return {source: nearest_rank(sorted(values)) for source, values in durations.items()}
+
+
+def nearest_rank(ordered: list[float]) -> dict[str, Any]:
+    """``p50``/``p90``/``p99`` of sorted samples, each one of the samples (the smallest
+    with at least that share of the samples at or below it)."""
+    out: dict[str, Any] = {"count": len(ordered), "basis": "observed"}
+    for q in QUANTILES:
+        out[f"p{round(q * 100)}"] = (ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+                                     if ordered else None)
     return out
 
 

@@ -33,6 +33,8 @@ from typing import IO, Any, cast
 
 from gunicorn.glogging import Logger
 
+from ..observe import logs
+
 
 class _Batches:
     """Access lines collected in memory and written in one ``write`` per batch.
@@ -238,6 +240,8 @@ class BufferedAccessLogger(Logger):  # type: ignore[misc]
 
     def setup(self, cfg: Any) -> None:
         super().setup(cfg)
+        # One format per run: gunicorn's own lines and the access lines as the service's.
+        logs.use_for_gunicorn((self.error_log, self.access_log), _log_format())
         if "gevent" not in str(getattr(cfg, "worker_class_str", "")):
             # The buffer takes no lock: greenlets of one worker never interleave inside
             # it, threads (gthread, sync's drain thread) could lose a line.
@@ -260,6 +264,8 @@ class BufferedAccessLogger(Logger):  # type: ignore[misc]
             handlers[i] = buffered
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        if environ.get(logs.QUIET):
+            return  # the admin page's own timed reload (service.admin.routes marks it)
         log: logging.Logger = self.access_log
         handler = _only_buffer(log)
         if handler is None:
@@ -271,12 +277,24 @@ class BufferedAccessLogger(Logger):  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - as gunicorn: a bad format is reported, not raised
             self.error(traceback.format_exc())
             return
-        handler.append(line)
+        handler.append(logs.line(handler.formatter, "gunicorn.access", line))
 
     def flush_access(self) -> None:
         """Write the buffered lines now (the shipped ``worker_exit`` calls it)."""
         for handler in self.access_log.handlers:
             handler.flush()
+
+
+def _log_format() -> str:
+    """``[server] log_format`` of the settings file (``SWR_LOG_FORMAT`` overrides it in
+    :func:`service.observe.logs.chosen_format`); ``auto`` when the file cannot be read
+    (the master says why elsewhere, see :mod:`service.gunicorn.reload`)."""
+    from ..config import ConfigError, load_settings
+
+    try:
+        return load_settings().server.log_format
+    except (ConfigError, OSError):
+        return "auto"
 
 
 def _only_buffer(log: logging.Logger) -> _Batches | None:
@@ -290,6 +308,6 @@ def _only_buffer(log: logging.Logger) -> _Batches | None:
     [handler] = handlers
     if (type(handler) not in (BufferedStreamHandler, BufferedFileHandler) or handler.filters
             or handler.level > logging.INFO or handler.formatter is None
-            or handler.formatter._fmt != "%(message)s"):
+            or not (logs.is_ours(handler.formatter) or handler.formatter._fmt == "%(message)s")):
         return None
     return cast(_Batches, handler)

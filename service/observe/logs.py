@@ -5,9 +5,18 @@ Events carry ``event`` (``refresh``, ``lease_lost``, ``memcached_error``, ``hub_
 hold user input, and values never appear in logs at all.
 
 ``[server] log_format = "text"`` writes the same fields as ``name=value`` pairs after the
-message, for a terminal (:class:`TextFormatter`). Configuration happens
-in :func:`init_app` for the ``service`` logger only, and only if the host application has
-not configured it: a library should not take over the root logger.
+message, for a terminal (:class:`TextFormatter`). The default, ``"auto"``, is text when
+both stdout and stderr are terminals and JSON otherwise (a pipe, a file, journald); the
+environment variable ``SWR_LOG_FORMAT`` (``auto``, ``json`` or ``text``) overrides the
+setting (:func:`chosen_format`). One format per run: under the shipped gunicorn config,
+gunicorn's own error log and the access log get the same formatter
+(:func:`use_for_gunicorn`, called by :mod:`service.gunicorn.accesslog`).
+
+Configuration happens in :func:`configure` for the ``service`` logger only, and only if
+the host application has not configured it: a library should not take over the root
+logger. Every message says by itself what happened, where (the server, the source, the
+key's hash) and why, so a line still reads well where only the message is printed (an app
+without a logging config: Python's last-resort handler prints the message alone).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -29,6 +39,10 @@ def digest(key: str | bytes) -> str:
     raw = key.encode("utf-8", "surrogatepass") if isinstance(key, str) else key
     return base64.urlsafe_b64encode(hashlib.sha256(raw).digest()).rstrip(b"=").decode("ascii")
 
+
+# Set in a request's WSGI environ by the app when its access line is noise (the admin
+# page's own timed reloads): the access log leaves such requests out.
+QUIET = "swr.access_log.quiet"
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -54,10 +68,13 @@ class _FieldsFormatter(logging.Formatter):
     the record has them.
     """
 
+    def format_line(self, logger: str, message: str) -> str:
+        """An INFO line of ``logger`` saying ``message``, now (no record is made)."""
+        raise NotImplementedError
+
     def fields(self, record: logging.LogRecord) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                  + f".{int(record.msecs):03d}Z",
+            "ts": _stamp(record.created, int(record.msecs)),
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": os.getpid(),
@@ -75,11 +92,24 @@ class _FieldsFormatter(logging.Formatter):
         return data
 
 
+def _stamp(created: float, msecs: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{msecs:03d}Z"
+
+
+def _now() -> str:
+    now = time.time()
+    return _stamp(now, int((now % 1) * 1000))
+
+
 class JSONFormatter(_FieldsFormatter):
     """``{"ts", "level", "logger", "pid", "msg", ...extra fields}`` on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
         return orjson.dumps(self.fields(record), default=str).decode()
+
+    def format_line(self, logger: str, message: str) -> str:
+        return orjson.dumps({"ts": _now(), "level": "info", "logger": logger,
+                             "pid": os.getpid(), "msg": message}).decode()
 
 
 class TextFormatter(_FieldsFormatter):
@@ -102,6 +132,9 @@ class TextFormatter(_FieldsFormatter):
                 f"[{data.pop('pid')}] {_one_line(str(data.pop('msg')))}")
         pairs = (f"{_field_name(name)}={_text_value(value)}" for name, value in data.items())
         return " ".join([head, *pairs])
+
+    def format_line(self, logger: str, message: str) -> str:
+        return f"{_now()} INFO {logger} [{os.getpid()}] {_one_line(message)}"
 
 
 _QUOTE_AND_BACKSLASH = '"\\'
@@ -146,15 +179,72 @@ def _text_value(value: Any) -> str:
     return '"' + _one_line(text, special=_QUOTE_AND_BACKSLASH) + '"'
 
 
-def configure(log_format: str) -> None:
+FORMAT_ENV = "SWR_LOG_FORMAT"
+FORMATS = ("auto", "json", "text")
+
+
+def chosen_format(setting: str = "auto", streams: tuple[Any, ...] | None = None) -> str:
+    """``"json"`` or ``"text"``: ``SWR_LOG_FORMAT`` when set, else ``setting``; ``"auto"``
+    is text when every stream (stdout and stderr) is a terminal, JSON otherwise. Every
+    process of a run (gunicorn's master, its workers) decides the same way, from the
+    same environment and the same inherited streams. An unknown value of the variable is
+    said on stderr and taken as ``auto``."""
+    wanted = os.environ.get(FORMAT_ENV, "").strip().lower() or setting
+    if wanted not in FORMATS:
+        sys.stderr.write(f"{FORMAT_ENV}={wanted!r} is not one of {', '.join(FORMATS)}; "
+                         "using auto (text on a terminal, JSON otherwise)\n")
+        wanted = "auto"
+    if wanted != "auto":
+        return wanted
+    for stream in streams if streams is not None else (sys.stdout, sys.stderr):
+        try:
+            if stream is None or not stream.isatty():
+                return "json"
+        except (AttributeError, ValueError):  # no isatty, or a closed stream
+            return "json"
+    return "text"
+
+
+def formatter(log_format: str = "auto") -> logging.Formatter:
+    """The formatter of :func:`chosen_format` for ``log_format``."""
+    return TextFormatter() if chosen_format(log_format) == "text" else JSONFormatter()
+
+
+def configure(log_format: str = "auto") -> None:
     """Give the ``service`` logger a stderr handler, unless somebody configured it."""
     logger = logging.getLogger("service")
     if logger.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(formatter(log_format))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+def use_for_gunicorn(loggers: Iterable[logging.Logger], log_format: str = "auto") -> None:
+    """Give gunicorn's own handlers (the error log's and the access log's, those gunicorn
+    marks ``_gunicorn``) the run's formatter, so that its lines, the access lines and ours
+    share one format. Handlers from ``logconfig``/``logconfig_dict`` or syslog are left
+    as configured."""
+    chosen = formatter(log_format)
+    for logger in loggers:
+        for handler in logger.handlers:
+            if getattr(handler, "_gunicorn", False) and not isinstance(
+                    handler.formatter, _FieldsFormatter):
+                handler.setFormatter(chosen)
+
+
+def is_ours(fmt: logging.Formatter | None) -> bool:
+    """``fmt`` is one of this module's formatters (it has :func:`line`'s fast path)."""
+    return isinstance(fmt, _FieldsFormatter)
+
+
+def line(fmt: logging.Formatter | None, logger: str, message: str) -> str:
+    """``message`` as an INFO line of ``logger`` in ``fmt``'s format, the fast way (the
+    access log's lines: no record, no extra fields); as it is for any other formatter."""
+    if isinstance(fmt, _FieldsFormatter):
+        return fmt.format_line(logger, message)
+    return message
 
 
 

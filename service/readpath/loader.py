@@ -33,7 +33,7 @@ from ..config import RefreshSettings
 from ..errors import CacheUnavailable, CodecError, HTTPError, OriginError, OriginTimeout
 from ..memcache import codec
 from ..observe import metrics
-from ..observe.logs import event
+from ..observe.logs import event, key_hash
 from .entry import Entry
 from .fetching import Fetcher, Runner
 from .lease import PASS_RECORD, Claim, Leases, error_of, error_record, is_pass
@@ -500,15 +500,24 @@ class Loader:
                         return Loaded(newer.value, newer)
                 raise _Superseded(Loaded(raw, None))
             metrics.refreshes_total.labels(job.source, "ok").inc()
-            event(log, logging.INFO, "refresh", "fetched", source=job.source, key=job.key,
-                  outcome="ok", seconds=round(elapsed, 4), leased=claim is not None)
+            event(log, logging.INFO, "refresh", f"{job.source}: fetched in {elapsed:.3f}s "
+                  f"and stored (key {key_hash(job.key)})",
+                  source=job.source, key=job.key, outcome="ok", seconds=round(elapsed, 4),
+                  leased=claim is not None)
             return Loaded(entry.value, entry)
         except HTTPError as exc:
-            outcome = "timeout" if isinstance(exc, OriginTimeout) else "error"
+            outcome = ("timeout" if isinstance(exc, OriginTimeout)
+                       else "client_error" if exc.status < 500 else "error")
             detail = exc.detail
             metrics.refreshes_total.labels(job.source, outcome).inc()
-            event(log, logging.WARNING, "refresh", "fetch failed", source=job.source,
-                  key=job.key, outcome=outcome, status=exc.status, detail=exc.detail)
+            # A 4xx is the caller's answer (a bad parameter, a missing item), not a failure
+            # of the origin: said at INFO, and never counted among the fetch errors.
+            said = "answered" if outcome == "client_error" else "failed with"
+            event(log, logging.INFO if outcome == "client_error" else logging.WARNING,
+                  "refresh", f"{job.source}: fetch {said} {exc.status} "
+                  f"(key {key_hash(job.key)}): {exc.detail or exc.error}",
+                  source=job.source, key=job.key, outcome=outcome, status=exc.status,
+                  detail=exc.detail)
             if not settled:
                 # The failure replaces the claim in one write, so a waiter that sees the
                 # claim gone also sees why, and does not fetch again what just failed.
@@ -519,7 +528,9 @@ class Loader:
         except Exception as exc:
             if isinstance(exc, _Superseded):
                 raise
-            outcome, detail = "error", f"{type(exc).__name__}: {exc}"
+            status = client_status(exc)
+            outcome = "client_error" if status is not None else "error"
+            detail = f"{type(exc).__name__}: {exc}"
             metrics.refreshes_total.labels(job.source, outcome).inc()
             if not settled:
                 self.give_back(claim, PASS_RECORD, self.pass_ttl)
@@ -561,6 +572,14 @@ class Loader:
             event(log, logging.INFO, "fenced", "the claimed item changed; not stored",
                   source=job.source, key=job.key, code=code)
         return code
+
+
+def client_status(exc: BaseException) -> int | None:
+    """The 4xx status of an exception a view raised to answer its caller (Flask's
+    ``abort(404)`` raises one with a ``code``), else ``None``: such an answer is the
+    caller's, not a failed fetch."""
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) and 400 <= code < 500 else None
 
 
 def _private_copy(value: Any) -> Any:

@@ -142,7 +142,8 @@ def test_the_access_log_says_how_the_cache_answered_and_how_long_it_took(fleet: 
     for _ in range(3):
         assert get(fleet.url, "/v1/slow?id=logged")[0] == 200
     # Access lines are written in batches (deploy/gunicorn.conf.py): wait for them.
-    pattern = re.compile(r'"GET /v1/slow\?id=logged HTTP/1.1" 200 \d+ x_cache=(\w+) '
+    # (The log is not a terminal: each line is JSON, its quotes escaped.)
+    pattern = re.compile(r'\\?"GET /v1/slow\?id=logged HTTP/1.1\\?" 200 \d+ x_cache=(\w+) '
                          r'time=\d+\.\d+ ua=')
     deadline = time.monotonic() + 10
     while len(found := pattern.findall(fleet.log_text())) < 3 and time.monotonic() < deadline:

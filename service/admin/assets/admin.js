@@ -2,14 +2,21 @@
 // The admin page: reads /admin/api/{stats,entries,sources}, draws them, and sends the
 // three actions (invalidate an entry, invalidate a source, refresh an entry).
 //
-// Request URLs are built from location.origin + location.pathname, never relative: a page
-// opened as http://user:TOKEN@host/admin/ would hand those credentials to every relative
-// URL, and Chromium refuses fetch() to a URL that carries credentials. The page's requests
+// Request URLs are built from location.origin and the admin's own path (the admin-base
+// meta, /admin/ by default), never relative: a page opened as
+// http://user:TOKEN@host/admin/ would hand those credentials to every relative URL, and
+// Chromium refuses fetch() to a URL that carries credentials. The page's requests
 // authenticate with the session cookie set when the page was served, and every mutating
-// one carries the CSRF token of the page.
+// one carries the CSRF token of the page. The timed reloads (every 5 s) carry
+// X-SWR-Admin-Poll: 1, and the access log leaves them out.
+//
+// Two views: the fleet (/admin/) and one entry (/admin/entries/<id>, the entry-id meta),
+// a URL to share; each row of the list links to its entry's page.
 
-const BASE = location.origin + location.pathname.replace(/[^/]*$/, '');
-const CSRF = document.querySelector('meta[name="csrf-token"]').content;
+const meta = (name) => document.querySelector(`meta[name="${name}"]`).content;
+const BASE = location.origin + meta('admin-base');
+const CSRF = meta('csrf-token');
+const ENTRY = meta('entry-id');
 const PAGE_SIZE = 50;
 let offset = 0;
 let timer = null;
@@ -28,11 +35,10 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
-async function api(method, path) {
-  const response = await fetch(BASE + path, {
-    method, credentials: 'same-origin',
-    headers: {'Accept': 'application/json', 'X-CSRF-Token': CSRF},
-  });
+async function api(method, path, poll) {
+  const headers = {'Accept': 'application/json', 'X-CSRF-Token': CSRF};
+  if (poll) headers['X-SWR-Admin-Poll'] = '1';
+  const response = await fetch(BASE + path, {method, credentials: 'same-origin', headers});
   let body = null;
   try { body = await response.json(); } catch (e) { body = null; }
   if (!response.ok) {
@@ -71,6 +77,11 @@ function bytes(n) {
 
 const until = (t, now) => (t === undefined ? '–' : (t > now ? `in ${secs(t - now)}` : 'passed'));
 const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : '–');
+const hhmm = (t) => new Date(t * 1000).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'});
+// What each state and fetch outcome is called on the page (the API's names otherwise).
+const LABELS = {client_error: '4xx', error_only: 'error only'};
+const label = (name) => LABELS[name] || name;
+const entryUrl = (e) => `${BASE}entries/${encodeURIComponent(e.id)}`;
 const worker = (w) => (w && w.host ? `${w.host}:${w.pid}` : '–');
 
 function params(p) {
@@ -175,17 +186,46 @@ function drawCharts(history) {
     const last = values[values.length - 1];
     return el('div', {class: bad ? 'chart bad' : 'chart'},
       el('div', {class: 'label'}, el('span', {}, label),
-        el('span', {}, `${num(values.reduce((a, b) => a + b, 0))} / h, ${num(last)} this min`)), svg);
+        el('span', {}, `${num(values.reduce((a, b) => a + b, 0))} / h, ${num(last)} this min`)),
+      el('div', {class: 'plot'}, el('div', {class: 'yaxis', 'aria-hidden': 'true'},
+        el('span', {}, num(top)), el('span', {}, '0')), svg),
+      timeAxis(history.minutes));
   });
   box.replaceChildren(...charts);
+}
+
+// Five labelled times under a chart (its first minute, every quarter hour, its last):
+// each at the left edge of its minute's bar.
+function timeAxis(minutes) {
+  const n = minutes.length;
+  const ticks = n ? [...new Set([0, n / 4, n / 2, 3 * n / 4, n - 1].map(Math.round))] : [];
+  return el('div', {class: 'xaxis', 'aria-label': 'time'}, ticks.map((i) => {
+    const tick = el('span', {class: i === 0 ? 'first' : (i === n - 1 ? 'last' : '')}, hhmm(minutes[i]));
+    tick.style.left = `${100 * i / n}%`;  // CSSOM: the page's CSP refuses style attributes
+    return tick;
+  }));
+}
+
+// Percentiles of the observed fetch times when the registry has some; else the bucket
+// bounds of this host's histogram, shown as bounds ("≤ 2.5 s"), never as a value.
+function fetchTimes(name, stats) {
+  const seen = (stats.fetch_seconds || {})[name];
+  if (seen && seen.count) {
+    return el('span', {title: `observed: the last fetch of ${seen.count} listed entries, whole fleet`},
+      `${secs(seen.p50)} / ${secs(seen.p90)} / ${secs(seen.p99)}`);
+  }
+  const b = (stats.sources[name] || {}).refresh_seconds || {};
+  if (!b.count) return '–';
+  const bound = (x) => (x === null || x === undefined ? `> ${secs(b.over)}` : `≤ ${secs(x)}`);
+  return el('span', {title: 'bounds of this host\u2019s histogram buckets: each percentile lies at or under it'},
+    `${bound(b.p50)} / ${bound(b.p90)} / ${bound(b.p99)}`);
 }
 
 function drawSources(sources, stats) {
   fill('sources', sources.map((s) => {
     const st = stats.sources[s.name] || {requests: {}, ratios: {}, refreshes: {}, refresh_seconds: {}};
     const r = st.ratios || {};
-    const q = st.refresh_seconds || {};
-    const fetches = Object.entries(st.refreshes || {}).map(([k, v]) => `${k} ${num(v)}`).join(', ');
+    const fetches = Object.entries(st.refreshes || {}).map(([k, v]) => `${label(k)} ${num(v)}`).join(', ');
     return el('tr', {},
       el('td', {}, el('strong', {}, s.name)),
       el('td', {}, s.front_door === '/v1' ? `/v1 ${s.kind}` : s.kind),
@@ -193,7 +233,7 @@ function drawSources(sources, stats) {
       el('td', {class: 'num'}, num(st.requests.total)),
       el('td', {class: 'num'}, `${pct(r.hit)} / ${pct(r.stale)} / ${pct(r.miss)}`),
       el('td', {}, fetches || '–'),
-      el('td', {class: 'num'}, `${secs(q.p50)} / ${secs(q.p90)} / ${secs(q.p99)}`),
+      el('td', {class: 'num'}, fetchTimes(s.name, stats)),
       el('td', {class: 'num'}, num(st.lease_waits)),
       el('td', {class: 'actions'}, el('button', {type: 'button', class: 'danger',
         onclick: () => invalidateSource(s)}, 'invalidate source')));
@@ -209,15 +249,16 @@ function drawEntries(listing) {
   const now = listing.generated_at;
   fill('entries', listing.entries.map((e) => el('tr', {'data-id': e.id, 'data-state': e.state},
     el('td', {}, el('strong', {}, e.source), el('div', {class: 'muted small'}, e.kind)),
-    el('td', {}, params(e.params) || el('span', {class: 'muted'}, '(no parameters)'),
+    el('td', {}, el('a', {href: entryUrl(e), class: 'entry-link'},
+      params(e.params) || el('span', {class: 'muted'}, '(no parameters)')),
       el('div', {class: 'key muted'}, e.key)),
-    el('td', {}, el('span', {class: `badge ${e.state}`}, e.state)),
+    el('td', {}, el('span', {class: `badge ${e.state}`}, label(e.state))),
     el('td', {class: 'num'}, secs(e.age)),
     el('td', {class: 'num'}, `${until(e.fresh_until, now)} / ${until(e.stale_until, now)} / ${until(e.error_until, now)}`),
     el('td', {class: 'num'}, bytes(e.size)),
     el('td', {}, el('code', {}, e.etag || '–')),
     el('td', {}, e.tiers.map((t) => (t === 'l1' ? 'this worker\u2019s L1' : t)).join(', ') || '–'),
-    el('td', {}, `${e.last_refresh} ${when(e.last_refresh_at)}`,
+    el('td', {}, `${label(e.last_refresh)} ${when(e.last_refresh_at)}`,
       el('div', {class: 'muted small'}, worker(e.last_by)),
       e.last_error && e.last_refresh !== 'invalidated' ? el('div', {class: 'err'}, e.last_error) : null),
     el('td', {}, e.lease_holder ? `held by ${worker(e.lease_holder)}` : '–'),
@@ -267,10 +308,12 @@ function entryQuery() {
   return query.toString();
 }
 
-async function load() {
+async function load(poll) {
+  if (ENTRY) { await loadEntry(poll); return; }
   try {
     const [stats, sources, listing] = await Promise.all([
-      api('GET', 'api/stats'), api('GET', 'api/sources'), api('GET', `api/entries?${entryQuery()}`)]);
+      api('GET', 'api/stats', poll), api('GET', 'api/sources', poll),
+      api('GET', `api/entries?${entryQuery()}`, poll)]);
     drawOverview(stats);
     drawCharts(stats.history);
     drawSources(sources, stats);
@@ -284,12 +327,57 @@ async function load() {
   }
 }
 
-function schedule() {
-  clearInterval(timer);
-  if (document.getElementById('auto').checked) timer = setInterval(load, 5000);
+// -- one entry's page ---------------------------------------------------------------------------
+
+let shown = null;
+
+function drawEntry(e) {
+  shown = e;
+  const now = e.generated_at;
+  const at = (t) => (t === undefined ? '–' : `${new Date(t * 1000).toLocaleString()} (${until(t, now)})`);
+  const facts = [
+    ['source', `${e.source} (${e.kind})`], ['parameters', params(e.params) || '(none)'],
+    ['key', el('code', {}, e.key)], ['id', el('code', {}, e.id)],
+    ['state', el('span', {class: `badge ${e.state}`}, label(e.state))],
+    ['age', secs(e.age)],
+    ['stored', e.stored_at === undefined ? '–' : new Date(e.stored_at * 1000).toLocaleString()],
+    ['fresh until', at(e.fresh_until)], ['stale until', at(e.stale_until)],
+    ['error until', at(e.error_until)], ['size', bytes(e.size)],
+    ['ETag', el('code', {}, e.etag || '–')],
+    ['tiers', e.tiers.map((t) => (t === 'l1' ? 'this worker\u2019s L1' : t)).join(', ') || '–'],
+    ['last fetch', `${label(e.last_refresh)} ${when(e.last_refresh_at)} by ${worker(e.last_by)}`],
+    ['last error', e.last_error ? el('span', {class: 'err'}, e.last_error) : '–'],
+    ['lease', e.lease_holder ? `held by ${worker(e.lease_holder)}` : '–'],
+  ];
+  document.getElementById('entry-title').textContent =
+    `${e.source}${params(e.params) ? ' ?' + params(e.params) : ''}`;
+  document.querySelector('#entry-facts tbody').replaceChildren(
+    ...facts.map(([name, value]) => el('tr', {}, el('th', {}, name), el('td', {}, value))));
 }
 
-document.getElementById('reload').addEventListener('click', load);
+async function loadEntry(poll) {
+  document.getElementById('fleet').hidden = true;
+  document.getElementById('entry').hidden = false;
+  try {
+    const e = await api('GET', `api/entries/${encodeURIComponent(ENTRY)}`, poll);
+    drawEntry(e);
+    document.getElementById('answered').textContent =
+      `answered by ${worker(e.answered_by)} at ${new Date().toLocaleTimeString()}`;
+    document.body.dataset.loaded = 'yes';
+  } catch (err) {
+    say(`Could not load entry ${ENTRY}: ${err.message}`, true);
+  }
+}
+
+function schedule() {
+  clearInterval(timer);
+  if (document.getElementById('auto').checked) timer = setInterval(() => load(true), 5000);
+}
+
+document.getElementById('entry-invalidate').addEventListener('click', () => { if (shown) invalidateEntry(shown); });
+document.getElementById('entry-refresh').addEventListener('click', () => { if (shown) refreshEntry(shown); });
+
+document.getElementById('reload').addEventListener('click', () => load(false));
 document.getElementById('auto').addEventListener('change', schedule);
 document.getElementById('prev').addEventListener('click', () => { offset = Math.max(0, offset - PAGE_SIZE); load(); });
 document.getElementById('next').addEventListener('click', () => { offset += PAGE_SIZE; load(); });

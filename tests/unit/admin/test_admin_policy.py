@@ -9,7 +9,7 @@ import pytest
 
 from service.admin.entries import Filters
 from service.admin.registry import expired, kind_of, merge_records, valid_record
-from service.admin.stats import percentiles
+from service.admin.stats import nearest_rank, observed, percentiles
 from service.readpath.freshness import Windows
 from service.readpath.loader import Job
 
@@ -57,15 +57,28 @@ def test_kind_of_each_front_door() -> None:
     assert kind_of(job("rates", "rates")) == "periodic"
 
 
-def test_percentiles_interpolate_inside_histogram_buckets() -> None:
+def test_histogram_percentiles_are_the_bucket_bounds_never_interpolated() -> None:
     buckets = {0.1: 50.0, 0.5: 90.0, 1.0: 100.0, math.inf: 100.0}
     p = percentiles(buckets)
-    assert p["count"] == 100
-    assert p["p50"] == pytest.approx(0.1)
-    assert p["p90"] == pytest.approx(0.5)
-    assert p["p99"] == pytest.approx(0.95)
-    assert percentiles({0.1: 0.0, math.inf: 2.0})["p50"] == 0.1        # past the last bound
+    assert p["count"] == 100 and p["basis"] == "bucket bounds"
+    assert (p["p50"], p["p90"], p["p99"]) == (0.1, 0.5, 1.0)
+    # 1.0 s fetches land in the (1, 2.5] bucket: "at most 2.5 s", not 1.8 / 2.4 / 2.5 s.
+    ones = percentiles({1.0: 0.0, 2.5: 10.0, math.inf: 10.0})
+    assert (ones["p50"], ones["p90"], ones["p99"]) == (2.5, 2.5, 2.5)
+    past = percentiles({0.1: 0.0, math.inf: 2.0})                      # past the last bound
+    assert past["p50"] is None and past["over"] == 0.1
     assert percentiles({})["p50"] is None
+
+
+def test_observed_percentiles_are_samples_by_nearest_rank() -> None:
+    recs = [{"k": str(i), "s": "slow", "f": 1.0 + i / 1000} for i in range(10)]
+    recs += [{"k": "x", "s": "slow", "f": float("nan")}, {"k": "y", "s": "slow", "f": "1"},
+             {"k": "z", "s": "slow", "f": -1.0}, {"k": "w", "s": "slow"}]
+    p = observed(recs)["slow"]
+    assert p["count"] == 10 and p["basis"] == "observed"
+    assert (p["p50"], p["p90"], p["p99"]) == (1.004, 1.008, 1.009)
+    assert nearest_rank([]) == {"count": 0, "basis": "observed", "p50": None, "p90": None,
+                                "p99": None}
 
 
 def test_filters_are_checked_and_bounded() -> None:

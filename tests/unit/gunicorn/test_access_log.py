@@ -41,6 +41,13 @@ NAMED = ("%({x-cache}o)s|%({X-CACHE}o)s|%({Set-Cookie}o)s|%({user-agent}i)s|%({h
 NUMBERS = "%(T)d %(D)08d %(M)d %(B)s %(s)s"
 
 
+@pytest.fixture(autouse=True)
+def gunicorns_own_format(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines compared with gunicorn's own: without the run's formatter, which wraps each
+    line as the service's other lines (tests/integration/test_observability.py)."""
+    monkeypatch.setattr(accesslog.logs, "use_for_gunicorn", lambda *args: None)
+
+
 @pytest.fixture(scope="module")
 def conf() -> Iterator[dict[str, Any]]:
     """The shipped gunicorn config, evaluated as gunicorn does, plus the logger's module."""

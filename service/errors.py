@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .config import ConfigError as ConfigError
@@ -143,7 +143,8 @@ def _handle_http_exception(exc: HTTPException) -> Response:
 
 
 def _handle_unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error: %s", exc)
+    log.exception("unhandled error in %s %s: %s: %s", request.method, request.path,
+                  type(exc).__name__, exc)
     response = jsonify({"error": "internal error", "detail": type(exc).__name__})
     response.status_code = 500
     return response

@@ -40,7 +40,7 @@ from flask.blueprints import BlueprintSetupState
 
 from ..errors import BadRequest, CacheUnavailable, HTTPError, NotFound, Unavailable
 from ..flask.state import EXTENSION, AppState, state_of
-from ..observe.logs import QUIET, event
+from ..observe.logs import QUIET, event, key_hash
 from . import entries as adminentries
 from . import stats as adminstats
 from .install import install
@@ -144,8 +144,13 @@ def _who() -> str:
 
 
 def _audit(message: str, **fields: Any) -> None:
-    event(log, logging.INFO, "admin", message, who=request.environ.get("swr.admin.scheme"),
-          remote=request.remote_addr, **fields)
+    # The line says what, on what and by whom by itself (the fields repeat it for JSON).
+    key = fields.get("key")
+    what = f"admin: {message} {fields.get('source')}" + (
+        f" (key {key_hash(key)})" if key else f" ({fields.get('entries')} entries)"
+        if fields.get("entries") is not None else "")
+    event(log, logging.INFO, "admin", f"{what} by {_who()}",
+          who=request.environ.get("swr.admin.scheme"), remote=request.remote_addr, **fields)
 
 
 # -- reading -----------------------------------------------------------------------------------

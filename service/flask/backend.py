@@ -37,6 +37,7 @@ from ..config import CacheSettings, RefreshSettings
 from ..errors import CacheUnavailable, CodecError
 from ..memcache.clients import pool_for
 from ..memcache.store import EMPTY, MISS, Store
+from ..observe.logs import event, key_hash
 from ..readpath.entry import Entry
 from .coalesce import Coalescer
 from .flaskconfig import POOL_OPTIONS, settings_from_flask
@@ -160,7 +161,9 @@ class MemcachedCache(BaseCache):
             return bool(op(key, self.herd.envelope(value, seconds),
                            self.herd.memcached_ttl(seconds)))
         except CodecError as exc:
-            log.warning("not cached under %r: %s", key, exc)
+            event(log, logging.WARNING, "not_cached",
+                  f"not cached (key {key_hash(key)}): the value cannot be stored: {exc}",
+                  key=key)
         except CacheUnavailable:
             pass
         return False

@@ -53,6 +53,7 @@ class _Batches:
     stream: Any
     terminator: str
     format: Callable[[logging.LogRecord], str]
+    formatter: logging.Formatter | None
     handleError: Callable[[logging.LogRecord], None]  # noqa: N815 - logging's name
 
     def _start_batches(self) -> None:

@@ -38,6 +38,7 @@ from pymemcache.exceptions import (
 
 from ..errors import CodecError
 from ..observe import metrics
+from ..observe.logs import event, key_hash
 from . import chunks, codec, meta
 from .clients import ClientPool, borrow
 from .connection import Connection
@@ -284,7 +285,9 @@ class Store:
             # Someone else's bytes (another app, an old release, an attacker's pickle):
             # never executed, only counted and read as a miss.
             metrics.memcached_errors_total.labels("decode").inc()
-            log.warning("undecodable value under %s: %s", self.key(key).decode(), exc)
+            event(log, logging.WARNING, "undecodable",
+                  f"memcached holds a value this service cannot decode (key "
+                  f"{key_hash(key)}), read as a miss: {exc}", key=key)
             return MISS
 
     # -- writes --------------------------------------------------------------------------
@@ -339,7 +342,9 @@ class Store:
             try:
                 encoded[key] = self._encode(value)
             except CodecError as exc:
-                log.warning("not stored under %s: %s", self.key(key).decode(), exc)
+                event(log, logging.WARNING, "not_stored",
+                      f"not stored (key {key_hash(key)}): the value cannot be encoded: {exc}",
+                      key=key)
         stored: set[bytes] = set()
         with borrow(self.pool) as conn:
             items = dict(self._prepare(conn, key, data, ttl) for key, data in encoded.items())
@@ -601,8 +606,9 @@ class Store:
                     continue  # somebody created it meanwhile: start over from theirs
                 value = self._decode(key, data, conn)
                 if value is not MISS and type(value) is not int:
-                    log.warning("increment: %s holds a %s, not an integer",
-                                mkey.decode(), type(value).__name__)
+                    event(log, logging.WARNING, "increment_refused",
+                          f"increment of key {key_hash(key)} refused: memcached holds a "
+                          f"{type(value).__name__} there, not an integer", key=key)
                     return None
                 new = (value if isinstance(value, int) else 0) + delta
                 if delta >= 0 and _counter_bytes(data) is not None and new <= _COUNTER_MAX:
@@ -612,8 +618,9 @@ class Store:
                     continue  # deleted or expired since our gets
                 if self._cas(conn, key, self._encode(new), token, ttl):
                     return new
-        log.warning("increment: %s kept changing; gave up after %d attempts",
-                    mkey.decode(), _CAS_ATTEMPTS)
+        event(log, logging.WARNING, "increment_gave_up",
+              f"increment of key {key_hash(key)} gave up after {_CAS_ATTEMPTS} attempts: "
+              "other writers kept changing the value", key=key)
         return None
 
     def _add_raw(self, conn: Connection, mkey: bytes, value: int, ttl: float | None) -> bool:

@@ -146,8 +146,10 @@ def _ensure_flusher() -> None:
         while not stop.wait(FLUSH_INTERVAL):
             try:
                 flush()
-            except Exception:  # noqa: BLE001 - metrics must never take the worker down
-                log.exception("flushing metrics failed")
+            except Exception as exc:  # noqa: BLE001 - metrics must never take the worker down
+                log.exception("flushing metrics to %s failed: %s: %s",
+                              os.environ.get("PROMETHEUS_MULTIPROC_DIR", "memory"),
+                              type(exc).__name__, exc)
             flushed.set()
 
     # Under gevent (patched) this is a greenlet of the worker; a daemon either way.

@@ -40,7 +40,7 @@ from typing import Any
 from ..errors import HTTPError, OriginError, OriginTimeout
 from ..memcache.store import EMPTY, MISS, KeyValue
 from ..observe import metrics
-from ..observe.logs import event
+from ..observe.logs import event, key_hash
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +203,10 @@ class Leases:
                 claim.lease_cas = stored.cas or self._cas_of(claim.key)
         if not ok:
             metrics.lease_total.labels("lost").inc()
-            event(log, logging.WARNING, "lease_lost", "claim lost while fetching",
-                  key=claim.key)
+            event(log, logging.WARNING, "lease_lost",
+                  f"claim on key {key_hash(claim.key)} lost while fetching: it expired or "
+                  "was taken over (the fetch took longer than the lease); the answer is "
+                  "stored only if nobody stored a newer one", key=claim.key)
         return ok
 
     def release(self, claim: Claim) -> bool:

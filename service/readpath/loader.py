@@ -556,7 +556,9 @@ class Loader:
         try:
             entry = Entry.create(value, self.clock(), job.windows, elapsed)
         except CodecError as exc:
-            log.warning("%s: not cached, the value cannot be stored: %s", job.source, exc)
+            event(log, logging.WARNING, "not_cached",
+                  f"{job.source}: not cached (key {key_hash(job.key)}): the value cannot be "
+                  f"stored: {exc}", source=job.source, key=job.key)
             return None
         return Entry(entry.value, entry.timing, entry.etag, epoch)
 

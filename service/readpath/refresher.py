@@ -31,6 +31,7 @@ import gevent.pool
 from flask import Flask
 
 from ..observe import metrics
+from ..observe.logs import event, key_hash
 from .freshness import backoff
 
 log = logging.getLogger(__name__)
@@ -167,8 +168,10 @@ class Refresher:
             self._failures.move_to_end(key)
             while len(self._failures) > MAX_FAILING_KEYS:
                 self._failures.popitem(last=False)
-            log.warning("refresh of %s failed %s time(s), next try in %.1fs: %s",
-                        source, failures, delay, exc)
+            event(log, logging.WARNING, "refresh_retry",
+                  f"{source}: background refresh (key {key_hash(key)}) failed {failures} "
+                  f"time(s), next try in {delay:.1f}s: {type(exc).__name__}: {exc}",
+                  source=source, key=key, failures=failures)
         else:
             self._failures.pop(key, None)
         finally:
@@ -207,8 +210,8 @@ class Refresher:
             try:
                 with self.app.app_context():
                     delay = job.run()
-            except Exception:  # noqa: BLE001 - keep the loop alive; run() logs and counts
-                log.exception("periodic %s failed", job.name)
+            except Exception as exc:  # noqa: BLE001 - keep the loop alive; run() counts
+                log.exception("periodic %s failed: %s: %s", job.name, type(exc).__name__, exc)
             gevent.sleep(next_run_in(float(delay or job.every), started, self.monotonic(),
                                      random.random()))
 

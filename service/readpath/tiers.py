@@ -30,6 +30,7 @@ from ..errors import CacheUnavailable, CodecError, HTTPError
 from ..memcache import codec
 from ..memcache.store import EMPTY, MISS, Got, KeyValue
 from ..observe import metrics
+from ..observe.logs import event, key_hash
 from .entry import Entry
 from .lease import Claim, error_of, is_pass
 
@@ -262,7 +263,9 @@ class TwoTier:
             entry = Entry.from_wire(value)
         except CodecError as exc:
             metrics.memcached_errors_total.labels("decode").inc()
-            log.warning("not a cache entry under %s: %s", self.store.key(key).decode(), exc)
+            event(log, logging.WARNING, "not_an_entry",
+                  f"memcached holds something that is not a cache entry (key "
+                  f"{key_hash(key)}), read as a miss: {exc}", key=key)
             return Look(cas=got.cas, unusable=True)
         metrics.tier_hits_total.labels("memcached").inc()
         return Look(Found(self.rebase(entry, got.ttl), "memcached", got.cas), cas=got.cas)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -18,6 +23,9 @@ from service.observe import logs, metrics, monitor
 from service.readpath.freshness import Windows
 from service.readpath.loader import Job
 from tests.conftest import settings_for, stop_hub_monitor
+from tests.servers import http_request
+from tests.servers.base import REPO_ROOT
+from tests.servers.gunicorn import GunicornProcess
 
 
 def test_json_lines_carry_the_event_and_a_hashed_key_never_the_value() -> None:
@@ -187,3 +195,169 @@ def test_metrics_answers_openmetrics_when_asked_with_its_own_content_type(make_a
     assert content_type.startswith("application/openmetrics-text; version=")
     assert content_type.count("charset=utf-8") == 1
     assert response.data.endswith(b"# EOF\n")
+
+
+# -- lines people can read -------------------------------------------------------------------
+
+@pytest.mark.memcached
+def test_a_library_app_without_logging_config_says_where_and_why(
+        memcached_factory: Any) -> None:
+    """A Flask developer's app, no logging config at all (Python's last-resort handler
+    prints the message alone): memcached goes away, and each line names the server and
+    the reason by itself."""
+    server = memcached_factory()
+    app = subprocess.Popen([sys.executable, "-m", "tests.library_app", server.address],
+                           cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        assert app.stdout.readline().split() == ["first", "MISS"]
+        assert app.stdout.readline().strip() == "ready"
+        server.kill()
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        out, err = app.communicate(timeout=60)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    assert app.returncode == 0 and out.split()[-1] == "done", (out, err)
+    assert "after 200 MISS" in out                     # served without memcached
+    lines = err.splitlines()
+    assert lines, "memcached went away and nothing was said"
+    assert "is unreachable" in lines[0] and "CACHE_MEMCACHED_SERVERS" in lines[0]
+    for line in lines:  # each: what (the command), where (the server), why (the errno)
+        assert f"memcached {server.address} is unreachable (connection: " in line or \
+            re.match(rf"memcached \w+ failed on {re.escape(server.address)}: connection: ",
+                     line), f"a line that does not say what, where and why: {line!r}"
+        assert "Connection refused" in line and "()" not in line
+
+
+def gunicorn_lines(text: str) -> list[str]:
+    # A terminal ends lines with \r\n.
+    return [line.rstrip("\r") for line in text.splitlines() if line.strip()]
+
+
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|"
+                       r"CRITICAL) [\w.]+ \[\d+\] \S")
+
+
+def serve_a_little(server: Any, token: str) -> None:
+    """Requests whose lines the run must show (and the admin page's polling, which it
+    must not)."""
+    bearer = {"Authorization": f"Bearer {token}"}
+    poll = {**bearer, "X-SWR-Admin-Poll": "1"}
+    for path, headers in [("/v1/primes?limit=50", {}), ("/v1/primes?limit=50", {}),
+                          ("/admin/api/stats?by=click", bearer),
+                          ("/admin/api/stats?by=timer", poll),
+                          ("/admin/api/entries?by=timer", poll),
+                          ("/admin/api/stats?by=stranger", {"X-SWR-Admin-Poll": "1"})]:
+        http_request("GET", server.url + path, headers=headers)
+
+
+def shipped_settings(tmp_path: Path, memcached: Any, key_prefix: str) -> Path:
+    """The repository's settings.toml (the shipped demo), on the test's memcached."""
+    text = (REPO_ROOT / "settings.toml").read_text(encoding="utf-8")
+    text = re.sub(r'(?m)^servers = .*$', f'servers = ["{memcached.address}"]', text, count=1)
+    text = re.sub(r'(?m)^key_prefix = .*$', f'key_prefix = "{key_prefix}"', text, count=1)
+    assert memcached.address in text and key_prefix in text
+    path = tmp_path / "settings.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def wait_for_lines(server: Any, needle: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while needle not in (text := server.log_text()):
+        assert time.monotonic() < deadline, f"no {needle!r} in:\n{text[-3000:]}"
+        gevent.sleep(0.05)
+    return text
+
+
+@pytest.mark.memcached
+@pytest.mark.gunicorn
+def test_gunicorn_writing_to_a_pipe_writes_json_only_and_leaves_the_polling_out(
+        tmp_path: Path, memcached: Any, gunicorn_factory: Any, key_prefix: str) -> None:
+    server = gunicorn_factory(shipped_settings(tmp_path, memcached, key_prefix), workers=2,
+                              env={"SERVICE_ADMIN_TOKEN": "log-token",
+                                   "SWR_LOG_FORMAT": ""})
+    serve_a_little(server, "log-token")
+    wait_for_lines(server, "by=stranger")
+    server.stop()
+    records = []
+    for line in gunicorn_lines(server.log_text()):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+    loggers = {r["logger"] for r in records}
+    assert {"gunicorn.error", "gunicorn.access", "service.readpath.loader"} <= loggers
+    assert all({"ts", "level", "logger", "pid", "msg"} <= set(r) for r in records)
+    access = [r["msg"] for r in records if r["logger"] == "gunicorn.access"]
+    assert len([a for a in access if "/v1/primes?limit=50" in a]) == 2
+    assert [a for a in access if "/admin/" in a] == [
+        a for a in access if "by=click" in a or "by=stranger" in a]   # the polling is not
+    assert len([a for a in access if "/admin/" in a]) == 2
+    assert any("x_cache=MISS" in a for a in access) and any("x_cache=HIT" in a for a in access)
+
+
+class TerminalGunicorn(GunicornProcess):
+    """gunicorn as ``make run`` in a terminal: its stdout and stderr are a pseudo-terminal,
+    and the log file gets what that terminal shows (copied by a greenlet)."""
+
+    copier: gevent.Greenlet | None = None
+
+    def spawn(self) -> TerminalGunicorn:
+        self.prepare()
+        master, slave = os.openpty()
+        try:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                         stdout=slave, stderr=slave, close_fds=True,
+                                         **self.spawn_options())
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        self.copier = gevent.spawn(self._copy, master)
+        return self
+
+    def _copy(self, master: int) -> None:
+        gevent.os.make_nonblocking(master)
+        try:
+            with open(self.log_path, "ab") as log:
+                while chunk := gevent.os.nb_read(master, 65536):
+                    log.write(chunk)
+                    log.flush()
+        except OSError:
+            pass  # EIO: every process that had the terminal open has exited
+        finally:
+            os.close(master)
+
+
+@pytest.mark.memcached
+@pytest.mark.gunicorn
+def test_gunicorn_on_a_terminal_writes_text_only(tmp_path: Path, memcached: Any,
+                                                 key_prefix: str) -> None:
+    server = TerminalGunicorn(shipped_settings(tmp_path, memcached, key_prefix), tmp_path,
+                              workers=1, env={"SERVICE_ADMIN_TOKEN": "log-token",
+                                              "SWR_LOG_FORMAT": ""})
+    try:
+        server.start()
+        serve_a_little(server, "log-token")
+        wait_for_lines(server, "by=stranger")
+    finally:
+        if server.proc is not None:
+            server.stop()
+        if server.copier is not None:
+            server.copier.join(timeout=10)
+            server.copier.kill()
+    lines = gunicorn_lines(server.log_text())
+    bad = [line for line in lines if not TEXT_LINE.match(line)]
+    assert not bad, f"lines that are not text lines: {bad}"
+    assert any(" gunicorn.error " in line for line in lines)
+    assert any(" service.readpath.loader " in line and "primes: fetched in" in line
+               for line in lines)
+    access = [line for line in lines if " gunicorn.access " in line
+              and ("/v1/" in line or "/admin/" in line)]         # not the probe's /healthz
+    assert len(access) == 4 and not [a for a in access if "by=timer" in a]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
 
@@ -174,3 +175,43 @@ def test_configure_leaves_a_logger_the_host_app_configured_alone(
     service_logger.addHandler(mine)
     logs.configure("text")
     assert service_logger.handlers == [mine]
+
+
+class Stream:
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize(("setting", "env", "ttys", "chosen"), [
+    ("auto", "", (True, True), "text"),                 # make run in a terminal
+    ("auto", "", (True, False), "json"),                # stderr to a file: one format, JSON
+    ("auto", "", (False, False), "json"),               # a pipe, journald
+    ("json", "", (True, True), "json"),                 # the setting forces one
+    ("text", "", (False, False), "text"),
+    ("json", "text", (False, False), "text"),           # the variable beats the setting
+    ("text", " AUTO ", (False, True), "json"),
+])
+def test_the_format_of_a_run(monkeypatch: pytest.MonkeyPatch, setting: str, env: str,
+                             ttys: tuple[bool, bool], chosen: str) -> None:
+    monkeypatch.setenv(logs.FORMAT_ENV, env)
+    assert logs.chosen_format(setting, tuple(Stream(t) for t in ttys)) == chosen
+
+
+def test_an_unknown_format_variable_is_said_and_taken_as_auto(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(logs.FORMAT_ENV, "yaml")
+    assert logs.chosen_format("text", (Stream(True), Stream(True))) == "text"
+    err = capsys.readouterr().err
+    assert "SWR_LOG_FORMAT='yaml'" in err and "auto, json, text" in err
+
+
+def test_a_line_without_a_record_reads_as_a_record_would() -> None:
+    message = '127.0.0.1 "GET /v1/primes HTTP/1.1" 200 79 x_cache=HIT'
+    data = json.loads(logs.line(logs.JSONFormatter(), "gunicorn.access", message))
+    assert (data["logger"], data["level"], data["msg"]) == ("gunicorn.access", "info", message)
+    text = logs.line(logs.TextFormatter(), "gunicorn.access", message)
+    assert text.endswith(f" INFO gunicorn.access [{os.getpid()}] {message}")
+    assert logs.line(logging.Formatter("%(message)s"), "gunicorn.access", message) == message

@@ -77,7 +77,7 @@ function bytes(n) {
 
 const until = (t, now) => (t === undefined ? '–' : (t > now ? `in ${secs(t - now)}` : 'passed'));
 const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : '–');
-const hhmm = (t) => new Date(t * 1000).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'});
+const hhmm = (t) => new Date(t * 1000).toLocaleTimeString([], {hour: '2-digit', minute: '2-digit', hourCycle: 'h23'});
 // What each state and fetch outcome is called on the page (the API's names otherwise).
 const LABELS = {client_error: '4xx', error_only: 'error only'};
 const label = (name) => LABELS[name] || name;
@@ -194,11 +194,11 @@ function drawCharts(history) {
   box.replaceChildren(...charts);
 }
 
-// Five labelled times under a chart (its first minute, every quarter hour, its last):
-// each at the left edge of its minute's bar.
+// Three labelled times under a chart (its first minute, the middle one, the last), each
+// under its minute's bar: the charts are narrow, more labels would run into each other.
 function timeAxis(minutes) {
   const n = minutes.length;
-  const ticks = n ? [...new Set([0, n / 4, n / 2, 3 * n / 4, n - 1].map(Math.round))] : [];
+  const ticks = n ? [...new Set([0, Math.floor(n / 2), n - 1])] : [];
   return el('div', {class: 'xaxis', 'aria-label': 'time'}, ticks.map((i) => {
     const tick = el('span', {class: i === 0 ? 'first' : (i === n - 1 ? 'last' : '')}, hhmm(minutes[i]));
     tick.style.left = `${100 * i / n}%`;  // CSSOM: the page's CSP refuses style attributes

@@ -259,6 +259,12 @@ def test_admin_actions_are_logged_as_events(admin_app: Flask,
     assert actions[0].source == "items" and len(actions[0].key) == 16
     assert actions[1].key == actions[2].key != actions[0].key
     assert all(a.who == "bearer" and a.remote == "127.0.0.1" for a in actions)
+    # The message alone says what, on what and by whom (an app without a logging config
+    # prints nothing else).
+    assert [a.getMessage() for a in actions] == [
+        f"admin: invalidated items (key {actions[0].key}) by bearer from 127.0.0.1",
+        f"admin: invalidated items (key {actions[1].key}) by bearer from 127.0.0.1",
+        f"admin: refresh requested items (key {actions[1].key}) by bearer from 127.0.0.1"]
 
 
 def test_stats_show_the_fleets_latest_fetch_errors_and_hub_blocks(

@@ -47,7 +47,7 @@ from flask import Flask
 from gevent.hub import Waiter
 
 from ..flask.state import EXTENSION, AppState
-from ..observe import metrics, monitor
+from ..observe import logs, metrics, monitor
 from . import acceptor
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,11 @@ def started(app: Flask) -> None:
         return
     state.refresher.start()
     monitor.start(state.settings.server.monitor_threshold)
+    if not logging.getLogger().handlers:
+        # A library app under these hooks, without a logging config of its own: our lines
+        # take the run's one format, as gunicorn's and the access log's do (the service
+        # configured its logger already; an app that configured logging keeps its own).
+        logs.configure(state.settings.server.log_format)
 
 
 def stopping(app: Flask, timeout: float = 10.0) -> None:

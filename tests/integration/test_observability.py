@@ -301,6 +301,27 @@ def test_gunicorn_writing_to_a_pipe_writes_json_only_and_leaves_the_polling_out(
     assert any("x_cache=MISS" in a for a in access) and any("x_cache=HIT" in a for a in access)
 
 
+@pytest.mark.memcached
+@pytest.mark.gunicorn
+def test_a_library_app_under_the_shipped_hooks_writes_one_format_too(
+        tmp_path: Path, memcached: Any, gunicorn_factory: Any, key_prefix: str) -> None:
+    """The app has no logging config: its lines take the run's format (JSON here) like
+    gunicorn's, INFO included (Python's last resort would print WARNING and up, bare)."""
+    settings = tmp_path / "settings.toml"
+    settings.write_text(f'[cache]\nservers = ["{memcached.address}"]\n'
+                        f'key_prefix = "{key_prefix}"\n', encoding="utf-8")
+    server = gunicorn_factory(settings, workers=1, app="tests.library_app:app",
+                              env={"LIBRARY_APP_MEMCACHED": memcached.address,
+                                   "LIBRARY_APP_PREFIX": key_prefix, "SWR_LOG_FORMAT": ""})
+    assert http_request("GET", server.url + "/report/3")[0] == 200
+    wait_for_lines(server, "/report/3")
+    server.stop()
+    records = [json.loads(line) for line in gunicorn_lines(server.log_text())]
+    fetched = [r for r in records if r.get("event") == "refresh"]
+    assert len(fetched) == 1 and fetched[0]["msg"].startswith("report: fetched in"), records
+    assert {"gunicorn.error", "gunicorn.access"} <= {r["logger"] for r in records}
+
+
 class TerminalGunicorn(GunicornProcess):
     """gunicorn as ``make run`` in a terminal: its stdout and stderr are a pseudo-terminal,
     and the log file gets what that terminal shows (copied by a greenlet)."""

@@ -96,9 +96,20 @@ def _stamp(created: float, msecs: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{msecs:03d}Z"
 
 
+# The access log writes a line per request: its timestamp's seconds are formatted once a
+# second, and the pid read once per process (strftime and getpid cost more than the rest
+# of the line). A forked child learns its own pid at once.
+_second: list[Any] = [-1, ""]
+_pid = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
 def _now() -> str:
     now = time.time()
-    return _stamp(now, int((now % 1) * 1000))
+    second = int(now)
+    if second != _second[0]:
+        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
 class JSONFormatter(_FieldsFormatter):
@@ -109,7 +120,7 @@ class JSONFormatter(_FieldsFormatter):
 
     def format_line(self, logger: str, message: str) -> str:
         return orjson.dumps({"ts": _now(), "level": "info", "logger": logger,
-                             "pid": os.getpid(), "msg": message}).decode()
+                             "pid": _pid[0], "msg": message}).decode()
 
 
 class TextFormatter(_FieldsFormatter):
@@ -134,7 +145,7 @@ class TextFormatter(_FieldsFormatter):
         return " ".join([head, *pairs])
 
     def format_line(self, logger: str, message: str) -> str:
-        return f"{_now()} INFO {logger} [{os.getpid()}] {_one_line(message)}"
+        return f"{_now()} INFO {logger} [{_pid[0]}] {_one_line(message)}"
 
 
 _QUOTE_AND_BACKSLASH = '"\\'

@@ -215,3 +215,22 @@ def test_a_line_without_a_record_reads_as_a_record_would() -> None:
     text = logs.line(logs.TextFormatter(), "gunicorn.access", message)
     assert text.endswith(f" INFO gunicorn.access [{os.getpid()}] {message}")
     assert logs.line(logging.Formatter("%(message)s"), "gunicorn.access", message) == message
+
+
+def test_a_forked_worker_writes_its_own_pid() -> None:
+    """The pid is read once per process: a gunicorn worker (a fork of the master) must not
+    write the master's."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, logs.line(logs.JSONFormatter(), "gunicorn.access", "m").encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        data = os.read(read, 4096)
+    finally:
+        os.close(read)
+        os.waitpid(child, 0)
+    assert json.loads(data)["pid"] == child != os.getpid()

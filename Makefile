@@ -42,10 +42,12 @@ endef
 # chromium: the admin page's tests drive Debian's headless chromium (tests/browser.py).
 # nutcracker is Debian's twemproxy: the tests run the fleet through it too (deploy/twemproxy.yml).
 # Debian installs it in /usr/sbin, which a non-root PATH may lack: need_pkg looks there too.
+# curl: the docs' console sessions are replayed with it (tests/integration/test_docs.py).
 sysdeps-test:
 	$(call need_pkg,memcached,memcached)
 	$(call need_pkg,chromium,chromium)
 	$(call need_pkg,nutcracker,nutcracker)
+	$(call need_pkg,curl,curl)
 
 sysdeps-bench:
 	$(call need_pkg,memcached,memcached)

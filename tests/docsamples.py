@@ -47,6 +47,7 @@ class Sample:
     lang: str           # "" for a fence without a language
     text: str
     skip: str | None = None
+    before: str = ""    # the few lines of prose before the fence
 
     @property
     def id(self) -> str:
@@ -89,7 +90,8 @@ def extract(path: Path, root: Path = REPO_ROOT) -> list[Sample]:
                          for text in lines[i + 1:end])
         skip = SKIP.match(lines[i - 1].strip()) if i else None
         samples.append(Sample(rel, i + 1, opening["lang"].lower(), body + "\n",
-                              skip["reason"] if skip else None))
+                              skip["reason"] if skip else None,
+                              "\n".join(lines[max(0, i - 4):i])))
         i = end + 1
     return samples
 

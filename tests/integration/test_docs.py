@@ -45,6 +45,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import time
 import tomllib
@@ -104,6 +105,17 @@ def skip_if_opted_out(sample: Sample) -> None:
     if sample.skip is not None:
         COUNTS["skipped"] += 1
         pytest.skip(f"{sample.id}: {sample.skip}")
+
+
+def require_curl() -> None:
+    """The console sessions replay curl: fail on CI without it, skip elsewhere."""
+    if shutil.which("curl") is not None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail("curl is not installed, and CI must have it: run `make test`, which "
+                    "installs it")
+    pytest.skip("curl is not installed; install it with `apt-get install curl` (make test "
+                "does this when run as root)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +352,19 @@ def test_the_readme_starts_with_install_an_app_and_the_two_commands() -> None:
     assert any("make run" in s.text and "make test" in s.text for s in first_screen)
 
 
+SAYS_IT_IS = re.compile(r"[Tt]his is\s+`(?P<file>[\w./-]+\.py)`")
+
+
+@pytest.mark.parametrize("sample", params([s for s in SAMPLES if SAYS_IT_IS.search(s.before)]))
+def test_a_sample_said_to_be_a_file_is_that_file(sample: Sample) -> None:
+    name = SAYS_IT_IS.search(sample.before)["file"]  # type: ignore[index]
+    source = (REPO_ROOT / name).read_text(encoding="utf-8")
+    docstring = ast.get_docstring(ast.parse(source), clean=False)
+    if docstring is not None:
+        source = source.split('"""', 2)[2].lstrip("\n")
+    assert sample.text == source, f"{sample.id} is not {name} as it is now"
+
+
 # --------------------------------------------------------------------------------------------
 # The samples
 # --------------------------------------------------------------------------------------------
@@ -384,6 +409,7 @@ def run_app(sample: Sample, tree: ast.Module, servers: Servers) -> None:
 @pytest.mark.parametrize("sample", params(by_lang("console")))
 def test_console_session(sample: Sample, servers: Servers) -> None:
     skip_if_opted_out(sample)
+    require_curl()
     servers.check(sample.path)
     service = servers.services[sample.path]
     if not service.started:

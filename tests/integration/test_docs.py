@@ -4,8 +4,8 @@ The convention (also in docs/CONTRIBUTING.md, "Docs samples are tested"), for RE
 docs/*.md and deploy/README.md; the reading of the files is ``tests/docsamples.py``:
 
 - ```` ```python ````: a complete app (it makes ``app = Flask(__name__)`` itself) is written
-  to a module and started for real, under gunicorn with ``deploy/gunicorn.conf.py``, against
-  a memcached of its own (``127.0.0.1:11211`` in the sample is replaced by that server's
+  to a module and started for real as the README says (``gunicorn -k gevent MODULE:app``),
+  against a memcached of its own (``127.0.0.1:11211`` in the sample is replaced by that server's
   address); each of its GET routes is requested twice and must answer 200, and an
   ``@swr.cached`` view must answer ``X-Cache: MISS`` then ``HIT``. A fragment is compiled,
   every module and name it imports must exist, every ``"service.…"`` path it names must
@@ -61,7 +61,7 @@ from service.config import load_settings, parse_settings
 from tests import docsamples
 from tests.docsamples import Bindings, Sample
 from tests.servers import REPO_ROOT, http_get
-from tests.servers.gunicorn import GunicornProcess
+from tests.servers.gunicorn import GunicornProcess, gunicorn_binary
 from tests.servers.memcached import MemcachedProcess, require_memcached
 
 pytestmark = [pytest.mark.memcached, pytest.mark.gunicorn]
@@ -125,7 +125,12 @@ def require_curl() -> None:
 
 
 class SampleAppProcess(GunicornProcess):
-    """gunicorn serving an app sample's module: no ``SERVICE_SETTINGS``, as a user runs it."""
+    """An app sample's module served as the README tells a user to: ``gunicorn -k gevent
+    MODULE:app``, no config file of ours, no ``SERVICE_SETTINGS``."""
+
+    def command(self) -> list[str]:
+        return [gunicorn_binary(), "-k", "gevent", "--bind", f"{self.host}:{self.port}",
+                "--workers", str(self.workers), self.app]
 
     def __init__(self, module_dir: Path, module: str, log_dir: Path) -> None:
         super().__init__(log_dir / "unused.toml", log_dir, workers=1, app=f"{module}:app")

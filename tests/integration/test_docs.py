@@ -31,8 +31,9 @@ docs/*.md and deploy/README.md; the reading of the files is ``tests/docsamples.p
   ``<!-- doc-test: skip — the reason -->``; the reason is the test's skip message, and the
   module's summary line counts the skipped ones.
 
-Relative links must reach a file and a heading that exist, and no document may cite one
-outside the repository (a specification's sections, issue numbers).
+Relative links must reach a file and a heading that exist, a path of the repository named
+in backquotes (`` `service/flask/fastpath.py` ``, `` `tests/x.py::test_y` ``) must exist, and
+no document may cite one outside the repository (a specification's sections, issue numbers).
 """
 
 from __future__ import annotations
@@ -343,6 +344,24 @@ def test_no_reference_outside_the_repository(path: Path) -> None:
     hits = [f"{n}: {line.strip()}" for n, line in
             enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if OUTSIDE.search(line)]
     assert not hits, f"{path.name} cites what a reader cannot open:\n  " + "\n  ".join(hits)
+
+
+DOCUMENTED_PATH = re.compile(
+    r"`(?P<path>(?:service|tests|deploy|bench|examples|docs)/[\w./-]*\w)(?:::(?P<test>\w+))?")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(REPO_ROOT)))
+                                  for p in DOCS])
+def test_every_path_named_exists(path: Path) -> None:
+    missing = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for match in DOCUMENTED_PATH.finditer(line):
+            named = REPO_ROOT / match["path"]
+            if not named.exists():
+                missing.append(f"{number}: {match['path']}")
+            elif match["test"] and f"def {match['test']}(" not in named.read_text():
+                missing.append(f"{number}: {match['path']}::{match['test']}")
+    assert not missing, f"{path.name} names what is not there: " + "; ".join(missing)
 
 
 def test_the_readme_starts_with_install_an_app_and_the_two_commands() -> None:

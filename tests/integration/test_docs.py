@@ -14,7 +14,9 @@ docs/*.md and deploy/README.md; the reading of the files is ``tests/docsamples.p
   one are what it prints. ``curl`` and ``flask`` commands are run, in order, against the
   shipped service (``wsgi:app`` under gunicorn with ``deploy/gunicorn.conf.py`` and the
   shipped ``settings.toml``, its ``[cache] servers`` pointed at a memcached of its own, one
-  service per document, ``SERVICE_ADMIN_TOKEN`` set to ``ADMIN_TOKEN``): ``localhost:8000``
+  service per document; the admin is off, as under a bare ``make run``, unless a command
+  of the document's sessions says ``$SERVICE_ADMIN_TOKEN``: then the service and the
+  commands get ``SERVICE_ADMIN_TOKEN=ADMIN_TOKEN``): ``localhost:8000``
   in a command becomes the service's address, and the memcached's address in the output
   becomes ``127.0.0.1:11211``. The output is compared with tolerance: ``...`` on its own
   line matches any lines, ``...`` inside a line any text, an HTTP answer's header lines
@@ -160,12 +162,14 @@ class Service:
     gunicorn: GunicornProcess
     memcached: MemcachedProcess
     settings: Path
+    token: dict[str, str]               # {"SERVICE_ADMIN_TOKEN": ...} or {}
     bindings: Bindings = field(default_factory=Bindings)
     started: float = 0.0
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "SERVICE_SETTINGS": str(self.settings),
-                "SERVICE_ADMIN_TOKEN": ADMIN_TOKEN,
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("SERVICE_ADMIN_TOKEN", "SERVICE_SETTINGS")}
+        return {**env, "SERVICE_SETTINGS": str(self.settings), **self.token,
                 "PATH": f"{REPO_ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
 
     def run(self, command: str) -> subprocess.CompletedProcess[str]:
@@ -238,10 +242,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory,
         for number, document in enumerate(documents):
             mc = memcached()
             settings = root / f"settings-{number}.toml"
+            token = {"SERVICE_ADMIN_TOKEN": ADMIN_TOKEN} if any(
+                "$SERVICE_ADMIN_TOKEN" in step.command or "${SERVICE_ADMIN_TOKEN}" in step.command
+                for s in by_lang("console") if s.path == document and s.skip is None
+                for step in docsamples.console_steps(s)) else {}
             services[document] = Service(
-                gunicorn(GunicornProcess(settings, root, workers=1,
-                                         env={"SERVICE_ADMIN_TOKEN": ADMIN_TOKEN})),
-                mc, settings)
+                gunicorn(GunicornProcess(settings, root, workers=1, env=token)), mc, settings,
+                token)
         apps: dict[str, tuple[SampleAppProcess, MemcachedProcess]] = {}
         for sample in by_lang("python"):
             if sample.skip is None and docsamples.is_app(ast.parse(sample.text)):
@@ -467,8 +474,9 @@ def test_json_sample(sample: Sample) -> None:
     COUNTS["json parsed"] += 1
 
 
-FLASK_SWR = re.compile(r"^\s*(?:\w+=\S+\s+)*flask\b.*\bswr\b.*$", re.M)
-MAKE = re.compile(r"^\s*(?:\w+=\S+\s+)*make\s+(?P<target>[\w-]+)", re.M)
+# A command line (not a comment) that runs `flask … swr …` / `make TARGET`.
+FLASK_SWR = re.compile(r"^(?!\s*#).*(?<![\w./-])flask\s.*\bswr\b.*$", re.M)
+MAKE = re.compile(r"^(?!\s*#).*?(?<![\w./-])make\s+(?P<target>[a-z][\w-]*)", re.M)
 
 
 @pytest.mark.parametrize("sample", params(by_lang("sh", "bash")))

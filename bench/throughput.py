@@ -441,8 +441,7 @@ def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], mem
         "## Where a hot hit's time goes", "",
         "In-process (no gunicorn, no network), `bench/profile_hit.py`: the same fresh "
         "`/v1` hit answered through Flask's dispatch (the fast path off: every hit before "
-        "the fast path existed) and through the fast path. Top functions by own time under "
-        "cProfile.", "",
+        "issue 9) and through the fast path. Top functions by own time under cProfile.", "",
     ]
     findings = REPO_ROOT / "bench" / "findings.md"
     if findings.exists():

@@ -93,7 +93,7 @@ PENDING_FILES = {"docs/ADMIN.md"}
 # Citations of documents a reader cannot open.
 OUTSIDE = re.compile(r"\bSPEC\b|§|\bissues? #?\d+|(?<![\w/])#\d{1,4}\b(?!-)")
 
-COUNTS: Counter[str] = Counter()
+COUNTS: Counter[str] = Counter({"samples skipped (doc-test: skip)": 0})
 
 
 def by_lang(*langs: str) -> list[Sample]:
@@ -106,7 +106,7 @@ def params(samples: list[Sample]) -> list[object]:
 
 def skip_if_opted_out(sample: Sample) -> None:
     if sample.skip is not None:
-        COUNTS["skipped"] += 1
+        COUNTS["samples skipped (doc-test: skip)"] += 1
         pytest.skip(f"{sample.id}: {sample.skip}")
 
 
@@ -458,6 +458,7 @@ def test_console_session(sample: Sample, servers: Servers) -> None:
                                            time.monotonic() - service.started)
         assert problems is None, f"{sample.id} line {step.line}: `{step.command}`:\n{problems}"
         COUNTS["console commands compared"] += 1
+    COUNTS["console sessions replayed"] += 1
 
 
 @pytest.mark.parametrize("sample", params(by_lang("toml")))

@@ -235,6 +235,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory,
             masters.append(server)
             return server
 
+        # Whatever a server leaves in its temporary directory stays in this test's.
+        temp = {"TMPDIR": str(root)}
         services: dict[str, Service] = {}
         documents = sorted({s.path for s in SAMPLES
                             if s.skip is None and (s.lang == "console" or s.lang in ("sh", "bash")
@@ -247,13 +249,16 @@ def servers(tmp_path_factory: pytest.TempPathFactory,
                 for s in by_lang("console") if s.path == document and s.skip is None
                 for step in docsamples.console_steps(s)) else {}
             services[document] = Service(
-                gunicorn(GunicornProcess(settings, root, workers=1, env=token)), mc, settings,
+                gunicorn(GunicornProcess(settings, root, workers=1, env={**token, **temp})),
+                mc, settings,
                 token)
         apps: dict[str, tuple[SampleAppProcess, MemcachedProcess]] = {}
         for sample in by_lang("python"):
             if sample.skip is None and docsamples.is_app(ast.parse(sample.text)):
                 mc = memcached()
-                apps[sample.id] = (gunicorn(SampleAppProcess(root, "", root)), mc)
+                app = SampleAppProcess(root, "", root)
+                app.extra_env.update(temp)
+                apps[sample.id] = (gunicorn(app), mc)
 
         def start_service(number: int, service: Service) -> None:
             service.memcached.start()

@@ -38,7 +38,8 @@ class Answer:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
-    at: float                       # time.monotonic() when the answer was complete
+    sent: float                     # time.monotonic() when the request was sent
+    at: float                       # and when the answer was complete
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -71,10 +72,11 @@ def fetch(url: str, path: str, headers: dict[str, str] | None = None,
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     try:
+        sent = time.monotonic()
         conn.request("GET", path, headers=headers or {})
         response = conn.getresponse()
         body = response.read()
-        return Answer(response.status, response.getheaders(), body, time.monotonic())
+        return Answer(response.status, response.getheaders(), body, sent, time.monotonic())
     finally:
         conn.close()
 
@@ -134,16 +136,19 @@ def test_the_copy_nginx_keeps_never_outlives_the_services_windows(
         service: Any, front: Any) -> None:
     # nginx 1.22 ignores Age: a copy 2 s into a 4 s window, stored as max-age=4, would be
     # answered as fresh until it is 6 s old. X-Accel-Expires tells nginx what is left.
+    # Ages are measured from when the service's answer arrived (it stored the value
+    # earlier) to when a request was sent (nginx chose its answer later): never more than
+    # the true age, so a slow machine cannot turn this test red, only the copy's age.
     max_age, swr = 4, 2
-    started = time.monotonic()                       # no later than the service stored it
     first = fetch(service.url, "/v1/aged?id=1")
     assert first.header("X-Cache") == "MISS"
-    gevent.sleep(max(0.0, started + 2.2 - time.monotonic()))
+    stored = first.at
+    gevent.sleep(max(0.0, stored + 2.2 - time.monotonic()))
     seen: list[tuple[float, str | None, int]] = []
-    while time.monotonic() < started + max_age + swr + 2:
+    while time.monotonic() < stored + max_age + swr + 2:
         answer = fetch(front.url, "/v1/aged?id=1")
         assert answer.status == 200
-        seen.append((answer.at - started, answer.nginx, answer.n))
+        seen.append((answer.sent - stored, answer.nginx, answer.n))
         gevent.sleep(0.05)
     ours = [(age, how) for age, how, n in seen if n == first.n]
     fresh = [age for age, how in ours if how == "HIT"]
@@ -173,22 +178,22 @@ def test_a_stale_copy_is_answered_at_once_while_one_request_updates_it(
         gevent.sleep(0.1)
         answer = fetch(front.url, "/v1/swr?id=1")
     assert answer.n != first.n                       # updated in the background
-    assert origin_server.count("/swr") <= 3          # not one fetch per reader
+    assert origin_server.count("/swr") <= 4          # not one fetch per reader (22)
 
 
 def test_a_stale_copy_is_answered_on_error_only_within_stale_if_error(
         service: Any, front: Any) -> None:
     max_age, sie = 2, 3
-    started = time.monotonic()
     first = fetch(front.url, "/v1/sie?id=1")
     assert first.nginx == "MISS"
+    stored = first.at                                # nginx stored it earlier
     service.stop(signal.SIGQUIT)                     # unreachable from now on
     seen: list[tuple[float, int, str | None]] = []
     answer = first
-    while answer.status == 200 and time.monotonic() < started + max_age + sie + 4:
+    while answer.status == 200 and time.monotonic() < stored + max_age + sie + 4:
         gevent.sleep(0.1)
         answer = fetch(front.url, "/v1/sie?id=1")
-        seen.append((answer.at - started, answer.status, answer.nginx))
+        seen.append((answer.sent - stored, answer.status, answer.nginx))
     assert any(how == "STALE" for _, _, how in seen), seen   # served stale on error...
     assert answer.status == 502, seen                        # ...then no more
     last_stale = max(age for age, status, _ in seen if status == 200)

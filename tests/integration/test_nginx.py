@@ -275,6 +275,18 @@ def test_private_no_store_and_set_cookie_answers_are_never_stored(
 
 # -- slow clients -----------------------------------------------------------------------
 
+def established(port: int) -> int:
+    """Established TCP connections whose local port is ``port`` (from /proc/net/tcp)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    count += 1
+    return count
+
+
 def test_slow_clients_are_held_by_nginx_not_by_gunicorn(service: Any, front: Any) -> None:
     # 500 connections trickling their request heads, a byte a second: nginx holds them in
     # its event loop and passes nothing on until a request is whole.
@@ -285,6 +297,7 @@ def test_slow_clients_are_held_by_nginx_not_by_gunicorn(service: Any, front: Any
             sock = socket.create_connection((front.host, front.port), timeout=5)
             sock.sendall(b"GET /v1/status?status=200&id=s HTTP/1.1\r\nHost: x\r\n")
             slow.append(sock)
+        assert established(front.port) >= len(slow)     # nginx holds them all
 
         def trickle() -> None:
             while True:
@@ -299,6 +312,8 @@ def test_slow_clients_are_held_by_nginx_not_by_gunicorn(service: Any, front: Any
         honest = [fetch(front.url, path, timeout=5)
                   for path in ("/healthz", "/v1/status?status=200&id=h") * 25]
         assert [a.status for a in honest] == [200] * 50
+        # gunicorn saw none of them: its connections are nginx's few kept-alive ones.
+        assert established(service.port) < 100
     finally:
         if trickler is not None:
             trickler.kill()

@@ -48,10 +48,12 @@ sysdeps-test:
 	$(call need_pkg,chromium,chromium)
 	$(call need_pkg,nutcracker,nutcracker)
 	$(call need_pkg,curl,curl)
+	$(call need_pkg,nginx,nginx)
 
 sysdeps-bench:
 	$(call need_pkg,memcached,memcached)
 	$(call need_pkg,wrk,wrk)
+	$(call need_pkg,nginx,nginx)
 
 # ---- make run / make stop ----------------------------------------------------------------
 # deploy/run-local.sh does the process work (see its header). `make run` starts a local
@@ -89,6 +91,7 @@ bench: $(VENV)/.installed-bench sysdeps-bench
 	$(BIN)/python -m bench.dropin
 	$(BIN)/python -m bench.recovery
 	$(BIN)/python -m bench.protocol
+	$(BIN)/python -m bench.nginx
 
 # Stops what `make run` started first: deleting its pid files would orphan the processes.
 clean: stop

@@ -82,6 +82,35 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "else self._restart(family)\n"
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
+ # nginx in front (deploy/nginx.conf): its copy must never outlive the service's windows.
+ ("NGX1 nginx told the whole window, not what is left (Age ignored)",
+  "service/flask/httpcache.py",
+  "    return str(max(0, math.floor(entry.windows.max_age) - age - 1))",
+  "    return str(math.floor(entry.windows.max_age))",
+  ["tests/integration/test_nginx.py::test_the_copy_nginx_keeps_never_outlives_the_services_windows"]),
+ ("NGX2 nginx serves stale on error with no time limit", "deploy/nginx.conf",
+  "            proxy_cache swr_cache;\n",
+  "            proxy_cache swr_cache;\n            proxy_cache_use_stale error timeout updating;\n",
+  ["tests/integration/test_nginx.py::test_a_stale_copy_is_answered_on_error_only_within_stale_if_error"]),
+ ("NGX3 nginx revalidates (a 304's max-age taken as new freshness)", "deploy/nginx.conf",
+  "            proxy_cache swr_cache;\n",
+  "            proxy_cache swr_cache;\n            proxy_cache_revalidate on;\n",
+  ["tests/integration/test_nginx.py::test_the_copy_nginx_keeps_never_outlives_the_services_windows"]),
+ ("NGX4 nginx's first stale reader waits for the update", "deploy/nginx.conf",
+  "proxy_cache_background_update on;", "proxy_cache_background_update off;",
+  ["tests/integration/test_nginx.py::test_a_stale_copy_is_answered_at_once_while_one_request_updates_it"]),
+ ("NGX5 nginx caches answers without Cache-Control", "deploy/nginx.conf",
+  "            proxy_cache swr_cache;\n",
+  "            proxy_cache swr_cache;\n            proxy_cache_valid any 1m;\n",
+  ["tests/integration/test_nginx.py::test_what_the_service_passes_uncached_is_never_stored"]),
+ ("NGX6 nginx ignores Set-Cookie and Cache-Control", "deploy/nginx.conf",
+  "            proxy_cache swr_cache;\n",
+  "            proxy_cache swr_cache;\n"
+  "            proxy_ignore_headers Set-Cookie Cache-Control;\n",
+  ["tests/integration/test_nginx.py::test_private_no_store_and_set_cookie_answers_are_never_stored"]),
+ ("NGX7 nginx runs out of connections before the slow clients do", "deploy/nginx.conf",
+  "worker_connections 16384;", "worker_connections 128;",
+  ["tests/integration/test_nginx.py::test_slow_clients_are_held_by_nginx_not_by_gunicorn"]),
 ]
 
 

@@ -280,7 +280,8 @@ class NsGunicorn(GunicornProcess):
     """gunicorn with the shipped config on ``member``'s address, inside its namespace.
 
     ``skew`` runs it under libfaketime with its wall clock that many seconds off (the
-    monotonic clock is left alone, as a host's NTP error would leave it).
+    stat() of files is left alone; the monotonic clock moves by the same offset, which
+    no one can see: it has no meaning across processes).
     """
 
     def __init__(self, settings_path: Path, log_dir: Path, member: Member, workers: int,
@@ -289,7 +290,7 @@ class NsGunicorn(GunicornProcess):
         env = {"SERVICE_BIND": f"{member.address}:{APP_PORT}"}
         if skew:
             env.update(LD_PRELOAD=require_faketime(), FAKETIME=f"{skew:+g}s",
-                       FAKETIME_DONT_FAKE_MONOTONIC="1", FAKETIME_NO_CACHE="1")
+                       NO_FAKE_STAT="1")
         super().__init__(settings_path, log_dir, workers=workers, env=env, port=APP_PORT)
         self.member = member
         self.host = member.address

@@ -314,13 +314,26 @@ def read(url: str, source: str, item: str) -> tuple[int, dict[str, str], dict[st
     return status, headers, json.loads(body) if status == 200 else {"raw": body.decode()}
 
 
+def settle(fleet: Fleet) -> None:
+    """Wait until every host reaches every node again (``/readyz`` says ``ok``): the fault
+    of the test before is over for all of them."""
+    def ready(host: NsGunicorn) -> bool:
+        status, _, body = http_request("GET", host.url + "/readyz", timeout=10)
+        return status == 200 and json.loads(body)["status"] == "ok"
+
+    for name, host in fleet.hosts.items():
+        wait_until(lambda host=host: ready(host), f"{name} to reach every node")
+
+
 def warm(fleet: Fleet, items: list[str], source: str = "item") -> None:
     """Every host holds a copy of every item: read each on each host directly (the first
-    host's read fetches, the others find it in memcached)."""
+    host's read fetches, the others find it in memcached: one fetch per item)."""
+    settle(fleet)
     for host in fleet.hosts.values():
         jobs = [gevent.spawn(read, host.url, source, item) for item in items]
         gevent.joinall(jobs, raise_error=True)
         assert {job.value[0] for job in jobs} == {200}, [job.value for job in jobs]
+    assert {item: fleet.fetches(item, source) for item in items} == dict.fromkeys(items, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,7 +446,7 @@ def test_one_origin_fetch_per_key_per_window_across_the_hosts(
     # The same keys under load, no fault: the baseline the faults are compared with.
     running = load(fleet, items)
     running.phase = "fault"
-    running.wait_for(300, "reads without a fault")
+    running.wait_for(300, "reads without a fault", FAULT_SECONDS)
     running.stop()
     fetches = {item: fleet.fetches(item) for item in items}
     record("no fault", running, fetches)
@@ -559,7 +572,7 @@ def test_one_hosts_clock_30s_off(fleet: Fleet, load: Callable[..., Load]) -> Non
         assert {job.value[0] for job in jobs} == {200}
         running = load(fleet, items, "short")
         running.phase = "fault"
-        running.wait_for(300, "reads with one clock off")
+        running.wait_for(300, "reads with one clock off", FAULT_SECONDS)
         running.stop()
         caches = Counter(a.cache for a in running.answers)
         fetches = {item: fleet.fetches(item, "short") for item in items}

@@ -69,6 +69,8 @@ CLIENTS = 8
 EVENT_TIMEOUT = 30.0
 SKEW = 30.0
 FAULT_SECONDS = 3.0
+BRIEF_MAX_AGE = 2            # the "brief" source: fresh for 2 s, then one refresh per window
+BRIEF_DELAY = 3.0            # ... that takes 3 s: a reader that waited for it is obvious
 
 
 @dataclass
@@ -148,6 +150,13 @@ log_format = "text"
 kind = "http"
 url = "{origin.url}/item/{{id}}?delay={ORIGIN_DELAY}"
 max_age = 60
+stale_while_revalidate = 600
+stale_if_error = 3600
+
+[sources.brief]
+kind = "http"
+url = "{origin.url}/brief/{{id}}?delay={BRIEF_DELAY}"
+max_age = {BRIEF_MAX_AGE}
 stale_while_revalidate = 600
 stale_if_error = 3600
 
@@ -452,6 +461,28 @@ def test_one_origin_fetch_per_key_per_window_across_the_hosts(
     record("no fault", running, fetches)
     check(running)
     assert set(fetches.values()) == {1}
+
+
+def test_one_refresh_per_key_per_window_across_the_hosts(
+        fleet: Fleet, load: Callable[..., Load]) -> None:
+    items = items_for("window", 6)
+    warm(fleet, items, "brief")
+    running = load(fleet, items, "brief")
+    # The entries turn stale under the load; each is refreshed once, by one host, in the
+    # background, while every host answers its copy STALE at once.
+    wait_until(lambda: all(fleet.fetches(i, "brief") >= 2 for i in items),
+               "every key's refresh to start")
+    running.wait_for(200, "reads while the refreshes run")
+    running.stop()
+    fetches = {item: fleet.fetches(item, "brief") for item in items}
+    record("stale window, no fault", running, fetches, phase="before")
+    check(running)
+    assert set(fetches.values()) == {2}, fetches        # one refresh, fleet-wide
+    caches = Counter(a.cache for a in running.answers)
+    assert caches["STALE"] > 0, caches
+    slowest = max(a.seconds for a in running.answers)
+    # Nobody waited for the refresh (it takes BRIEF_DELAY; a read, well under a second).
+    assert slowest < BRIEF_DELAY, f"a read took {slowest:.2f}s: it waited for the refresh"
 
 
 def test_a_node_killed_under_load(fleet: Fleet, load: Callable[..., Load]) -> None:

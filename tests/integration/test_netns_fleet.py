@@ -576,6 +576,31 @@ def test_delay_and_loss_between_one_host_and_one_node(
     assert status["delayed"] > 0 and status["lost"] > 0, status  # the fault did happen
 
 
+def test_a_stalled_path_between_one_host_and_one_node(
+        fleet: Fleet, load: Callable[..., Load]) -> None:
+    items = items_for("held", 24)
+    warm(fleet, items)
+    assert any(fleet.node_of(item) == PROXIED[1] for item in items)
+    proxy = fleet.proxy
+    seen: list[str] = []
+
+    def heal() -> None:
+        seen.append(proxy.control("drop"))   # the stalled connections are reset ...
+        proxy.control("release")             # ... and new ones pass again
+
+    try:
+        running = run_under_load(fleet, load, items,
+                                 lambda: seen.append(proxy.control("hold")), heal)
+    finally:
+        proxy.control("reset")
+    before, after = (dict(w.split("=") for w in line.split()[1:]) for line in seen)
+    assert int(after["held"]) > int(before["held"]), (before, after)  # it did stall
+    fetches = {item: fleet.fetches(item) for item in items}
+    record("path h1<->mc1 held, reset", running, fetches)
+    check(running)
+    assert set(fetches.values()) == {1}, fetches
+
+
 def test_one_hosts_clock_30s_off(fleet: Fleet, load: Callable[..., Load]) -> None:
     require_faketime()
     try:

@@ -16,7 +16,7 @@ control port with one line each (the answer is one line starting with ``ok``):
 ``release``          pass on what was held, at once
 ``drop``             reset every open connection (RST); new ones are accepted as usual
 ``reset``            no delay, no loss, no hold
-``status``           ``ok connections=N chunks=N delayed=N lost=N``
+``status``           ``ok connections=N chunks=N delayed=N lost=N held=N`` (counts so far)
 
 SIGTERM or SIGINT stops it (exit 0).
 """
@@ -108,6 +108,8 @@ class Pump:
                 if wait > 0:
                     time.sleep(wait)
                 with self.faults.cond:
+                    if self.faults.held:
+                        self.faults.counts["held"] += 1
                     while self.faults.held and not self.closed.is_set():
                         self.faults.cond.wait(0.5)
                 if self.closed.is_set():
@@ -212,7 +214,8 @@ class Proxy:
                 elif words != ["drop"]:
                     return f"error: unknown command {' '.join(words)!r}"
                 counts = " ".join(f"{k}={f.counts[k]}"
-                                  for k in ("connections", "chunks", "delayed", "lost"))
+                                  for k in ("connections", "chunks", "delayed", "lost",
+                                            "held"))
         except (IndexError, ValueError) as exc:
             return f"error: {exc}"
         if words == ["drop"]:

@@ -17,8 +17,15 @@ through every host) while the fault is on, and after it heals. For every fault:
   older one afterwards;
 - origin fetches per key stay within the fault's bound.
 
+The faults: a node SIGKILLed and restarted empty; a node cut from one host only (the bed's
+``cut``: packets between the two vanish); a node frozen (SIGSTOP) and thawed; delay and
+"loss" (segments held for a retransmission's time) and a stalled path, through the proxy;
+one host's wall clock 30 s ahead (libfaketime), where no decision may compare two hosts'
+clocks. Without a fault: one origin fetch per key across the hosts, cold and per window.
+
 Requests, failures, the slowest read and fetches per key are printed (run with ``-s``) for
 each fault beside the unloaded (no-fault) run, in one table at the end of the module.
+One strict expected failure names the one gap found here (see its reason).
 """
 
 from __future__ import annotations
@@ -62,7 +69,10 @@ pytestmark = [pytest.mark.memcached, pytest.mark.gunicorn, pytest.mark.netns]
 HOSTS = ("h1", "h2", "h3")
 NODES = ("mc1", "mc2", "mc3")
 PROXIED = ("h1", "mc1")          # h1 reaches mc1 through the TCP proxy
-WORKERS = 1                      # one worker per host: each host's copy is one process's
+# One worker per host, so that warm() can make "every host holds a copy" true (which of
+# several workers takes a connection is the kernel's choice); several workers per host
+# share one fleet in test_fleet_hosts.
+WORKERS = 1
 ORIGIN_DELAY = 0.3               # a read that waited for the origin takes at least this
 L1_TTL = 0.5
 CLIENTS = 8

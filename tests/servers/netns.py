@@ -1,6 +1,6 @@
 """A fleet on one machine: app hosts and memcached nodes in network namespaces of their own.
 
-:class:`NetBed` makes, for one test module, a bridge in the root namespace (``swr<pid>b<n>``)
+:class:`NetBed` makes, for one test module, a bridge in the root namespace (``swr<pid>-<n>``)
 and one namespace per member, each joined to the bridge by a veth pair and given an address
 of its own in a private /24 (``10.a.b.0/24``, derived from the pid and checked against the
 machine's routes, so concurrent runs do not collide). The root namespace holds the bridge's
@@ -18,8 +18,10 @@ Faults without netem or iptables:
 - :meth:`NetBed.cut` partitions two members from each other only: each gets a permanent
   neighbour entry for the other's address with a MAC address nobody owns, so their frames
   are flooded by the bridge and dropped by every other member's interface: packets vanish,
-  as on a real partition (no refusal, no ICMP); :meth:`NetBed.heal` restores them.
-- :meth:`NetBed.link_down` takes a member's end of its veth down (cut from everyone).
+  as on a real partition (no refusal, no ICMP); :meth:`NetBed.heal` restores them. (Taking
+  a veth down would cut the member from everyone, nginx included, not from one peer.)
+- delay, loss and stalls: ``tests/servers/tcpproxy.py`` between one host and one node
+  (:class:`TcpProxyProcess`; this kernel has no netem).
 
 Everything is removed by :meth:`NetBed.close` (the fixture's finalizer), also after a
 failure: the namespaces (after the processes in them are stopped), their hosts files, the
@@ -228,13 +230,6 @@ class NetBed:
         """Undo :meth:`cut`: the right addresses again (pinned, so nothing is re-learnt)."""
         self._neighbour(a, b, None)
         self._neighbour(b, a, None)
-
-    def link_down(self, member: Member) -> None:
-        """Take the root end of ``member``'s veth down: cut from everyone."""
-        _run([IP, "link", "set", member.veth, "down"])
-
-    def link_up(self, member: Member) -> None:
-        _run([IP, "link", "set", member.veth, "up"])
 
     def close(self) -> None:
         """Remove every namespace, hosts file, veth and the bridge (errors ignored: the

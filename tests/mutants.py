@@ -56,13 +56,15 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
  ("M8 comparing two clocks (the writer's stamp trusted)", "service/readpath/tiers.py",
   "        lifetime = entry.windows.lifetime\n        if ttl is None",
   "        lifetime = entry.windows.lifetime\n        return entry\n        if ttl is None",
-  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py",
+   "tests/integration/test_netns_fleet.py::test_one_hosts_clock_30s_off"]),
  ("M9 the lease always granted", "service/readpath/lease.py",
   "        if not stored.ok:\n"
   "            metrics.lease_total.labels(\"contended\").inc()\n"
   "            return None",
   "        if False:\n            return None",
-  ["tests/integration/test_extension.py", "tests/unit/readpath/test_pipeline.py"]),
+  ["tests/integration/test_extension.py", "tests/unit/readpath/test_pipeline.py",
+   "tests/integration/test_netns_fleet.py::test_one_refresh_per_key_per_window_across_the_hosts"]),
  ("M10 the fence dropped", "service/readpath/tiers.py",
   "cas=claim.fence)\n        except CacheUnavailable:",
   "cas=None)\n        except CacheUnavailable:",
@@ -71,11 +73,13 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "        return self.refresher.schedule(\n"
   "            job.key, lambda: self.loader.refresh(job, self.never, seen), job.source)",
   "        self.loader.refresh(job, self.never, seen)\n        return True",
-  ["tests/unit/readpath/test_pipeline.py"]),
+  ["tests/unit/readpath/test_pipeline.py",
+   "tests/integration/test_netns_fleet.py::test_one_refresh_per_key_per_window_across_the_hosts"]),
  ("M12 a lost entry waits (no last good copy)", "service/readpath/region.py",
   "            lost = self._lost(job, look)",
   "            lost = None",
-  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py",
+   "tests/integration/test_netns_fleet.py::test_a_node_killed_under_load"]),
  ("M13 a generation restored from the remembered number", "service/readpath/generations.py",
   "                value = self._restart(family)\n",
   "                value = cached[0] if cached is not None "

@@ -12,10 +12,11 @@ of a ``/v1`` source) does it before it returns, and stops what it started.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -58,15 +59,21 @@ def _answer(fn: Callable[[], T]) -> T:
         raise click.ClickException(exc.detail) from None
 
 
-def _settle(st: AppState) -> None:
-    """What this command started in this process finishes before it exits: a refresh it
-    scheduled runs to its end (bounded by the fetch timeout), the registry hears of it."""
-    if st.refresher.started:
+@contextlib.contextmanager
+def _settled(st: AppState) -> Iterator[None]:
+    """What the command starts in this process finishes before it returns: a refresh it
+    scheduled runs to its end (bounded by the fetch timeout) and the refresher it started
+    stops; the registry hears of its loads."""
+    ours = not st.refresher.started
+    try:
+        yield
+    finally:
         st.refresher.join(timeout=st.settings.refresh.fetch_timeout + 1.0)
-        st.refresher.stop()
-    registry = registry_of(st)
-    if registry is not None:
-        registry.flush()
+        if ours:
+            st.refresher.stop()
+        registry = registry_of(st)
+        if registry is not None:
+            registry.flush()
 
 
 def _ratio(value: float | None) -> str:
@@ -161,10 +168,26 @@ def show(st: AppState, key_or_id: str, as_json: bool) -> None:
                                    "(flask swr entries lists them)")
     row = adminentries.describe(st, found[0])
 
+    now = st.clock()
+
     def human(data: dict[str, Any]) -> str:
-        return "\n".join(f"{name:<16}{_value(value)}" for name, value in data.items())
+        return "\n".join(f"{name:<16}{_when(value, now) if _is_time(name) else _value(value)}"
+                         for name, value in data.items())
 
     emit(row, as_json, human)
+
+
+def _is_time(name: str) -> bool:
+    return name.endswith(("_at", "_until"))
+
+
+def _when(value: Any, now: float) -> str:
+    """A Unix time as UTC and how far from now it is."""
+    if not isinstance(value, (int, float)) or not value:
+        return "-"
+    delta = value - now
+    relative = f"in {delta:.0f}s" if delta >= 0 else f"{-delta:.0f}s ago"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value)) + f" ({relative})"
 
 
 def _params(params: Any) -> str:
@@ -215,10 +238,8 @@ def refresh(st: AppState, source: str, params: tuple[str, ...], as_json: bool) -
     a view's or function's is marked stale, so the next read refreshes it."""
     values = params_of(params)
     _prepared(st)
-    try:
+    with _settled(st):
         result = _answer(lambda: actions.refresh_source(st, source, values))
-    finally:
-        _settle(st)
     key = result.pop("key")
     _audit("refresh requested", action="refresh", source=source, key=key, **result)
     out = {**result, "source": source, "params": values}
@@ -242,14 +263,12 @@ def warm(st: AppState, source: str, params: tuple[str, ...], as_json: bool) -> N
         raise click.ClickException(
             f"{source!r} is not a /v1 source of this app: warm loads those only (a view or "
             "function is computed by its own code: request it, or use flask swr refresh)")
-    try:
-        job = _answer(lambda: actions.job_for(st, configured, configured.check(values)))
+    job = _answer(lambda: actions.job_for(st, configured, configured.check(values)))
+    with _settled(st):
         try:
             result: Result = st.region.get_or_load(job)
         except HTTPError as exc:
             raise click.ClickException(f"{source} could not be loaded: {exc.detail}") from None
-    finally:
-        _settle(st)
     _audit("warmed", action="warm", source=source, key=job.key, status=result.status)
     timing = result.entry.timing if result.entry is not None else None
     out = {"source": source, "params": values, "id": digest(job.key), "status": result.status,

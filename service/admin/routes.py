@@ -3,7 +3,8 @@
 Mounted by :func:`service.create_app`; a library app mounts it with
 ``app.register_blueprint(service.admin.bp)`` after ``SWR().init_app(app)``. Enabled only
 when ``SERVICE_ADMIN_TOKEN`` is set in the environment; otherwise every ``/admin`` route
-answers 404, as if it did not exist.
+answers 404 with how to turn it on (nothing can be done through a disabled admin, so
+saying that it exists gives nothing away).
 
 Authentication, all compared in constant time:
 
@@ -108,7 +109,11 @@ def _scheme(token: str) -> str | None:
 def authenticate() -> Response | None:
     token = admin_token(state_of())
     if not token:
-        raise NotFound("no such route")
+        # Still a 404: with no token nothing here can be used, so there is nothing to
+        # protect by hiding it, and the operator who opens the page learns the fix.
+        raise NotFound("the admin is off: set SERVICE_ADMIN_TOKEN in the server's "
+                       "environment and restart it (any user name, the token as the "
+                       "password; see docs/ADMIN.md)")
     scheme = _scheme(token)
     if scheme is None:
         return _error(401, "unauthorized", "admin token required",

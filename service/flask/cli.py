@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -28,7 +27,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from ..config import settings_path
+from ..config import FLASK_CONFIG
 from ..errors import CacheUnavailable
 from ..memcache.clients import borrow
 from .state import AppState, state_of
@@ -81,14 +80,17 @@ def state() -> AppState:
             "an app set up with swr-cache") from None
 
 
-def servers_key(app: Flask) -> str:
-    """The config key that sets the memcached servers of ``app``, in words."""
-    if "CACHE_MEMCACHED_SERVERS" in app.config:
-        return "CACHE_MEMCACHED_SERVERS (the app's Flask config)"
-    path = settings_path()
-    if path is not None:
-        return f"[cache] servers in {os.fspath(path)}"
-    return "CACHE_MEMCACHED_SERVERS (Flask config) or [cache] servers (SERVICE_SETTINGS)"
+def servers_key(st: AppState) -> str:
+    """The config key that set the memcached servers of the app, in words."""
+    path = st.settings.path
+    flask_key = "CACHE_MEMCACHED_SERVERS (the app's Flask config)"
+    if path == FLASK_CONFIG:
+        return flask_key
+    if path.startswith("<"):
+        return f"[cache] servers of the settings given to the app ({path})"
+    if "CACHE_MEMCACHED_SERVERS" in st.app.config:
+        return f"[cache] servers in {path} (over {flask_key})"
+    return f"[cache] servers in {path}"
 
 
 def check_memcached(st: AppState) -> dict[str, str]:
@@ -114,7 +116,7 @@ def check_memcached(st: AppState) -> dict[str, str]:
     if problems:
         raise click.ClickException(
             "; ".join(problems) + f". Start memcached there, or point "
-            f"{servers_key(st.app)} at the servers the workers use.")
+            f"{servers_key(st)} at the servers the workers use.")
     return versions
 
 
@@ -130,7 +132,7 @@ def fleet_command(fn: F) -> F:
             return fn(st, *args, **kwargs)
         except CacheUnavailable as exc:
             raise click.ClickException(
-                f"{exc}. Check that memcached runs there, or point {servers_key(st.app)} "
+                f"{exc}. Check that memcached runs there, or point {servers_key(st)} "
                 "at the servers the workers use.") from None
 
     return wrapper  # type: ignore[return-value]

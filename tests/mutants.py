@@ -82,6 +82,19 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "else self._restart(family)\n"
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
+ ("O1 the workers keep their metrics apart (no multiprocess directory)",
+  "service/gunicorn/conf.py",
+  'os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR',
+  'pass',
+  ["tests/integration/test_user_gunicorn.py"]),
+ ("O2 the master leaves its metrics directory behind", "service/gunicorn/conf.py",
+  "        shutil.rmtree(METRICS_DIR, ignore_errors=True)",
+  "        pass",
+  ["tests/integration/test_user_gunicorn.py"]),
+ ("C1 flask swr answers without asking memcached first", "service/flask/cli.py",
+  "        check_memcached(st)\n",
+  "        pass\n",
+  ["tests/integration/test_cli.py"]),
 ]
 
 

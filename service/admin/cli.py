@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -39,7 +40,7 @@ params_argument = click.argument("params", nargs=-1, metavar="[NAME=VALUE]...")
 
 
 def _who() -> str:
-    return f"{WHO} by {getpass.getuser()}"
+    return f"{WHO} ({getpass.getuser()})"
 
 
 def _audit(message: str, **fields: Any) -> None:
@@ -76,6 +77,13 @@ def _settled(st: AppState) -> Iterator[None]:
             registry.flush()
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 entry``, ``2 entries``."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
@@ -86,7 +94,7 @@ def _age(seconds: float | None) -> str:
 
 # -- reading -----------------------------------------------------------------------------------
 
-@swr.command("stats")
+@swr.command("stats", short_help="memcached's servers, this host's counts, the fleet's failures.")
 @json_option
 @fleet_command
 def stats(st: AppState, as_json: bool) -> None:
@@ -107,11 +115,14 @@ def stats(st: AppState, as_json: bool) -> None:
                  _ratio(info["ratios"]["stale"]), _ratio(info["ratios"]["miss"]),
                  sum(int(v) for v in info["refreshes"].values()))
                 for name, info in data["sources"].items()]
-        parts += ["", f"sources ({data['scope']['sources']}):",
+        scope = data["scope"]["sources"] if os.environ.get("PROMETHEUS_MULTIPROC_DIR") else (
+            "this command only: set PROMETHEUS_MULTIPROC_DIR to the workers' directory "
+            "for this host's counts")
+        parts += ["", f"sources, {scope}:",
                   table(rows, ("source", "requests", "hit", "stale", "miss", "fetches"))
                   if rows else "  no requests counted"]
         errors = data.get("errors") or []
-        parts += ["", f"recent refresh failures ({data['scope']['errors']}):"]
+        parts += ["", f"recent refresh failures, {data['scope']['errors']}:"]
         parts += [table([(time.strftime("%H:%M:%S", time.localtime(e.get("t", 0))),
                           e.get("s"), e.get("e")) for e in errors[:10]],
                         ("time", "source", "error"))] if errors else ["  none"]
@@ -120,7 +131,7 @@ def stats(st: AppState, as_json: bool) -> None:
     emit(out, as_json, human)
 
 
-@swr.command("entries")
+@swr.command("entries", short_help="List the fleet's entries and their state.")
 @click.option("--source", help="Only this source, view or function.")
 @click.option("--state", type=click.Choice(adminentries.STATES),
               help="Only entries in this state.")
@@ -145,7 +156,7 @@ def entries(st: AppState, source: str | None, state: str | None, text: str | Non
     def human(data: dict[str, Any]) -> str:
         rows = [(e["id"][:12], e["source"], _params(e["params"]), e["state"], _age(e.get("age")),
                  "+".join(e["tiers"]), e["last_refresh"]) for e in data["entries"]]
-        shown = f"{len(rows)} of {data['total']} entries ({data['scope']})"
+        shown = f"{len(rows)} of {_count(data['total'], 'entry')} ({data['scope']})"
         if not rows:
             return shown
         return table(rows, ("id", "source", "params", "state", "age", "tiers",
@@ -154,7 +165,7 @@ def entries(st: AppState, source: str | None, state: str | None, text: str | Non
     emit(out, as_json, human)
 
 
-@swr.command("show")
+@swr.command("show", short_help="One entry, by its key or its id.")
 @click.argument("key_or_id")
 @json_option
 @fleet_command
@@ -210,7 +221,7 @@ def _value(value: Any) -> str:
 
 # -- acting ------------------------------------------------------------------------------------
 
-@swr.command("invalidate")
+@swr.command("invalidate", short_help="Forget an entry, or all of a source's.")
 @click.argument("source")
 @params_argument
 @json_option
@@ -225,10 +236,10 @@ def invalidate(st: AppState, source: str, params: tuple[str, ...], as_json: bool
     out = {"invalidated": done["scope"], "source": source, "params": values,
            "entries": done["entries"]}
     emit(out, as_json, lambda d: f"invalidated {d['invalidated']} {source}"
-         f"{' ' + _params(values) if values else ''}: {d['entries']} entries listed")
+         f"{' ' + _params(values) if values else ''}: {_count(d['entries'], 'entry')} listed")
 
 
-@swr.command("refresh")
+@swr.command("refresh", short_help="Refresh an entry now (or mark it stale).")
 @click.argument("source")
 @params_argument
 @json_option
@@ -248,7 +259,7 @@ def refresh(st: AppState, source: str, params: tuple[str, ...], as_json: bool) -
         "or backing off"))
 
 
-@swr.command("warm")
+@swr.command("warm", short_help="Load a /v1 source's entry unless it is fresh.")
 @click.argument("source")
 @params_argument
 @json_option

@@ -22,8 +22,9 @@ It gives every worker what the cache needs and the host a whole view of itself:
   ``worker_exit`` (refreshes drain, leases released), ``post_request`` (a keep-alive
   connection waits its turn), ``on_starting``/``on_reload`` (the settings file checked in
   the master, so a broken one never takes the host down);
-* Prometheus' multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` points at a directory of
-  this master's (``swr-cache-metrics-<pid>`` in the temp directory, emptied at start),
+* Prometheus' multiprocess mode: the master points ``PROMETHEUS_MULTIPROC_DIR`` at a
+  directory of its own (``swr-cache-metrics-<pid>`` in the temp directory, emptied at
+  start) before it forks the workers,
   each worker keeps its counters there, ``/metrics`` and the admin's tiles merge them, so
   they show the whole host and not the worker that answered; ``child_exit`` marks a dead
   worker's gauges gone, and ``on_exit`` removes the directory (one that was given in the
@@ -50,7 +51,6 @@ __all__ = [
     "post_worker_init", "worker_exit", "post_request",
     "swr_on_starting", "swr_on_reload", "swr_on_exit", "swr_child_exit",
     "swr_post_worker_init", "swr_worker_exit", "swr_post_request",
-    "METRICS_DIR",
 ]
 
 # -- workers -------------------------------------------------------------------------------
@@ -88,21 +88,27 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(b)s x_cache=%({x-cache}o)s time=%(L)s
 control_socket_disable = True
 
 # -- metrics: Prometheus multiprocess mode ----------------------------------------------------
-# Each worker writes its counters to files in this directory and /metrics merges them. It
-# must be in the environment before any worker imports prometheus_client, hence here, when
-# the master evaluates its config (an import of this module: a HUP re-reads the config
-# but finds the module imported, so the directory stays the master's). Per master: the
-# pid of the process that evaluates the config, which a HUP keeps.
-OWN_METRICS_DIR = os.path.join(tempfile.gettempdir(), f"swr-cache-metrics-{os.getpid()}")
-METRICS_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or OWN_METRICS_DIR
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = METRICS_DIR
+# Each worker writes its counters to files in one directory and /metrics merges them. The
+# variable must be in the environment before any worker imports prometheus_client: the
+# master sets it in on_starting, before it forks the first worker (with preload_app, which
+# this config turns off, the app would be imported earlier, in the master). Nothing is set
+# when this module is imported: importing it elsewhere changes nothing.
+_own_metrics_dir: str | None = None
 
 
 def on_starting(server: Any) -> None:
-    """Master, once: an empty metrics directory (counts from a previous run would be
-    merged into ours), and the settings as they are now as the last good ones."""
-    os.makedirs(METRICS_DIR, exist_ok=True)
-    for path in glob.glob(os.path.join(METRICS_DIR, "*.db")):
+    """Master, once: an empty metrics directory in the environment the workers inherit
+    (counts from a previous run would be merged into ours), and the settings as they are
+    now as the last good ones."""
+    global _own_metrics_dir
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not metrics_dir:
+        # Per master: a HUP keeps the master, its pid and this directory.
+        metrics_dir = os.path.join(tempfile.gettempdir(), f"swr-cache-metrics-{os.getpid()}")
+        _own_metrics_dir = metrics_dir
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.makedirs(metrics_dir, exist_ok=True)
+    for path in glob.glob(os.path.join(metrics_dir, "*.db")):
         os.remove(path)
     from service.gunicorn.reload import check_settings
 
@@ -122,8 +128,8 @@ def on_exit(server: Any) -> None:
     from service.gunicorn.reload import forget
 
     forget()
-    if METRICS_DIR == OWN_METRICS_DIR:
-        shutil.rmtree(METRICS_DIR, ignore_errors=True)
+    if _own_metrics_dir is not None:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -76,7 +76,7 @@ def test_warm_entries_show_refresh_invalidate_a_v1_source(service: tuple[Flask, 
     table = ok(swr(cli, "entries"))
     assert table.splitlines()[0].split() == ["id", "source", "params", "state", "age",
                                              "tiers", "last", "refresh"]
-    assert "double  x=4" in table and "fresh" in table and "1 of 1 entries (fleet)" in table
+    assert "double  x=4" in table and "fresh" in table and "1 of 1 entry (fleet)" in table
     listed = as_json(swr(cli, "entries", "--json", "--source", "double", "--state", "fresh"))
     (row,) = listed["entries"]
     assert row["params"] == {"x": "4"} and row["in_memcached"] is True
@@ -236,7 +236,7 @@ def test_an_invalidation_from_the_command_line_reaches_the_workers(
     cli = subprocess.run([flask, "--app", "wsgi", "swr", "invalidate", "double", "x=21"],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr
-    assert cli.stdout.strip() == "invalidated entry double x=21: 1 entries listed"
+    assert cli.stdout.strip() == "invalidated entry double x=21: 1 entry listed"
 
     # The workers let go of their copies within l1_ttl (0.5 s): then the entry is loaded
     # again (without the invalidation it would be a HIT for max_age, 300 s).

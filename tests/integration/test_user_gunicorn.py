@@ -5,7 +5,9 @@ leaves nothing in the temp directory."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,25 @@ def test_metrics_and_admin_count_both_workers_and_nothing_is_left_behind(
     assert eventually(lambda: admin_counted(server.url), sent) == sent
     status, _, body = http_get(server.url + "/readyz")
     assert status == 200 and json.loads(body)["status"] == "ok"
+
+    # A worker that exits: its live gauges go (child_exit), its counts stay the host's.
+    metrics_dir = tmp / f"swr-cache-metrics-{server.pid}"
+    gone = int(sorted(workers)[0])
+    live = metrics_dir / f"gauge_livesum_{gone}.db"
+    assert live.exists(), sorted(p.name for p in metrics_dir.iterdir())
+    os.kill(gone, signal.SIGTERM)
+    deadline = time.monotonic() + WAIT
+    while live.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not live.exists(), "child_exit left the dead worker's live gauges"
+    assert reports_counted(http_get(server.url + "/metrics")[2].decode()) == sent
+    # The master replaces it; stopped mid-boot a worker may hold the stop up for the
+    # graceful timeout, so the replacement answers first.
+    answered: set[str] = set()
+    deadline = time.monotonic() + WAIT
+    while not answered - workers and time.monotonic() < deadline:
+        answered.add(http_get(server.url + "/healthz")[1]["x-worker"])
+    assert answered - workers, "no replacement worker answered"
 
     assert server.stop() == 0
     assert sorted(tmp.iterdir()) == [], "the run left files in the temp directory"

@@ -3,8 +3,9 @@
 The same functions as the admin API (:mod:`service.admin.stats`, ``entries``,
 ``actions``), called in this process with the app's own config: it talks to memcached as
 the workers do, so what it lists and does is the fleet's, and it needs no admin token
-(whoever can read the config can reach memcached anyway). Every action is written to the
-log as an ``admin`` event, like the API's, with ``who=cli`` and the user.
+(whoever can read the config can reach memcached anyway). Every action is logged as an
+``admin`` event, like the API's, with ``who=cli`` and the user (on the terminal with
+``-v``), and an invalidation is recorded on the entry for the fleet ("by cli (USER)").
 
 Runs outside gunicorn, unpatched by gevent: a command that loads (``warm``, ``refresh``
 of a ``/v1`` source) does it before it returns, and stops what it started.
@@ -39,12 +40,22 @@ WHO = "cli"
 params_argument = click.argument("params", nargs=-1, metavar="[NAME=VALUE]...")
 
 
+def _user() -> str:
+    """Who runs the command (a uid without a name in a container is its number)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
 def _who() -> str:
-    return f"{WHO} ({getpass.getuser()})"
+    return f"{WHO} ({_user()})"
 
 
 def _audit(message: str, **fields: Any) -> None:
-    event(log, logging.INFO, "admin", message, who=WHO, remote=getpass.getuser(), **fields)
+    # On this terminal with -v; the fleet's own record of an invalidation is the
+    # registry's ("by cli (USER)" on the entry), written by the action itself.
+    event(log, logging.INFO, "admin", message, who=WHO, remote=_user(), **fields)
 
 
 def _prepared(st: AppState) -> AppState:

@@ -60,8 +60,12 @@ def swr(verbose: bool) -> None:
     the workers; no admin token needed: this machine has the config)."""
     if not verbose:
         # A command's answer is its output, and a failure its one message: the workers'
-        # log lines (memcached warnings, the audit line) would say it all again.
-        logging.getLogger("service").setLevel(logging.ERROR)
+        # log lines (memcached warnings, the audit line) would say it all again. Only
+        # while the command runs (the process may be a test's, or a shell's).
+        logger = logging.getLogger("service")
+        previous = logger.level
+        logger.setLevel(logging.ERROR)
+        click.get_current_context().call_on_close(lambda: logger.setLevel(previous))
 
 
 def init_app(app: Flask) -> None:

@@ -250,3 +250,13 @@ def test_an_invalidation_from_the_command_line_reaches_the_workers(
                             timeout=60, check=True)
     (row,) = json.loads(listed.stdout)["entries"]
     assert row["id"] == digest(row["key"]) and row["state"] == "fresh"
+
+
+def test_a_quiet_command_leaves_the_process_logging_as_it_was(service: tuple[Flask, Flask]
+                                                              ) -> None:
+    import logging
+
+    _worker, cli = service
+    before = logging.getLogger("service").level
+    ok(swr(cli, "entries"))
+    assert logging.getLogger("service").level == before

@@ -1,11 +1,11 @@
 """Wrong changes on purpose: each must turn a test red. ``python -m tests.mutants [M1 ...]``.
 
 A protocol's guarantees are only as good as the tests that would notice them broken. Each
-entry below is one deliberate mistake in the load protocol (drop the fence, release
-without the owner, block the reader, compare two clocks, ...), the code it changes, and the
-tests that must catch it. The script applies one at a time, runs those tests, and always
+entry below is one deliberate mistake (in the load protocol: drop the fence, release
+without the owner, block the reader, compare two clocks; and in nginx's tier, the metrics
+directory, the CLI, ...), the code it changes, and the tests that must catch it. The script applies one at a time, runs those tests, and always
 restores the file; it exits non-zero if a mistake went unnoticed. Not part of ``make test``
-(it reruns parts of the suite thirteen times); run it after changing the protocol.
+(it reruns parts of the suite once per mistake); run it after changing what one guards.
 """
 
 from __future__ import annotations
@@ -115,6 +115,23 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
  ("NGX7 nginx runs out of connections before the slow clients do", "deploy/nginx.conf",
   "worker_connections 16384;", "worker_connections 128;",
   ["tests/integration/test_nginx.py::test_slow_clients_are_held_by_nginx_not_by_gunicorn"]),
+ ("O1 the workers keep their metrics apart (no multiprocess directory)",
+  "service/gunicorn/conf.py",
+  '        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir\n',
+  '        pass\n',
+  ["tests/integration/test_user_gunicorn.py"]),
+ ("O2 the master leaves its metrics directory behind", "service/gunicorn/conf.py",
+  "        shutil.rmtree(_own_metrics_dir, ignore_errors=True)",
+  "        pass",
+  ["tests/integration/test_user_gunicorn.py"]),
+ ("O3 a dead worker's live gauges kept", "service/gunicorn/conf.py",
+  "    multiprocess.mark_process_dead(worker.pid)",
+  "    pass",
+  ["tests/integration/test_user_gunicorn.py"]),
+ ("C1 flask swr answers without asking memcached first", "service/flask/cli.py",
+  "        check_memcached(st)\n",
+  "        pass\n",
+  ["tests/integration/test_cli.py"]),
 ]
 
 

@@ -4,7 +4,8 @@ The convention (also in docs/CONTRIBUTING.md, "Docs samples are tested"), for RE
 docs/*.md and deploy/README.md; the reading of the files is ``tests/docsamples.py``:
 
 - ```` ```python ````: a complete app (it makes ``app = Flask(__name__)`` itself) is written
-  to a module and started for real as the README says (``gunicorn -k gevent MODULE:app``),
+  to a module and started for real as the README says
+  (``gunicorn -c python:service.gunicorn.conf MODULE:app``),
   against a memcached of its own (``127.0.0.1:11211`` in the sample is replaced by that server's
   address); each of its GET routes is requested twice and must answer 200, and an
   ``@swr.cached`` view must answer ``X-Cache: MISS`` then ``HIT``. A fragment is compiled,
@@ -88,8 +89,6 @@ MAKE_NOT_RUN = {
     "venv": "builds the virtualenv this test runs in",
     "clean": "deletes the virtualenv this test runs in",
 }
-# Files another change adds: a link to one is checked once it exists.
-PENDING_FILES = {"docs/ADMIN.md"}
 # Citations of documents a reader cannot open.
 OUTSIDE = re.compile(r"\bSPEC\b|§|\bissues? #?\d+|(?<![\w/])#\d{1,4}\b(?!-)")
 
@@ -128,11 +127,12 @@ def require_curl() -> None:
 
 
 class SampleAppProcess(GunicornProcess):
-    """An app sample's module served as the README tells a user to: ``gunicorn -k gevent
-    MODULE:app``, no config file of ours, no ``SERVICE_SETTINGS``."""
+    """An app sample's module served as the README tells a user to: ``gunicorn -c
+    python:service.gunicorn.conf MODULE:app``, the importable config, no ``SERVICE_SETTINGS``."""
 
     def command(self) -> list[str]:
-        return [gunicorn_binary(), "-k", "gevent", "--bind", f"{self.host}:{self.port}",
+        return [gunicorn_binary(), "-c", "python:service.gunicorn.conf",
+                "--bind", f"{self.host}:{self.port}",
                 "--workers", str(self.workers), self.app]
 
     def __init__(self, module_dir: Path, module: str, log_dir: Path) -> None:
@@ -344,9 +344,7 @@ def test_a_misspelt_opt_out_is_an_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", [pytest.param(p, id=str(p.relative_to(REPO_ROOT)))
                                   for p in DOCS])
 def test_links_reach_a_file_and_a_heading(path: Path) -> None:
-    problems = [p for p in docsamples.broken_links(path)
-                if not any(f"{Path(pending).name}: no such file" in p for pending in PENDING_FILES
-                           if not (REPO_ROOT / pending).exists())]
+    problems = docsamples.broken_links(path)
     assert not problems, f"{path.name}: " + "; ".join(problems)
 
 

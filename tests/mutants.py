@@ -3,9 +3,10 @@
 A protocol's guarantees are only as good as the tests that would notice them broken. Each
 entry below is one deliberate mistake (in the load protocol: drop the fence, release
 without the owner, block the reader, compare two clocks; and in nginx's tier, the metrics
-directory, the CLI, ...), the code it changes, and the tests that must catch it. The script applies one at a time, runs those tests, and always
-restores the file; it exits non-zero if a mistake went unnoticed. Not part of ``make test``
-(it reruns parts of the suite once per mistake); run it after changing what one guards.
+directory, the CLI, ...), the code it changes, and the tests that must catch it. The
+script applies one at a time, runs those tests, and always restores the file; it exits
+non-zero if a mistake went unnoticed. Not part of ``make test`` (it reruns parts of the
+suite once per mistake); run it after changing what one guards.
 """
 
 from __future__ import annotations

@@ -10,10 +10,11 @@ hash names. What can go wrong, and what this module does about each:
   skipped, never repeated.
 - **Its server restarted, flushed or evicted it.** The counter is gone and memcached
   cannot say which numbers it gave. It is created again at a *floor*: the counter's
-  server's own clock in microseconds (``stats`` ``time`` x 10**6), read only once that
-  server has been up for two ticks of its clock, so the floor lies past every number of
-  the counter's previous life (see :func:`floor`). A counter therefore starts near
-  1.8 x 10**15, counts by one from there, and jumps forward after a loss.
+  server's own clock in microseconds (``stats`` ``time`` x 10**6), read at the next tick
+  of that clock (once the server has been up for two ticks), so the floor lies past every
+  number of the counter's previous life (see :func:`plan`). A counter therefore starts
+  near 1.8 x 10**15, counts by one from there, and jumps forward after a loss; creating
+  one costs its first caller up to a second (three after a restart).
 - **Something else sits under its key** (a non-number, a number below the floors this
   scheme writes, one past 2**53): treated as absent and replaced, with a CAS write so
   that two callers who both saw the garbage cannot both replace it (the second one
@@ -64,8 +65,9 @@ MIN_UPTIME: Final = 4
 """memcached's ``uptime`` reads 2 when it starts and grows by one per tick of its clock:
 at 4 its clock has ticked twice, so it reads past the second the server started in,
 whatever the phase of that clock against the wall clock (see :func:`floor`)."""
-YOUNG_WAIT: Final = 3.0
-"""Longest a caller waits for a server that just started to become old enough."""
+YOUNG_WAIT: Final = 4.0
+"""Longest a caller waits for the server's clock to tick (a second, or up to three after
+the server started)."""
 TIMEOUT: Final = 1.0
 """Per call: above one retransmission (200 ms at least) and a second one (+400 ms)."""
 CONNECT_TIMEOUT: Final = 1.5
@@ -91,16 +93,26 @@ def parse(data: bytes | None) -> int | None:
     return value if usable(value) else None
 
 
-def floor(server_time: Any, uptime: Any) -> int | float | None:
-    """Where a counter (re)starts, from its server's ``stats``: an ``int`` to start at,
-    a ``float`` of seconds to wait first (the server is too young), or ``None`` when the
-    numbers are absurd (not integers, or a clock outside 2020..2255).
+def plan(first_time: int, server_time: Any, uptime: Any) -> int | float | None:
+    """Where a counter (re)starts, from its server's ``stats`` read before (``first_time``)
+    and now: an ``int`` to start at, a ``float`` of seconds to wait and ask again, or
+    ``None`` when the numbers are absurd (not integers, a clock outside 2020..2255).
 
-    Why this is past every number of the counter's previous life: memcached's clock reads
-    ``floor(start) + uptime - 2``, within a second of the wall clock. The previous life's
-    numbers, at most a million per second of it, stay below one second past its end
-    (``end + 1``), and it ended before this server started. Once ``uptime >= 4`` the clock
-    reads at least ``floor(start) + 2 > end + 1``. Pure, so it is tested without memcached.
+    It starts at the first reading of the server's clock after ``first_time`` (one tick
+    later, at most a second), in microseconds, on a server whose clock has ticked twice
+    since it started (``uptime >= 4``). Why that is past every number of the counter's
+    previous life, at most a million numbers per second of it:
+
+    - *same server process* (flushed, evicted): that life started at the tick to its own
+      reading ``R1 + 1``; its numbers stay below ``(R1 + 1 + x) * 10**6`` after ``x``
+      seconds, and a reading taken after its loss is at least ``R1 + 1 + floor(x)``; the
+      one a tick later is past that.
+    - *restarted server*: memcached's clock reads ``floor(its start) + uptime - 2``,
+      within a second of the wall clock, so the previous life's numbers stay below one
+      second past its end, which came before this server started; a server with
+      ``uptime >= 4`` reads at least two seconds past its start.
+
+    Pure, so the cases are tested without memcached.
     """
     if type(server_time) is not int or type(uptime) is not int:
         return None
@@ -108,6 +120,8 @@ def floor(server_time: Any, uptime: Any) -> int | float | None:
         return None
     if uptime < MIN_UPTIME:
         return float(MIN_UPTIME - uptime)
+    if server_time <= first_time:
+        return 0.1                  # the tick comes within a second; ask a few times
     return server_time * PER_SECOND
 
 
@@ -125,6 +139,10 @@ def _patient(fn: Callable[[Client], T], client: Client) -> T:
         client.timeout, client.connect_timeout = saved
         if client.sock is not None:
             client.sock.settimeout(saved[0])
+
+
+def _cas(mkey: bytes, data: bytes, token: bytes, client: Client) -> Any:
+    return client.cas(mkey, data, token, 0, noreply=False)
 
 
 def _server_stats(client: Client) -> Any:
@@ -174,24 +192,27 @@ class Counters:
             return conn.call(conn.server_for(mkey), command, partial(_patient, fn))
 
     def _start(self, mkey: bytes) -> int:
-        """The floor to create the counter at (see :func:`floor`)."""
+        """The number to create the counter at (see :func:`plan`)."""
         deadline = time.monotonic() + YOUNG_WAIT
+        first: int | None = None
         while True:
             stats = self._call(mkey, "stats", _server_stats)
             if stats is _REFUSED:
                 return int(self.clock() * PER_SECOND)
-            start = floor(stats.get(b"time"), stats.get(b"uptime"))
+            server_time = stats.get(b"time")
+            if first is None and type(server_time) is int:
+                first = server_time
+            start = plan(first or 0, server_time, stats.get(b"uptime"))
             if start is None:
                 raise Unavailable("the counter's memcached reports an absurd clock"
-                                  f" (time={stats.get(b'time')!r})")
+                                  f" (time={str(server_time)[:40]})")
             if isinstance(start, int):
                 return start
-            if time.monotonic() + start > deadline:
+            if time.monotonic() + min(start, 0.1) > deadline:
                 raise Unavailable("the counter's memcached has just started; counters"
-                                  f" resume within {MIN_UPTIME} s of its start")
-            # Wait for the young server's clock to tick (see MIN_UPTIME), holding no
-            # pooled connection meanwhile.
-            gevent.sleep(min(start, 0.25))
+                                  " resume a few seconds after its start")
+            # Wait for the server's clock to tick, holding no pooled connection meanwhile.
+            gevent.sleep(min(start, 0.1))
 
     def _create(self, mkey: bytes) -> None:
         start = str(self._start(mkey)).encode("ascii")
@@ -200,12 +221,19 @@ class Counters:
         self._call(mkey, "add", lambda c: c.add(mkey, start, 0, noreply=False))
 
     def _replace(self, mkey: bytes) -> None:
-        data, token = self._call(mkey, "gets", lambda c: c.gets(mkey))
+        data, _ = self._call(mkey, "gets", lambda c: c.gets(mkey))
         if data is None or parse(data) is not None:
             return      # gone, or somebody replaced it already: increment again
         log.warning("counter %s held %r, not a number of ours: replaced",
                     mkey.decode(), bytes(data[:40]))
         start = str(self._start(mkey)).encode("ascii")
-        # cas: only the item we read is replaced, never a counter another caller has
-        # just created from the same garbage (whose numbers we would then repeat).
-        self._call(mkey, "cas", lambda c: c.cas(mkey, start, token, 0, noreply=False))
+        for _ in range(ATTEMPTS * 4):
+            # Read again after the wait: other callers still increment the garbage, and
+            # each increment changes the token.
+            data, token = self._call(mkey, "gets", lambda c: c.gets(mkey))
+            if data is None or parse(data) is not None:
+                return
+            # cas: only the item just read is replaced, never a counter another caller
+            # has just created from the same garbage (whose numbers we would repeat).
+            if self._call(mkey, "cas", partial(_cas, mkey, start, token)):
+                return

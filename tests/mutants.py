@@ -5,7 +5,7 @@ entry below is one deliberate mistake in the load protocol (drop the fence, rele
 without the owner, block the reader, compare two clocks, ...), the code it changes, and the
 tests that must catch it. The script applies one at a time, runs those tests, and always
 restores the file; it exits non-zero if a mistake went unnoticed. Not part of ``make test``
-(it reruns parts of the suite thirteen times); run it after changing the protocol.
+(it reruns parts of the suite once per entry); run it after changing the protocol.
 """
 
 from __future__ import annotations
@@ -82,6 +82,28 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "else self._restart(family)\n"
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
+ # Counters (service/http/counters.py): every number handed out is unique.
+ ("C1 a lost counter starts again at 0", "service/http/counters.py",
+  "    return server_time * PER_SECOND\n", "    return 0\n",
+  ["tests/integration/test_counters.py::"
+   "test_no_number_is_handed_out_twice_across_a_freeze_and_a_restart"]),
+ ("C2 no wait for the server's clock to tick", "service/http/counters.py",
+  "    if server_time <= first_time:\n", "    if False:\n",
+  ["tests/integration/test_counters.py::"
+   "test_a_counter_lost_in_the_second_it_was_created_does_not_start_there_again"]),
+ ("C3 garbage replaced by a blind set, not a CAS", "service/http/counters.py",
+  'if self._call(mkey, "cas", partial(_cas, mkey, start, token)):',
+  'if self._call(mkey, "set", lambda c: c.set(mkey, start, 0, noreply=False)):',
+  ["tests/integration/test_counters.py::"
+   "test_anything_else_under_a_counter_is_replaced_never_repeated"]),
+ ("C4 the counter's timeout shorter than a TCP retransmission", "service/http/counters.py",
+  "TIMEOUT: Final = 1.0", "TIMEOUT: Final = 0.25",
+  ["tests/integration/test_counters.py::test_an_increment_survives_a_lost_segment"]),
+ ("C5 a key moves off a server whose circuit is open", "service/memcache/clients.py",
+  '        return max(self.servers, key=lambda s: (score(f"{s}-{name}"), s))',
+  "        alive = [s for s in self.servers if not self.breakers[s].is_open]\n"
+  '        return max(alive or self.servers, key=lambda s: (score(f"{s}-{name}"), s))',
+  ["tests/integration/test_counters.py::test_a_counter_never_moves_to_another_server"]),
 ]
 
 

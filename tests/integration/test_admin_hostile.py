@@ -166,3 +166,13 @@ def test_a_history_minute_with_a_hostile_count_reads_as_zero(
     history = admin_get(admin_app, "/admin/api/stats")["history"]
     assert len(history["series"]["hit"]) == MINUTES
     assert history["series"]["hit"][-2] == 0 and history["series"]["miss"][-2] == 3
+
+
+@pytest.mark.parametrize("token", ["host:\u00b2:abc", "host:" + "9" * 5000 + ":abc",
+                                   "host:-1:abc", "host:\u0663:abc", ":1:abc"])
+def test_a_lease_naming_an_absurd_process_is_no_500(admin_app: Flask, token: str) -> None:
+    key, _ = the_bucket_of_a_real_key(admin_app)
+    state_of(admin_app).leases.leases.set(key, token, 60)
+    listing = admin_get(admin_app, "/admin/api/entries")
+    row = next(row for row in listing["entries"] if row["key"] == key)
+    assert row["lease_holder"] == {"host": "?", "pid": None}

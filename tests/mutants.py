@@ -104,6 +104,14 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "        alive = [s for s in self.servers if not self.breakers[s].is_open]\n"
   '        return max(alive or self.servers, key=lambda s: (score(f"{s}-{name}"), s))',
   ["tests/integration/test_counters.py::test_a_counter_never_moves_to_another_server"]),
+ ("A1 the admin's CSRF token never rotates", "service/admin/routes.py",
+  'return _sign(token, f"swr-cache admin csrf:{session}")',
+  'return _sign(token, "swr-cache admin csrf")',
+  ["tests/integration/test_admin_session.py"]),
+ ("A2 a registry record's time taken on trust", "service/admin/registry.py",
+  "text(rec.get(\"o\"), False) and when(rec.get(\"t\")) is not None):",
+  "text(rec.get(\"o\"), False) and rec.get(\"t\") is not None):",
+  ["tests/integration/test_admin_hostile.py"]),
 ]
 
 

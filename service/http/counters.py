@@ -64,7 +64,7 @@ MAX_VALUE: Final = 2**53 - 1
 MIN_UPTIME: Final = 4
 """memcached's ``uptime`` reads 2 when it starts and grows by one per tick of its clock:
 at 4 its clock has ticked twice, so it reads past the second the server started in,
-whatever the phase of that clock against the wall clock (see :func:`floor`)."""
+whatever the phase of that clock against the wall clock (see :func:`plan`)."""
 YOUNG_WAIT: Final = 4.0
 """Longest a caller waits for the server's clock to tick (a second, or up to three after
 the server started)."""

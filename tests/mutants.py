@@ -129,10 +129,40 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "    multiprocess.mark_process_dead(worker.pid)",
   "    pass",
   ["tests/integration/test_user_gunicorn.py"]),
- ("C1 flask swr answers without asking memcached first", "service/flask/cli.py",
+ ("CLI1 flask swr answers without asking memcached first", "service/flask/cli.py",
   "        check_memcached(st)\n",
   "        pass\n",
   ["tests/integration/test_cli.py"]),
+ # Counters (service/http/counters.py): every number handed out is unique.
+ ("CNT1 a lost counter starts again at 0", "service/http/counters.py",
+  "    return server_time * PER_SECOND\n", "    return 0\n",
+  ["tests/integration/test_counters.py::"
+   "test_no_number_is_handed_out_twice_across_a_freeze_and_a_restart"]),
+ ("CNT2 no wait for the server's clock to tick", "service/http/counters.py",
+  "    if server_time <= first_time:\n", "    if False:\n",
+  ["tests/integration/test_counters.py::"
+   "test_a_counter_lost_in_the_second_it_was_created_does_not_start_there_again"]),
+ ("CNT3 garbage replaced by a blind set, not a CAS", "service/http/counters.py",
+  'if self._call(mkey, "cas", partial(_cas, mkey, start, token)):',
+  'if self._call(mkey, "set", lambda c: c.set(mkey, start, 0, noreply=False)):',
+  ["tests/integration/test_counters.py::"
+   "test_anything_else_under_a_counter_is_replaced_never_repeated"]),
+ ("CNT4 the counter's timeout shorter than a TCP retransmission", "service/http/counters.py",
+  "TIMEOUT: Final = 1.0", "TIMEOUT: Final = 0.25",
+  ["tests/integration/test_counters.py::test_an_increment_survives_a_lost_segment"]),
+ ("CNT5 a key moves off a server whose circuit is open", "service/memcache/clients.py",
+  '        return max(self.servers, key=lambda s: (score(f"{s}-{name}"), s))',
+  "        alive = [s for s in self.servers if not self.breakers[s].is_open]\n"
+  '        return max(alive or self.servers, key=lambda s: (score(f"{s}-{name}"), s))',
+  ["tests/integration/test_counters.py::test_a_counter_never_moves_to_another_server"]),
+ ("A1 the admin's CSRF token never rotates", "service/admin/routes.py",
+  'return _sign(token, f"swr-cache admin csrf:{session}")',
+  'return _sign(token, "swr-cache admin csrf")',
+  ["tests/integration/test_admin_session.py"]),
+ ("A2 a registry record's time taken on trust", "service/admin/registry.py",
+  "text(rec.get(\"o\"), False) and when(rec.get(\"t\")) is not None):",
+  "text(rec.get(\"o\"), False) and rec.get(\"t\") is not None):",
+  ["tests/integration/test_admin_hostile.py"]),
 ]
 
 

@@ -11,17 +11,22 @@ Authentication, all compared in constant time:
 * ``Authorization: Bearer <token>`` (scripts);
 * HTTP Basic with the token as the password (a browser's login dialog, or a URL
   ``http://user:TOKEN@host/admin/``);
-* the session cookie the page sets after either of those: ``swr_admin``, an expiry and
-  an HMAC of it under the token (rotating the token ends every session), ``HttpOnly``,
+* the session cookie the page sets after either of those: ``swr_admin``, an expiry, a
+  random nonce and an HMAC of both under the token (rotating the token ends every
+  session), ``HttpOnly``,
   ``SameSite=Strict``, limited to the admin's path. The page's own requests use it:
   Chromium refuses ``fetch()`` to a URL that carries credentials, and a page opened as
   ``http://user:TOKEN@host/admin/`` would otherwise hand them to every relative URL.
 
 Cross-site requests: a browser sends Basic credentials and cookies by itself, so a page
 elsewhere could make it send ``DELETE`` here. Mutating requests authenticated by Basic or
-by the cookie must therefore carry ``X-CSRF-Token`` (an HMAC of the token, embedded in
-our page; a cross-site form cannot set a header without a CORS preflight we never grant),
-and any request whose ``Origin`` is not this host is refused. Every mutating request is
+by the cookie must therefore carry the session cookie and its ``X-CSRF-Token`` (an HMAC
+of that session under the token, embedded in our page; a cross-site form cannot set a
+header without a CORS preflight we never grant), and any request whose ``Origin`` is not
+this host is refused. The CSRF token rotates with the session: a page load without a
+valid session starts a new one (new nonce, new token), and a session lasts
+``SESSION_SECONDS``; a token of another session, or of an expired one, is refused. A
+page load within a valid session keeps it, so two open tabs keep working. Every mutating request is
 written to the log as an ``admin`` event: who (scheme, remote address), what, which key
 (hashed).
 """
@@ -65,23 +70,37 @@ def _sign(token: str, purpose: str) -> str:
     return hmac.new(token.encode(), purpose.encode(), hashlib.sha256).hexdigest()
 
 
-def csrf_token(token: str) -> str:
-    return _sign(token, "swr-cache admin csrf")
+def csrf_token(token: str, session: str) -> str:
+    """The CSRF token of one session (the session cookie's whole value): it changes with
+    every new session, and is worth nothing once that session has expired."""
+    return _sign(token, f"swr-cache admin csrf:{session}")
 
 
 def session_cookie(token: str, now: float) -> str:
+    """A new session: ``expiry.nonce.mac``; the nonce makes two sessions started in the
+    same second differ, and so their CSRF tokens."""
     expiry = int(now) + SESSION_SECONDS
-    return f"{expiry}.{_sign(token, f'session:{expiry}')}"
+    nonce = secrets.token_urlsafe(12)
+    return f"{expiry}.{nonce}.{_sign(token, f'session:{expiry}:{nonce}')}"
 
 
 def _valid_session(value: str, token: str, now: float) -> bool:
-    expiry, _, mac = value.partition(".")
+    expiry, _, rest = value.partition(".")
+    nonce, _, mac = rest.partition(".")
     # A cookie is the client's: at most 12 ASCII digits (a Unix time) before it is a number
     # at all. int() of thousands of digits raises, and a 500 before authentication would
     # be the answer to anyone who sends one.
     if not (expiry.isascii() and expiry.isdigit()) or len(expiry) > 12 or int(expiry) < now:
         return False
-    return hmac.compare_digest(mac.encode(), _sign(token, f"session:{expiry}").encode())
+    if not nonce or len(nonce) > 32:
+        return False
+    return hmac.compare_digest(mac.encode(),
+                               _sign(token, f"session:{expiry}:{nonce}").encode())
+
+
+def _session_expiry(value: str) -> int:
+    """The expiry of a session cookie :func:`_valid_session` accepted."""
+    return int(value.partition(".")[0])
 
 
 def admin_token(st: AppState) -> str | None:
@@ -100,9 +119,13 @@ def _scheme(token: str) -> str | None:
         presented = (auth.token if auth.type == "bearer" else auth.password) or ""
         return auth.type if hmac.compare_digest(presented.encode(), token.encode()) else None
     cookie = request.cookies.get(COOKIE)
-    if cookie is not None and _valid_session(cookie, token, time.time()):
+    if cookie is not None and _valid_session(cookie, token, _now()):
         return "cookie"
     return None
+
+
+def _now() -> float:
+    return time.time()      # the wall clock: a cookie's expiry is a Unix time
 
 
 @bp.before_request
@@ -122,9 +145,15 @@ def authenticate() -> Response | None:
     if origin is not None and origin.rstrip("/") != request.host_url.rstrip("/"):
         return _error(403, "forbidden", f"cross-origin request from {origin}")
     if request.method not in SAFE_METHODS and scheme != "bearer":
+        # The token of the session this browser holds now: never one of an older session.
+        session = request.cookies.get(COOKIE, "")
+        if not _valid_session(session, token, _now()):
+            return _error(403, "forbidden", "no admin session: load /admin/ (or send the "
+                          "token as Authorization: Bearer)")
         sent = request.headers.get("X-CSRF-Token", "")
-        if not hmac.compare_digest(sent.encode(), csrf_token(token).encode()):
-            return _error(403, "forbidden", "X-CSRF-Token missing or wrong")
+        if not hmac.compare_digest(sent.encode(), csrf_token(token, session).encode()):
+            return _error(403, "forbidden", "X-CSRF-Token missing, wrong or of another "
+                          "session")
     request.environ["swr.admin.scheme"] = scheme
     return None
 
@@ -234,8 +263,13 @@ def refresh_source_entry(name: str) -> tuple[Response, int]:
 def page() -> Response:
     st = state_of()
     token = admin_token(st) or ""
+    now = _now()
+    session = request.cookies.get(COOKIE, "")
+    if not _valid_session(session, token, now):
+        session = session_cookie(token, now)        # a new session: a new CSRF token
     nonce = secrets.token_urlsafe(16)
-    body = render_template("swr_admin/index.html", csrf=csrf_token(token), nonce=nonce,
+    body = render_template("swr_admin/index.html", csrf=csrf_token(token, session),
+                           nonce=nonce,
                            script=adminstats.asset("admin.js"),
                            style=adminstats.asset("admin.css"))
     response = Response(body, mimetype="text/html", headers={
@@ -245,7 +279,7 @@ def page() -> Response:
         "X-Frame-Options": "DENY", "Cache-Control": "no-store",
         "Referrer-Policy": "no-referrer",
     })
-    response.set_cookie(COOKIE, session_cookie(token, time.time()), max_age=SESSION_SECONDS,
+    response.set_cookie(COOKIE, session, max_age=max(0, int(_session_expiry(session) - now)),
                         path=url_for("admin.page"), httponly=True, samesite="Strict",
                         secure=request.is_secure)
     return response

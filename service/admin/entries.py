@@ -117,6 +117,11 @@ def listing(st: AppState, filters: Filters) -> dict[str, Any]:
     }
 
 
+def describe(st: AppState, rec: Record) -> dict[str, Any]:
+    """One listed entry's row, as :func:`listing` shows it (``flask swr show``)."""
+    return _rows(st, [rec], st.clock())[0]
+
+
 def one(st: AppState, entry_id: str) -> dict[str, Any] | None:
     """``GET /admin/api/entries/<id>``: the row of one entry (as in the listing, live from
     memcached), or ``None`` when the registry lists no entry with that id."""
@@ -237,9 +242,18 @@ def probe(st: AppState, keys: Iterable[str]) -> dict[str, tuple[int, int]]:
                 lines = answer.split(b"\r\n")[:len(group)]
                 for mkey, line in zip(group, lines, strict=False):
                     flags = dict((f[:1], f[1:]) for f in line.split()[1:])
-                    if line.startswith(b"HD") and flags.get(b"s", b"").isdigit():
-                        found[by_mkey[mkey]] = (int(flags[b"s"]), int(flags.get(b"t", -1)))
+                    size, ttl = _small(flags.get(b"s")), flags.get(b"t", b"-1")
+                    if line.startswith(b"HD") and size is not None \
+                            and (ttl == b"-1" or _small(ttl) is not None):
+                        found[by_mkey[mkey]] = (size, int(ttl))
     return found
+
+
+def _small(digits: bytes | None) -> int | None:
+    """A size or a TTL from memcached's answer: at most 15 ASCII digits, else ``None``."""
+    if digits is None or not (digits.isascii() and digits.isdigit()) or len(digits) > 15:
+        return None
+    return int(digits)
 
 
 # -- actions -------------------------------------------------------------------------------

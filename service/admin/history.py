@@ -29,6 +29,7 @@ import gevent
 from ..errors import CacheUnavailable
 from ..memcache.store import MISS, Store
 from ..observe import metrics
+from .numbers import count
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -123,8 +124,9 @@ class History:
             counts: dict[str, int] = {}
             if isinstance(current, dict) and current.get("m") == minute \
                     and isinstance(current.get("c"), dict):
-                counts = {k: int(v) for k, v in current["c"].items()
-                          if k in COUNTERS and isinstance(v, int)}
+                # A count out of bounds (somebody's garbage) is absent: replaced now.
+                counts = {k: v for k, v in current["c"].items()
+                          if k in COUNTERS and count(v) is not None}
             for k, v in delta.items():
                 counts[k] = counts.get(k, 0) + v
             value = {"m": minute, "c": counts}
@@ -151,5 +153,5 @@ class History:
             counts = item.get("c") if isinstance(item, dict) and item.get("m") == m else None
             for k in COUNTERS:
                 value = counts.get(k, 0) if isinstance(counts, dict) else 0
-                series[k].append(value if isinstance(value, int) else 0)
+                series[k].append(count(value) or 0)
         return {"minutes": [m * 60 for m in minutes], "series": series}

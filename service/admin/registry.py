@@ -43,7 +43,9 @@ import gevent.lock
 from ..errors import CacheUnavailable
 from ..memcache.store import MISS, Store
 from ..observe import monitor
+from ..readpath.entry import MAX_TIME
 from ..readpath.tiers import LocalTier
+from .numbers import count, number, seconds, text, when
 
 if TYPE_CHECKING:
     from ..readpath.entry import Entry
@@ -101,11 +103,36 @@ def kind_of(job: Job) -> str:
 
 
 def valid_record(rec: Any) -> bool:
-    """Registry items are data read from a shared memcached: only our exact shape counts."""
-    return (isinstance(rec, dict) and isinstance(rec.get("k"), str)
-            and isinstance(rec.get("s"), str) and isinstance(rec.get("t"), int | float)
-            and isinstance(rec.get("o"), str)
-            and (rec.get("p") is None or isinstance(rec.get("p"), dict)))
+    """Registry items are data read from a shared memcached: only our exact shape counts,
+    and every number within its bounds (:mod:`service.admin.numbers`). A record that
+    fails is treated as absent, and dropped when its bucket is next written."""
+    if not (isinstance(rec, dict) and text(rec.get("k"), False) and text(rec.get("s"), False)
+            and text(rec.get("o"), False) and when(rec.get("t")) is not None):
+        return False
+    params = rec.get("p")
+    if params is not None and not (type(params) is dict and all(
+            text(k, False) and text(v, False) for k, v in params.items())):
+        return False
+    if not all(text(rec.get(f)) for f in ("kind", "e", "h", "etag")):
+        return False
+    if any(rec.get(f) is not None and count(rec.get(f)) is None for f in ("z", "pid")):
+        return False
+    if rec.get("f") is not None and seconds(rec["f"]) is None:
+        return False
+    w = rec.get("w")
+    if rec.get("sa") is None:
+        return w is None
+    return (when(rec["sa"]) is not None and type(w) is list and len(w) == 3
+            and all(seconds(x) is not None for x in w))
+
+
+def valid_item(item: Any) -> bool:
+    """An item of the errors or blocked-hub ring, checked like :func:`valid_record`."""
+    return (isinstance(item, dict) and when(item.get("t")) is not None
+            and all(text(item.get(f)) for f in ("k", "s", "o", "e", "h", "greenlet", "stack"))
+            and (item.get("pid") is None or count(item.get("pid")) is not None)
+            and all(item.get(f) is None or number(item.get(f), 0.0, MAX_TIME) is not None
+                    for f in ("at", "seconds")))
 
 
 def expired(rec: Record, now: float) -> bool:
@@ -323,10 +350,10 @@ def _when(item: Record) -> float:
 
 def _ring(current: Any, new: list[Record], keep: int) -> dict[str, Any]:
     """A ring of the ``keep`` newest items (``{"items": [...]}``, newest first)."""
-    old = [i for i in _items(current) if isinstance(i.get("t"), int | float)]
+    old = [i for i in _items(current) if valid_item(i)]
     return {"items": sorted(new + old, key=_when, reverse=True)[:keep]}
 
 
 def _items(value: Any) -> list[Record]:
     items = value.get("items") if isinstance(value, dict) else None
-    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+    return [i for i in items if valid_item(i)] if isinstance(items, list) else []

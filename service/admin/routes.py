@@ -3,24 +3,30 @@
 Mounted by :func:`service.create_app`; a library app mounts it with
 ``app.register_blueprint(service.admin.bp)`` after ``SWR().init_app(app)``. Enabled only
 when ``SERVICE_ADMIN_TOKEN`` is set in the environment; otherwise every ``/admin`` route
-answers 404, as if it did not exist.
+answers 404 with how to turn it on (nothing can be done through a disabled admin, so
+saying that it exists gives nothing away).
 
 Authentication, all compared in constant time:
 
 * ``Authorization: Bearer <token>`` (scripts);
 * HTTP Basic with the token as the password (a browser's login dialog, or a URL
   ``http://user:TOKEN@host/admin/``);
-* the session cookie the page sets after either of those: ``swr_admin``, an expiry and
-  an HMAC of it under the token (rotating the token ends every session), ``HttpOnly``,
+* the session cookie the page sets after either of those: ``swr_admin``, an expiry, a
+  random nonce and an HMAC of both under the token (rotating the token ends every
+  session), ``HttpOnly``,
   ``SameSite=Strict``, limited to the admin's path. The page's own requests use it:
   Chromium refuses ``fetch()`` to a URL that carries credentials, and a page opened as
   ``http://user:TOKEN@host/admin/`` would otherwise hand them to every relative URL.
 
 Cross-site requests: a browser sends Basic credentials and cookies by itself, so a page
 elsewhere could make it send ``DELETE`` here. Mutating requests authenticated by Basic or
-by the cookie must therefore carry ``X-CSRF-Token`` (an HMAC of the token, embedded in
-our page; a cross-site form cannot set a header without a CORS preflight we never grant),
-and any request whose ``Origin`` is not this host is refused. Every mutating request is
+by the cookie must therefore carry the session cookie and its ``X-CSRF-Token`` (an HMAC
+of that session under the token, embedded in our page; a cross-site form cannot set a
+header without a CORS preflight we never grant), and any request whose ``Origin`` is not
+this host is refused. The CSRF token rotates with the session: a page load without a
+valid session starts a new one (new nonce, new token), and a session lasts
+``SESSION_SECONDS``; a token of another session, or of an expired one, is refused. A
+page load within a valid session keeps it, so two open tabs keep working. Every mutating request is
 written to the log as an ``admin`` event: who (scheme, remote address), what, which key
 (hashed).
 """
@@ -38,13 +44,13 @@ from typing import Any
 from flask import Blueprint, Flask, Response, jsonify, render_template, request, url_for
 from flask.blueprints import BlueprintSetupState
 
-from ..errors import BadRequest, CacheUnavailable, HTTPError, NotFound, Unavailable
+from ..errors import BadRequest, HTTPError, NotFound
 from ..flask.state import EXTENSION, AppState, state_of
 from ..observe.logs import QUIET, event, key_hash
+from . import actions
 from . import entries as adminentries
 from . import stats as adminstats
 from .install import install
-from .registry import Record
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
@@ -66,23 +72,37 @@ def _sign(token: str, purpose: str) -> str:
     return hmac.new(token.encode(), purpose.encode(), hashlib.sha256).hexdigest()
 
 
-def csrf_token(token: str) -> str:
-    return _sign(token, "swr-cache admin csrf")
+def csrf_token(token: str, session: str) -> str:
+    """The CSRF token of one session (the session cookie's whole value): it changes with
+    every new session, and is worth nothing once that session has expired."""
+    return _sign(token, f"swr-cache admin csrf:{session}")
 
 
 def session_cookie(token: str, now: float) -> str:
+    """A new session: ``expiry.nonce.mac``; the nonce makes two sessions started in the
+    same second differ, and so their CSRF tokens."""
     expiry = int(now) + SESSION_SECONDS
-    return f"{expiry}.{_sign(token, f'session:{expiry}')}"
+    nonce = secrets.token_urlsafe(12)
+    return f"{expiry}.{nonce}.{_sign(token, f'session:{expiry}:{nonce}')}"
 
 
 def _valid_session(value: str, token: str, now: float) -> bool:
-    expiry, _, mac = value.partition(".")
+    expiry, _, rest = value.partition(".")
+    nonce, _, mac = rest.partition(".")
     # A cookie is the client's: at most 12 ASCII digits (a Unix time) before it is a number
     # at all. int() of thousands of digits raises, and a 500 before authentication would
     # be the answer to anyone who sends one.
     if not (expiry.isascii() and expiry.isdigit()) or len(expiry) > 12 or int(expiry) < now:
         return False
-    return hmac.compare_digest(mac.encode(), _sign(token, f"session:{expiry}").encode())
+    if not nonce or len(nonce) > 32:
+        return False
+    return hmac.compare_digest(mac.encode(),
+                               _sign(token, f"session:{expiry}:{nonce}").encode())
+
+
+def _session_expiry(value: str) -> int:
+    """The expiry of a session cookie :func:`_valid_session` accepted."""
+    return int(value.partition(".")[0])
 
 
 def admin_token(st: AppState) -> str | None:
@@ -101,16 +121,24 @@ def _scheme(token: str) -> str | None:
         presented = (auth.token if auth.type == "bearer" else auth.password) or ""
         return auth.type if hmac.compare_digest(presented.encode(), token.encode()) else None
     cookie = request.cookies.get(COOKIE)
-    if cookie is not None and _valid_session(cookie, token, time.time()):
+    if cookie is not None and _valid_session(cookie, token, _now()):
         return "cookie"
     return None
+
+
+def _now() -> float:
+    return time.time()      # the wall clock: a cookie's expiry is a Unix time
 
 
 @bp.before_request
 def authenticate() -> Response | None:
     token = admin_token(state_of())
     if not token:
-        raise NotFound("no such route")
+        # Still a 404: with no token nothing here can be used, so there is nothing to
+        # protect by hiding it, and the operator who opens the page learns the fix.
+        raise NotFound("the admin is off: set SERVICE_ADMIN_TOKEN in the server's "
+                       "environment and restart it (any user name, the token as the "
+                       "password; see docs/ADMIN.md)")
     scheme = _scheme(token)
     if scheme is None:
         return _error(401, "unauthorized", "admin token required",
@@ -119,9 +147,15 @@ def authenticate() -> Response | None:
     if origin is not None and origin.rstrip("/") != request.host_url.rstrip("/"):
         return _error(403, "forbidden", f"cross-origin request from {origin}")
     if request.method not in SAFE_METHODS and scheme != "bearer":
+        # The token of the session this browser holds now: never one of an older session.
+        session = request.cookies.get(COOKIE, "")
+        if not _valid_session(session, token, _now()):
+            return _error(403, "forbidden", "no admin session: load /admin/ (or send the "
+                          "token as Authorization: Bearer)")
         sent = request.headers.get("X-CSRF-Token", "")
-        if not hmac.compare_digest(sent.encode(), csrf_token(token).encode()):
-            return _error(403, "forbidden", "X-CSRF-Token missing or wrong")
+        if not hmac.compare_digest(sent.encode(), csrf_token(token, session).encode()):
+            return _error(403, "forbidden", "X-CSRF-Token missing, wrong or of another "
+                          "session")
     request.environ["swr.admin.scheme"] = scheme
     if request.method == "GET" and request.headers.get(POLL_HEADER) == "1":
         # The page's own timed reload, every 5 s while a tab is open: the access log
@@ -196,33 +230,17 @@ def sources() -> Response:
     return jsonify(out)
 
 
-def _job_for(st: AppState, source: Any, params: dict[str, str]) -> Any:
-    """The job of a ``/v1`` source's entry, as the service's views build it (they set the
-    hook; an app without them has no sources to refresh)."""
-    if st.source_job is None:
-        raise NotFound("this app serves no /v1 sources")
-    return st.source_job(st, source, params)
-
-
 def _configured(st: AppState) -> dict[str, Any]:
-    found: dict[str, Any] = st.extra.get("sources", {})
-    return found
+    return actions.configured(st)
 
 
 # -- one entry, by id (the page's per-row buttons) -----------------------------------------
 
-def _record(st: AppState, entry_id: str) -> Record:
-    rec = adminentries.find(st, entry_id)
-    if rec is None:
-        raise NotFound(f"no entry with id {entry_id!r} is listed")
-    return rec
-
-
 @bp.delete("/api/entries/<entry_id>")
 def invalidate_entry(entry_id: str) -> Response:
     st = state_of()
-    rec = _record(st, entry_id)
-    _invalidate(st, [rec])
+    rec = actions.record(st, entry_id)
+    actions.invalidate(st, [rec], _who())
     _audit("invalidated", action="invalidate", scope="entry", source=rec["s"], key=rec["k"])
     return jsonify({"invalidated": "entry", "id": entry_id, "source": rec["s"],
                     "params": rec.get("p")})
@@ -231,87 +249,32 @@ def invalidate_entry(entry_id: str) -> Response:
 @bp.post("/api/entries/<entry_id>/refresh")
 def refresh_entry(entry_id: str) -> tuple[Response, int]:
     st = state_of()
-    rec = _record(st, entry_id)
-    return _refresh(st, rec)
-
-
-def _invalidate(st: AppState, recs: list[Record]) -> None:
-    try:
-        adminentries.invalidate(st, recs, _who())
-    except CacheUnavailable as exc:
-        raise Unavailable(f"memcached is needed to invalidate: {exc}") from exc
-
-
-def _refresh(st: AppState, rec: Record) -> tuple[Response, int]:
-    known = st.ledger.get(rec["k"])
-    job = known.job if known is not None else None
-    source = _configured(st).get(rec["s"])
-    if job is None and rec.get("kind") == "source" and source is not None \
-            and isinstance(rec.get("p"), dict):
-        candidate = _job_for(st, source, rec["p"])
-        job = candidate if candidate.key == rec["k"] else None
-    try:
-        result = adminentries.refresh(st, rec, job)
-    except CacheUnavailable as exc:
-        raise Unavailable(f"memcached is needed to refresh: {exc}") from exc
+    rec = actions.record(st, entry_id)
+    result = actions.refresh_entry(st, rec)
     _audit("refresh requested", action="refresh", source=rec["s"], key=rec["k"], **result)
     return jsonify({**result, "source": rec["s"], "params": rec.get("p")}), 202
 
 
 # -- a source: a /v1 source, or a decorated view or function ---------------------------------
 
-def _listed(st: AppState, name: str, params: dict[str, str] | None) -> list[Record]:
-    recs = [r for r in adminentries.records(st)[0] if r["s"] == name]
-    return [r for r in recs if params is None or (r.get("p") or {}) == params]
-
-
 @bp.delete("/api/sources/<name>")
 def invalidate_source(name: str) -> Response:
     """One entry (with params), or every entry of the source (without)."""
-    st = state_of()
     params = request.args.to_dict(flat=True)
-    source = _configured(st).get(name)
-    try:
-        if source is not None and params:
-            job = _job_for(st, source, source.check(params))
-            recs = [r for r in _listed(st, name, None) if r["k"] == job.key] or [
-                {"k": job.key, "s": name, "kind": "source", "p": job.params}]
-            _invalidate(st, recs)
-            scope = "entry"
-        else:
-            recs = _listed(st, name, params or None)
-            if source is None and not recs:
-                raise NotFound(f"no source, view or function named {name!r} has entries")
-            if source is not None:
-                st.generations.bump(name)
-            _invalidate(st, recs)
-            scope = "source" if not params else "entry"
-    except CacheUnavailable as exc:
-        raise Unavailable(f"memcached is needed to invalidate: {exc}") from exc
-    _audit("invalidated", action="invalidate", scope=scope, source=name,
-           key=recs[0]["k"] if scope == "entry" else None, entries=len(recs))
-    return jsonify({"invalidated": scope, "source": name, "params": params,
-                    "entries": len(recs)})
+    done = actions.invalidate_source(state_of(), name, params, _who())
+    _audit("invalidated", action="invalidate", scope=done["scope"], source=name,
+           key=done["key"], entries=done["entries"])
+    return jsonify({"invalidated": done["scope"], "source": name, "params": params,
+                    "entries": done["entries"]})
 
 
 @bp.post("/api/sources/<name>/refresh")
 def refresh_source_entry(name: str) -> tuple[Response, int]:
-    st = state_of()
     params = request.args.to_dict(flat=True)
-    source = _configured(st).get(name)
-    if source is not None:
-        if source.kind == "composite":
-            raise BadRequest("refresh the parts of a composite source one by one")
-        job = _job_for(st, source, source.check(params))
-        scheduled = st.region.refresh_later(job)
-        _audit("refresh requested", action="refresh", source=name, key=job.key,
-               scheduled=scheduled)
-        return jsonify({"scheduled": scheduled, "source": name, "params": params}), 202
-    recs = _listed(st, name, params)
-    if len(recs) != 1:
-        raise NotFound(f"{len(recs)} entries of {name!r} have exactly these parameters; "
-                       "refresh one by its id (POST /admin/api/entries/ID/refresh)")
-    return _refresh(st, recs[0])
+    result = actions.refresh_source(state_of(), name, params)
+    key = result.pop("key")
+    _audit("refresh requested", action="refresh", source=name, key=key, **result)
+    return jsonify({**result, "source": name, "params": params}), 202
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -331,9 +294,13 @@ def entry_page(entry_id: str) -> Response:
 def _page(entry_id: str | None) -> Response:
     st = state_of()
     token = admin_token(st) or ""
+    now = _now()
+    session = request.cookies.get(COOKIE, "")
+    if not _valid_session(session, token, now):
+        session = session_cookie(token, now)        # a new session: a new CSRF token
     nonce = secrets.token_urlsafe(16)
-    body = render_template("swr_admin/index.html", csrf=csrf_token(token), nonce=nonce,
-                           base=url_for("admin.page"), entry_id=entry_id or "",
+    body = render_template("swr_admin/index.html", csrf=csrf_token(token, session),
+                           nonce=nonce, base=url_for("admin.page"), entry_id=entry_id or "",
                            favicon=adminstats.favicon(),
                            script=adminstats.asset("admin.js"),
                            style=adminstats.asset("admin.css"))
@@ -344,7 +311,7 @@ def _page(entry_id: str | None) -> Response:
         "X-Frame-Options": "DENY", "Cache-Control": "no-store",
         "Referrer-Policy": "no-referrer",
     })
-    response.set_cookie(COOKIE, session_cookie(token, time.time()), max_age=SESSION_SECONDS,
+    response.set_cookie(COOKIE, session, max_age=max(0, int(_session_expiry(session) - now)),
                         path=url_for("admin.page"), httponly=True, samesite="Strict",
                         secure=request.is_secure)
     return response

@@ -31,6 +31,7 @@ from ..observe import metrics, monitor
 from . import entries as adminentries
 from .history import History
 from .install import registry_of
+from .numbers import count
 from .registry import Record
 
 QUANTILES = (0.5, 0.9, 0.99)
@@ -213,7 +214,11 @@ def _server_stats(raw: dict[Any, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in SERVER_STATS:
         value = stats.get(name)
-        out[name] = value.decode() if isinstance(value, bytes) else value
+        if name == "version":
+            out[name] = value.decode("ascii", "replace")[:64] \
+                if isinstance(value, bytes) else None
+        else:   # the server's numbers, checked like any read from memcached
+            out[name] = count(value)
     hits, misses = out.get("get_hits") or 0, out.get("get_misses") or 0
     out["hit_ratio"] = hits / (hits + misses) if hits + misses else None
     limit = out.get("limit_maxbytes") or 0

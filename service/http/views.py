@@ -17,7 +17,7 @@ import gevent
 import orjson
 from flask import Blueprint, Flask, Response, jsonify, request
 
-from ..errors import BadRequest, CacheUnavailable, ItemRefused, NotFound, Unavailable
+from ..errors import BadRequest, CacheUnavailable, NotFound, Unavailable
 from ..flask.fastpath import register_source_view
 from ..flask.httpcache import apply
 from ..flask.responses import default_status_rule
@@ -27,6 +27,7 @@ from ..readpath.entry import Entry
 from ..readpath.freshness import Timing
 from ..readpath.loader import UNCACHEABLE, Job
 from ..readpath.region import Result
+from .counters import Counters
 from .sources import Fetchers, Source, build_sources
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
@@ -150,31 +151,22 @@ def render(source: Source, value: Any) -> Response:
 
 @bp.post("/counters/<path:name>")
 def bump_counter(name: str) -> Response:
-    """An atomic counter shared by every worker and host (memcached ``incr``).
+    """An atomic counter shared by every worker and host, whose every number is unique.
 
-    memcached counters are volatile: a restart, an eviction or a server change resets
-    them. Use them for rate limits and statistics, not for money.
+    Refused with a 503 while the counter's memcached server does not answer (frozen,
+    dead, cut off): its key never moves to another server, where a stand-in counter would
+    start again and repeat numbers. A counter that memcached lost (restarted, flushed,
+    evicted) starts again above every number it gave, at its server's clock in
+    microseconds, so numbers are large and may jump forward; a timed-out increment may
+    skip one. Why and how: :mod:`service.http.counters`.
     """
     if len(name) > MAX_COUNTER_NAME:
         raise BadRequest(f"counter names are at most {MAX_COUNTER_NAME} characters")
-    store = state_of().store.child("counter")   # counters: a family of their own
-    key = name
     try:
-        try:
-            value = store.incr(key)
-        except ItemRefused:
-            # Not a number under the counter's key (garbage, another program's value):
-            # unusable, so treated as absent and replaced, like any unusable item.
-            store.delete(key)
-            value = None
-        if value is None:
-            # Create it at 0 with add (only one creator wins), then everyone increments.
-            store.add_counter(key, 0)
-            value = store.incr(key)
+        # counters: a family of their own
+        value = Counters(state_of().store.child("counter")).bump(name)
     except CacheUnavailable as exc:
         raise Unavailable(f"counters need memcached: {exc}") from exc
-    if value is None:
-        raise Unavailable("the counter vanished while it was created (memcached evicting?)")
     return jsonify({"name": name, "value": value})
 
 

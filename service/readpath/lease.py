@@ -60,7 +60,9 @@ def holder_of(token: object) -> dict[str, object] | None:
         return None
     host, _, rest = token.partition(":")
     pid, _, unique = rest.partition(":")
-    if not host or not pid.isdigit() or not unique:
+    # A lease's value is read from a shared memcached: "²" is a digit to str.isdigit but
+    # not to int(), and int() of thousands of digits raises. Either would be a 500.
+    if not host or not (pid.isascii() and pid.isdigit()) or len(pid) > 10 or not unique:
         return None
     return {"host": host, "pid": int(pid)}
 

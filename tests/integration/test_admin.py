@@ -219,13 +219,15 @@ def test_browser_requests_need_the_csrf_token_and_the_same_origin(admin_app: Fla
     read(client, id="1")
     page = client.get("/admin/", headers=basic(TOKEN))
     assert page.status_code == 200 and b"swr-cache admin" in page.data
-    assert csrf_token(TOKEN).encode() in page.data
+    session = client.get_cookie(COOKIE, path="/admin/").value
+    assert csrf_token(TOKEN, session).encode() in page.data
     assert page.headers["X-Frame-Options"] == "DENY"
     assert "script-src 'nonce-" in page.headers["Content-Security-Policy"]
     url = "/admin/api/sources/items?id=1"
     assert client.delete(url, headers=basic(TOKEN)).status_code == 403
     assert client.delete(url, headers={**basic(TOKEN), "X-CSRF-Token": "nope"}).status_code == 403
-    ok = client.delete(url, headers={**basic(TOKEN), "X-CSRF-Token": csrf_token(TOKEN)})
+    ok = client.delete(url, headers={**basic(TOKEN),
+                                     "X-CSRF-Token": csrf_token(TOKEN, session)})
     assert ok.status_code == 200
     evil = client.get("/admin/api/stats", headers={**BEARER, "Origin": "https://evil.example"})
     assert evil.status_code == 403
@@ -242,7 +244,9 @@ def test_the_page_sets_a_session_cookie_that_needs_csrf_to_mutate(admin_app: Fla
     # ...but a mutation needs the CSRF token too.
     url = "/admin/api/sources/items?id=1"
     assert client.delete(url).status_code == 403
-    assert client.delete(url, headers={"X-CSRF-Token": csrf_token(TOKEN)}).status_code == 200
+    session = client.get_cookie(COOKIE, path="/admin/").value
+    assert client.delete(url, headers={"X-CSRF-Token": csrf_token(TOKEN, session)}
+                         ).status_code == 200
 
 
 def test_admin_actions_are_logged_as_events(admin_app: Flask,

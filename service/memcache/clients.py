@@ -129,7 +129,7 @@ class ClientPool:
 
     def new_client(self, server: str) -> Client:
         s = self.settings
-        return Client(
+        return _Client(
             self._addresses[server],
             connect_timeout=s.connect_timeout,
             timeout=s.timeout,
@@ -137,7 +137,7 @@ class ClientPool:
             # With noreply, add() reports success even when the key exists: fatal for
             # leases and counters. Every command waits for memcached's answer.
             default_noreply=False,
-            socket_module=socket,
+            socket_module=_Sockets(),
         )
 
     def acquire(self) -> Connection:
@@ -274,3 +274,38 @@ def init_app(app: Flask, settings: CacheSettings) -> None:
     """Give ``app`` its pool (no socket is opened) and the per-request checkout."""
     app.extensions[EXTENSION] = {"settings": settings, "pool": pool_for(settings)}
     app.teardown_appcontext(_release_connection)
+
+
+class _Sockets:
+    """The ``socket`` module, remembering the socket a client is opening (one per client,
+    so greenlets never share it): see :class:`_Client`."""
+
+    def __init__(self) -> None:
+        self.opening: socket.socket | None = None
+
+    def socket(self, *args: Any) -> socket.socket:
+        self.opening = socket.socket(*args)
+        return self.opening
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(socket, name)
+
+
+class _Client(Client):  # type: ignore[misc]
+    """pymemcache's client, closing the socket it was opening when the connect is cut
+    short by a ``BaseException``: pymemcache closes it on an ``Exception`` only, so a
+    background greenlet killed mid-connect (a refresher draining at shutdown) would leave
+    it to the garbage collector."""
+
+    def _connect(self) -> None:
+        sockets = self.socket_module
+        try:
+            super()._connect()
+        except BaseException:
+            opening = getattr(sockets, "opening", None)
+            if opening is not None and opening is not self.sock:
+                opening.close()
+            raise
+        finally:
+            if isinstance(sockets, _Sockets):
+                sockets.opening = None

@@ -87,12 +87,15 @@ class Got:
     :param ttl: seconds the item has left by the server's clock (``-1``: no expiry);
         ``None`` when the server cannot say (a proxy without meta commands).
     :param won: this call created the empty item: the claim is ours.
+    :param size: the encoded value's length (a chunked value's whole length), so that a
+        caller can tell a large value without encoding it again.
     """
 
     value: Any
     cas: bytes | None = None
     ttl: int | None = None
     won: bool = False
+    size: int = 0
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,13 @@ def _counter_bytes(data: bytes) -> bytes | None:
     # memcached's decr shortens a number in place and pads it with spaces ("10" -> "9 ").
     digits = data.rstrip(b" ")
     return digits if digits.isdigit() and len(digits) <= 20 else None
+
+
+_CHUNKED = codec.header(codec.KIND_CHUNKED)
+
+
+def _size(data: bytes) -> int:
+    return chunks.declared_length(data) if data.startswith(_CHUNKED) else len(data)
 
 
 class KeyValue(Protocol):
@@ -278,7 +288,7 @@ class Store:
                     raise CodecError("digits followed by something else")
                 return int(digits)
             if codec.kind_of(data) == codec.KIND_CHUNKED:
-                data = chunks.read_chunks(conn, self.key, key, data)
+                return chunks.read_value(conn, self.key, key, data)
             return codec.decode(data)
         except CodecError as exc:
             # Someone else's bytes (another app, an old release, an attacker's pickle):
@@ -427,7 +437,8 @@ class Store:
                     data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
                 if data is None:
                     return Got(MISS)
-                return Got(self._raw(key, data, conn), token, None, won and data == b"")
+                return Got(self._raw(key, data, conn), token, None, won and data == b"",
+                           _size(data))
 
             head = b"mg " + mkey + b" v c t"
             if vivify is not None:
@@ -437,7 +448,8 @@ class Store:
                 return reply
             if reply.code == b"EN" or reply.data is None:
                 return Got(MISS)
-            return Got(self._raw(key, reply.data, conn), reply.cas, reply.ttl, reply.won)
+            return Got(self._raw(key, reply.data, conn), reply.cas, reply.ttl, reply.won,
+                       _size(reply.data))
 
     def mset(self, key: str, value: Any, ttl: float | None, cas: bytes | None = None,
              add: bool = False) -> Stored:

@@ -51,6 +51,7 @@ from gevent.event import AsyncResult
 from ..errors import CacheUnavailable, CodecError
 from ..observe import metrics
 from . import codec
+from .clients import ClientPool, borrow
 from .connection import Connection
 from .expiry import expire_time
 
@@ -172,13 +173,14 @@ def read_chunks(conn: Connection, key_of: KeyOf, key: str, manifest_bytes: bytes
 _flights: dict[tuple[bytes, bytes], AsyncResult] = {}
 
 
-def read_value(conn: Connection, key_of: KeyOf, key: str, manifest_bytes: bytes) -> Any:
+def read_value(pool: ClientPool, key_of: KeyOf, key: str, manifest_bytes: bytes) -> Any:
     """The decoded value that the manifest describes, for one reader.
 
     Readers of the same manifest in this worker share one read: the first fetches and
-    decodes, the others wait for it (holding their pooled connection meanwhile; the
-    shared read is bounded by the same timeouts as their own would be), then each gets
-    a value of its own that shares the large leaves (see :class:`~service.codec.Prepared`).
+    decodes, borrowing a connection from ``pool`` for the fetch, the others wait for it
+    (holding no connection; the shared read is bounded by the same timeouts as their own
+    would be), then each gets a value of its own that shares the large leaves (see
+    :class:`~service.codec.Prepared`).
     The manifest names its chunk set, which is random per write: readers of one manifest
     read the same bytes, and a newer write of the key is a new read.
 
@@ -196,7 +198,9 @@ def read_value(conn: Connection, key_of: KeyOf, key: str, manifest_bytes: bytes)
         return prepared.value()
     flight = _flights[flight_key] = AsyncResult()
     try:
-        prepared = codec.prepare(read_pieces(conn, key_of, key, manifest_bytes), join)
+        with borrow(pool) as conn:
+            pieces = read_pieces(conn, key_of, key, manifest_bytes)
+        prepared = codec.prepare(pieces, join)
     except (CodecError, CacheUnavailable) as exc:
         flight.set_exception(exc)
         raise

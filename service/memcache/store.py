@@ -18,6 +18,7 @@ logged and counted, and never raises.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -166,6 +167,14 @@ def _size(data: bytes) -> int:
     return chunks.declared_length(data) if data.startswith(_CHUNKED) else len(data)
 
 
+@dataclass(frozen=True)
+class _Chunked:
+    """A large value's manifest, read under ``key``: resolved by :meth:`Store._resolve`."""
+
+    key: str
+    manifest: bytes
+
+
 class KeyValue(Protocol):
     """What the read path needs of a store: :class:`Store` over memcached, or the
     in-memory stand-in of the unit tests (``tests/memstore.py``), which one contract
@@ -252,21 +261,19 @@ class Store:
 
     def gets(self, key: str) -> tuple[Any, bytes | None]:
         """The value and its CAS token, or ``(MISS, None)`` when absent."""
-        with borrow(self.pool) as conn:
-            return self._gets(conn, key)
-
-    def _gets(self, conn: Connection, key: str) -> tuple[Any, bytes | None]:
         mkey = self.key(key)
-        data, token = conn.call(conn.server_for(self._home(key, mkey)), "gets",
-                                lambda c: c.gets(mkey))
+        with borrow(self.pool) as conn:
+            data, token = conn.call(conn.server_for(self._home(key, mkey)), "gets",
+                                    lambda c: c.gets(mkey))
         if data is None:
             return MISS, None
-        return self._decode(key, data, conn), token
+        return self._resolve(self._decode(key, data)), token
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values found, by key; absent or undecodable keys are left out."""
         by_mkey = {self.key(k): k for k in keys}
         found: dict[str, Any] = {}
+        large = False
         with borrow(self.pool) as conn:
             groups: dict[str, list[bytes]] = {}
             for mkey, key in by_mkey.items():
@@ -275,12 +282,18 @@ class Store:
                 raw: dict[bytes, bytes] = conn.call(server, "get_many",
                                                     methodcaller("get_many", mkeys))
                 for mkey, data in raw.items():
-                    value = self._decode(by_mkey[mkey], data, conn)
+                    value = self._decode(by_mkey[mkey], data)
                     if value is not MISS:
                         found[by_mkey[mkey]] = value
+                        large = large or type(value) is _Chunked
+        if large:  # read now, with the connection given back
+            resolved = {key: self._resolve(value) for key, value in found.items()}
+            return {key: value for key, value in resolved.items() if value is not MISS}
         return found
 
-    def _decode(self, key: str, data: bytes, conn: Connection) -> Any:
+    def _decode(self, key: str, data: bytes) -> Any:
+        """The value ``data`` holds; a :class:`_Chunked` for a large value's manifest, to
+        be read by :meth:`_resolve` once the caller has given its connection back."""
         try:
             if data[:1].isdigit():
                 digits = _counter_bytes(data)
@@ -288,13 +301,28 @@ class Store:
                     raise CodecError("digits followed by something else")
                 return int(digits)
             if codec.kind_of(data) == codec.KIND_CHUNKED:
-                return chunks.read_value(conn, self.key, key, data)
+                return _Chunked(key, data)
             return codec.decode(data)
         except CodecError as exc:
             # Someone else's bytes (another app, an old release, an attacker's pickle):
             # never executed, only counted and read as a miss.
             metrics.memcached_errors_total.labels("decode").inc()
             log.warning("undecodable value under %s: %s", self.key(key).decode(), exc)
+            return MISS
+
+    def _resolve(self, value: Any) -> Any:
+        """``value``, or for a :class:`_Chunked` the large value it names (or MISS).
+
+        Called with no connection borrowed: the read shared by this worker's readers of the
+        value borrows one for its fetch, and the readers that wait for it hold none.
+        """
+        if type(value) is not _Chunked:
+            return value
+        try:
+            return chunks.read_value(self.pool, self.key, value.key, value.manifest)
+        except CodecError as exc:
+            metrics.memcached_errors_total.labels("decode").inc()
+            log.warning("undecodable value under %s: %s", self.key(value.key).decode(), exc)
             return MISS
 
     # -- writes --------------------------------------------------------------------------
@@ -437,19 +465,21 @@ class Store:
                     data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
                 if data is None:
                     return Got(MISS)
-                return Got(self._raw(key, data, conn), token, None, won and data == b"",
+                return Got(self._raw(key, data), token, None, won and data == b"",
                            _size(data))
 
             head = b"mg " + mkey + b" v c t"
             if vivify is not None:
                 head += b" N%d" % max(1, expire_time(vivify))
             reply = self._meta(conn, server, "mg", head, None, classic)
-            if isinstance(reply, Got):
-                return reply
-            if reply.code == b"EN" or reply.data is None:
-                return Got(MISS)
-            return Got(self._raw(key, reply.data, conn), reply.cas, reply.ttl, reply.won,
-                       _size(reply.data))
+            if not isinstance(reply, Got):
+                if reply.code == b"EN" or reply.data is None:
+                    return Got(MISS)
+                reply = Got(self._raw(key, reply.data), reply.cas, reply.ttl, reply.won,
+                            _size(reply.data))
+        if type(reply.value) is _Chunked:
+            reply = dataclasses.replace(reply, value=self._resolve(reply.value))
+        return reply
 
     def mset(self, key: str, value: Any, ttl: float | None, cas: bytes | None = None,
              add: bool = False) -> Stored:
@@ -530,8 +560,8 @@ class Store:
                 1, expire_time(ttl)), None, classic)
             return reply.code == b"HD" if isinstance(reply, meta.Reply) else bool(reply)
 
-    def _raw(self, key: str, data: bytes, conn: Connection) -> Any:
-        return EMPTY if data == b"" else self._decode(key, data, conn)
+    def _raw(self, key: str, data: bytes) -> Any:
+        return EMPTY if data == b"" else self._decode(key, data)
 
     def _meta(self, conn: Connection, server: str, name: str, head: bytes,
               payload: bytes | None, classic: Callable[[], Any]) -> Any:
@@ -611,7 +641,7 @@ class Store:
                     if self._add_raw(conn, mkey, delta, ttl):
                         return delta
                     continue  # somebody created it meanwhile: start over from theirs
-                value = self._decode(key, data, conn)
+                value = self._decode(key, data)
                 if value is not MISS and type(value) is not int:
                     log.warning("increment: %s holds a %s, not an integer",
                                 mkey.decode(), type(value).__name__)

@@ -5,7 +5,7 @@ entry below is one deliberate mistake in the load protocol (drop the fence, rele
 without the owner, block the reader, compare two clocks, ...), the code it changes, and the
 tests that must catch it. The script applies one at a time, runs those tests, and always
 restores the file; it exits non-zero if a mistake went unnoticed. Not part of ``make test``
-(it reruns parts of the suite thirteen times); run it after changing the protocol.
+(it reruns parts of the suite fifteen times); run it after changing the protocol.
 """
 
 from __future__ import annotations
@@ -82,6 +82,17 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "else self._restart(family)\n"
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
+ ("M14 every reader of a large value fetches and decodes its own copy",
+  "service/memcache/chunks.py",
+  "    flight = _flights.get(flight_key)\n",
+  "    flight = None\n",
+  ["tests/integration/test_big_values.py", "tests/unit/memcache/test_large_values.py"]),
+ ("M15 a large value's pieces fetched and hashed without a turn for the hub",
+  "service/memcache/chunks.py",
+  "        # One piece per turn of the loop: the worker's other requests run in between.\n"
+  "        gevent.sleep(0)\n",
+  "",
+  ["tests/unit/memcache/test_large_values.py"]),
 ]
 
 

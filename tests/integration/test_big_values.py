@@ -212,3 +212,34 @@ def test_a_large_value_is_turned_away_from_the_local_tier_without_encoding_it(
     found = tiers.look("big").found
     assert found is not None and found.entry.value == entry.value
     assert local.get("big") is None
+
+
+def test_a_large_cached_answer_is_sent_in_pieces_whole_and_validatable(
+        memcached: Any, origin_server: Any, make_app: Any) -> None:
+    size = 3 * 1024 * 1024 + 5
+    source = {"kind": "http", "url": f"{origin_server.url}/big?size={size}",
+              "max_age": 60, "stale_while_revalidate": 600, "stale_if_error": 3600}
+    app = make_app(settings_for([memcached.address], cache={"item_size_max": ITEM_SIZE},
+                                sources={"big": source}))
+    cold = app.test_client().get("/v1/big")
+    assert cold.status_code == 200 and cold.headers["X-Cache"] == "MISS"
+    assert cold.data == b"x" * size
+
+    def read() -> tuple[Any, list[bytes]]:
+        answer = app.test_client().get("/v1/big", buffered=False)
+        try:
+            return answer, list(answer.response)   # what the server is handed, in order
+        finally:
+            answer.close()
+
+    glets = [gevent.spawn(read) for _ in range(6)]
+    gevent.joinall(glets, timeout=60, raise_error=True)
+    for glet in glets:
+        answer, pieces = glet.get()
+        assert answer.status_code == 200 and answer.headers["X-Cache"] == "HIT"
+        assert answer.headers["Content-Length"] == str(size)
+        assert b"".join(pieces) == b"x" * size
+        # A piece at a time, with a turn of the loop between two of them.
+        assert len(pieces) == 4 and max(map(len, pieces)) <= 1024 * 1024
+    again = app.test_client().get("/v1/big", headers={"If-None-Match": cold.headers["ETag"]})
+    assert again.status_code == 304 and again.data == b""

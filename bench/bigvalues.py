@@ -4,20 +4,20 @@ Eight clients read one cached 50 MB value over and over (an ``http`` source whos
 answers 50 MB) while two others read a small cached value, through real gunicorn with two
 gevent workers and a real memcached (``-m 1024``; the value is split into 1 MiB items).
 Printed for each code tree, in the same run: the small reads' p50/p99 unloaded and beside
-the big readers, the big reads done, how often a worker's hub was blocked and how late a
-ticker in it woke, and the workers' idle and peak RSS.
+the big readers, the big reads done, the longest any one greenlet held a worker's hub
+(ran without switching: what every other request of that worker waited), how late a
+ticker in the worker woke, and the workers' idle and peak RSS.
 
 ``--main`` names a second tree to measure the same way, with its own ``.venv`` (the code
-before this change: by default ``/work/main`` when it exists); the ratio column compares
-this tree's figure with it. The hub is watched by a greenlet this bench adds to each
-worker (through its own gunicorn config, which extends the tree's
-``deploy/gunicorn.conf.py``): it asks to wake every 2 ms and logs each late wake-up,
-which counts a hub that is merely busy (or a worker the kernel did not schedule) as well
-as a blocked one. The service's own hub monitor (gevent's monitor thread, at
-``--monitor`` seconds) counts only the blocked ones: one greenlet that kept the hub that
-long without a switch.
-The peak RSS is the kernel's high-water mark, reset after warming up (as root; otherwise
-sampled every 20 ms).
+before this change: by default ``/work/main`` when it exists); the last line compares the
+two. Both hub figures come from this bench's own gunicorn config, which extends the
+tree's ``deploy/gunicorn.conf.py``: a ``greenlet.settrace`` hook times each greenlet's
+run between two switches, in wall time and in the worker's CPU time (a run can be long
+because the kernel did not run the worker; the three longest in CPU are printed), and a
+greenlet asks to wake every 2 ms and logs each late wake-up, which counts a hub that is
+merely busy (or a worker the kernel did not run, on a loaded machine) as well as a held
+one. The peak RSS is the kernel's high-water mark, reset after warming up (as root;
+otherwise sampled every 20 ms).
 
 Every process it starts is stopped at the end, also on an error or Ctrl-C.
 """
@@ -47,7 +47,7 @@ LOOPBACK = "127.0.0.1"
 MIB = 1024 * 1024
 
 # The bench's gunicorn config: the tree's own, plus a watcher of each worker's hub.
-CONFIG = '''
+CONFIG = r'''
 import os, runpy, time
 
 for _name, _value in runpy.run_path(os.path.join(os.getcwd(), "deploy/gunicorn.conf.py")
@@ -60,19 +60,39 @@ _start = post_worker_init
 def post_worker_init(worker):
     _start(worker)
     import gevent
+    import greenlet
 
-    path = os.path.join(os.environ["BENCH_GAPS_DIR"], "%d.gaps" % os.getpid())
+    gaps = os.environ["BENCH_GAPS_DIR"]
+    late = open(os.path.join(gaps, "%d.late" % os.getpid()), "a", buffering=1)
+    held = open(os.path.join(gaps, "%d.held" % os.getpid()), "a", buffering=1)
+    hub = gevent.get_hub()
+    since = [time.perf_counter(), time.thread_time()]
+
+    def trace(event, args):
+        # How long each greenlet other than the hub ran before it switched away: what it
+        # kept every other request of the worker waiting (the hub's own turns include
+        # its idle waits for I/O, so they are not counted).
+        if event in ("switch", "throw"):
+            now, cpu = time.perf_counter(), time.thread_time()
+            ran, used = now - since[0], cpu - since[1]
+            since[0], since[1] = now, cpu
+            origin = args[0]
+            if ran > 0.005 and origin is not hub:
+                held.write("%.3f %.4f %.4f %s\n" % (time.time(), ran, used,
+                                                     repr(origin)[:160].replace("\n", " ")))
+
+    greenlet.settrace(trace)
 
     def watch():
+        # Asks to wake every 2 ms: a late wake-up is a busy hub, a blocked one, or a
+        # worker the kernel did not run.
         last = time.perf_counter()
-        with open(path, "a", buffering=1) as out:
-            while True:
-                gevent.sleep(0.002)
-                now = time.perf_counter()
-                late = now - last - 0.002
-                last = now
-                if late > 0.005:
-                    out.write("%.3f %.4f\\n" % (time.time(), late))
+        while True:
+            gevent.sleep(0.002)
+            now = time.perf_counter()
+            wait, last = now - last - 0.002, now
+            if wait > 0.005:
+                late.write("%.3f %.4f\n" % (time.time(), wait))
 
     gevent.spawn(watch)
 '''
@@ -106,12 +126,8 @@ class Origin:
         self.server.server_close()
 
 
-def write_settings(path: Path, memcached: str, origin: str, size: int, monitor: float
-                   ) -> None:
+def write_settings(path: Path, memcached: str, origin: str, size: int) -> None:
     path.write_text(f'''
-[server]
-monitor_threshold = {monitor}
-
 [cache]
 servers = ["{memcached}"]
 key_prefix = "bigbench"
@@ -186,7 +202,7 @@ class Row:
     idle_mib: list[float] = field(default_factory=list)
     peak_mib: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
-    blocked: int = 0
+    held: list[tuple[float, float, str]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -246,8 +262,7 @@ def measure(tree: Path, name: str, args: argparse.Namespace, origin: Origin,
     memcached.start()
     try:
         settings = workdir / "settings.toml"
-        write_settings(settings, memcached.address, origin.url, args.size_mib * MIB,
-                       args.monitor)
+        write_settings(settings, memcached.address, origin.url, args.size_mib * MIB)
         with gunicorn(tree, workdir, settings, gaps) as (port, workers):
             status, size, took = get(port, "/v1/big")
             if status != 200 or size != args.size_mib * MIB:
@@ -307,13 +322,16 @@ def measure(tree: Path, name: str, args: argparse.Namespace, origin: Origin,
             ended = time.time()
             row.peak_mib = [max(rss(pid, "VmHWM") if peaks_reset else 0, sampled[pid]) / 1024
                             for pid in workers]
-            for path in gaps.glob("*.gaps"):
+            for path in gaps.glob("*.late"):
                 for line in path.read_text().splitlines():
                     at, late = line.split()
                     if started <= float(at) <= ended:
                         row.gaps.append(float(late))
-            row.blocked = (workdir / "gunicorn.log").read_text(errors="replace").count(
-                '"hub_blocked"')
+            for path in gaps.glob("*.held"):
+                for line in path.read_text().splitlines():
+                    at, ran, used, who = line.split(" ", 3)
+                    if started <= float(at) <= ended:
+                        row.held.append((float(ran), float(used), who))
     finally:
         memcached.stop()
     return row
@@ -323,7 +341,7 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:,.1f} ms"
 
 
-def report(rows: list[Row], monitor: float) -> None:
+def report(rows: list[Row]) -> None:
     def line(label: str, values: list[str]) -> None:
         print(f"  {label:<34}" + "".join(f"{v:>18}" for v in values))
 
@@ -338,7 +356,16 @@ def report(rows: list[Row], monitor: float) -> None:
     line("  p99", [_ms(percentile(r.small_loaded, .99)) for r in rows])
     line("  max", [_ms(max(r.small_loaded)) for r in rows])
     line("big reads done (errors)", [f"{r.big_reads} ({r.big_errors})" for r in rows])
-    line(f"hub blocked > {monitor * 1000:.0f} ms (monitor)", [str(r.blocked) for r in rows])
+    line("hub held by one greenlet: longest", [
+        _ms(max((h[0] for h in r.held), default=0.0)) for r in rows])
+    line("  of which CPU (longest CPU run)", [
+        _ms(max((h[1] for h in r.held), default=0.0)) for r in rows])
+    line("  runs over 20 ms / 100 ms (wall)", [
+        f"{sum(h[0] > .02 for h in r.held)} / {sum(h[0] > .1 for h in r.held)}"
+        for r in rows])
+    line("  runs over 20 ms / 100 ms (CPU)", [
+        f"{sum(h[1] > .02 for h in r.held)} / {sum(h[1] > .1 for h in r.held)}"
+        for r in rows])
     line("ticker: latest wake-up", [_ms(max(r.gaps, default=0.0)) for r in rows])
     line("ticker: late > 50 ms / > 500 ms", [
         f"{sum(g > .05 for g in r.gaps)} / {sum(g > .5 for g in r.gaps)}" for r in rows])
@@ -362,9 +389,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--readers", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--small-unloaded", type=int, default=200)
-    parser.add_argument("--monitor", type=float, default=0.02,
-                        help="the workers' hub monitor threshold (its stacks go to the "
-                             "gunicorn log in --workdir)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the logs there (default: a temporary directory)")
     return parser.parse_args(argv)
@@ -399,7 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(measure(tree, name, args, origin, workroot))
     finally:
         origin.stop()
-    report(rows, args.monitor)
+    report(rows)
+    for row in rows:
+        longest = sorted(row.held, key=lambda h: h[1], reverse=True)[:3]
+        for ran, used, who in longest:
+            print(f"  {row.tree}: held {_ms(ran)} ({_ms(used)} CPU) by {who[:90]}")
     return 0
 
 

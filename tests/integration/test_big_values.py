@@ -243,3 +243,16 @@ def test_a_large_cached_answer_is_sent_in_pieces_whole_and_validatable(
         assert len(pieces) == 4 and max(map(len, pieces)) <= 1024 * 1024
     again = app.test_client().get("/v1/big", headers={"If-None-Match": cold.headers["ETag"]})
     assert again.status_code == 304 and again.data == b""
+
+
+def test_get_many_reads_large_values_beside_small_ones(store: Store, memcached: Any) -> None:
+    big = http_answer(700 * 1024)
+    assert store.set("big", big) and store.set("small", {"a": 1})
+    assert store.get_many(["big", "small", "absent"]) == {"big": big, "small": {"a": 1}}
+    # A large value that no longer reads (its pieces lost) is left out, like an absent one.
+    memcached.flush()
+    assert store.set("small", 2)
+    manifest = codec.header(codec.KIND_CHUNKED) + orjson.dumps(
+        {"id": "gone", "n": 2, "len": 10, "sha256": "00"})
+    memcached.raw_set(store.key("big"), manifest)
+    assert store.get_many(["big", "small"]) == {"small": 2}

@@ -88,8 +88,8 @@ class Got:
     :param ttl: seconds the item has left by the server's clock (``-1``: no expiry);
         ``None`` when the server cannot say (a proxy without meta commands).
     :param won: this call created the empty item: the claim is ours.
-    :param size: the encoded value's length (a chunked value's whole length), so that a
-        caller can tell a large value without encoding it again.
+    :param size: a chunked value's whole encoded length, so that a caller can tell a
+        large value without encoding it again; 0 for a value held in one item.
     """
 
     value: Any
@@ -164,7 +164,7 @@ _CHUNKED = codec.header(codec.KIND_CHUNKED)
 
 
 def _size(data: bytes) -> int:
-    return chunks.declared_length(data) if data.startswith(_CHUNKED) else len(data)
+    return chunks.declared_length(data) if data.startswith(_CHUNKED) else 0
 
 
 @dataclass(frozen=True)

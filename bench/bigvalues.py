@@ -378,10 +378,10 @@ def report(rows: list[Row]) -> None:
     line("worker RSS peak (MiB)", [" ".join(f"{m:.0f}" for m in r.peak_mib) for r in rows])
     if len(rows) == 2:
         before, after = rows[1], rows[0]
-        ratio = percentile(after.small_loaded, .99) / percentile(before.small_loaded, .99)
-        print(f"\n  small-read p99 beside big readers, {after.tree} / {before.tree}: "
-              f"{ratio:.2f}x; peak RSS {max(after.peak_mib):.0f} vs "
-              f"{max(before.peak_mib):.0f} MiB")
+        ratio = percentile(before.small_loaded, .99) / percentile(after.small_loaded, .99)
+        print(f"\n  small-read p99 beside big readers: {before.tree} / {after.tree} = "
+              f"{ratio:,.1f}x; peak worker RSS {max(after.peak_mib):.0f} MiB ({after.tree}) "
+              f"vs {max(before.peak_mib):.0f} MiB ({before.tree})")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

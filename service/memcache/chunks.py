@@ -32,8 +32,9 @@ number of its readers:
   read reaches each of them.
 - The pieces are fetched one at a time, the hub gets a turn after each, and the checksum
   grows piece by piece: no step holds the hub for longer than one piece takes.
-- Pieces are joined by :func:`join`, in gevent's thread pool when large: ``bytes.join``
-  releases the GIL for a large join, so the hub keeps serving while the copy runs.
+- Pieces are joined by :func:`join`, in two threads of the worker's own when large:
+  ``bytes.join`` releases the GIL for a large join, so the hub keeps serving while the
+  copy runs.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 import gevent
 import orjson
 from gevent.event import AsyncResult
+from gevent.threadpool import ThreadPool
 
 from ..errors import CacheUnavailable, CodecError
 from ..observe import metrics
@@ -98,11 +100,31 @@ def write_chunks(conn: Connection, key_of: KeyOf, key: str, data: bytes, ttl: fl
 
 
 def join(parts: list[bytes]) -> bytes:
-    """``b"".join(parts)``; in gevent's thread pool when large, so the hub runs meanwhile."""
+    """``b"".join(parts)``; in this worker's joining threads when large, so that the hub
+    runs meanwhile (``bytes.join`` releases the GIL for the copy)."""
     if len(parts) > 1 and sum(map(len, parts)) >= OFF_HUB:
-        joined: bytes = gevent.get_hub().threadpool.apply(b"".join, (parts,))
-        return joined
+        pool = _joiners()
+        if pool is not None:
+            joined: bytes = pool.apply(b"".join, (parts,))
+            return joined
     return b"".join(parts)
+
+
+_pool: ThreadPool | None = None
+_pool_pid = 0
+
+
+def _joiners() -> ThreadPool | None:
+    """Two threads for large joins: a pool of their own, not the hub's, whose threads
+    python sources may all hold for as long as a fetch takes. Made on first use, so in the
+    worker (never at import, nor in the gunicorn master), and again after a fork; ``None``
+    off the hub it was made for (a python source's thread reading a large value joins in
+    its own thread, which is no hub's)."""
+    global _pool, _pool_pid
+    hub = gevent.get_hub()
+    if _pool is None or _pool_pid != os.getpid():
+        _pool, _pool_pid = ThreadPool(2, hub=hub), os.getpid()
+    return _pool if _pool.hub is hub else None
 
 
 def _manifest(manifest_bytes: bytes) -> tuple[str, int, int, str]:

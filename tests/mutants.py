@@ -5,7 +5,7 @@ entry below is one deliberate mistake in the load protocol (drop the fence, rele
 without the owner, block the reader, compare two clocks, ...), the code it changes, and the
 tests that must catch it. The script applies one at a time, runs those tests, and always
 restores the file; it exits non-zero if a mistake went unnoticed. Not part of ``make test``
-(it reruns parts of the suite sixteen times); run it after changing the protocol.
+(it reruns parts of the suite seventeen times); run it after changing the protocol.
 """
 
 from __future__ import annotations
@@ -93,6 +93,10 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "        gevent.sleep(0)\n",
   "",
   ["tests/unit/memcache/test_large_values.py"]),
+ ("M17 a large entry written encoded again for the local tier", "service/readpath/tiers.py",
+  "self.local.put(key, entry, self.monotonic(), stored.cas, stored.size)",
+  "self.local.put(key, entry, self.monotonic(), stored.cas)",
+  ["tests/integration/test_big_values.py"]),
  ("M16 a large cached body handed to the server in one piece", "service/flask/responses.py",
   "    if len(body) < STREAMED_FROM:\n",
   "    if True:\n",

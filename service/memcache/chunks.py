@@ -110,6 +110,20 @@ def join(parts: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def blake2b(data: bytes, digest_size: int) -> str:
+    """The BLAKE2b hex digest of ``data``; hashed in the joining threads when large
+    (hashlib releases the GIL while it hashes), so that the hub runs meanwhile."""
+    pool = _joiners() if len(data) >= OFF_HUB else None
+    if pool is not None:
+        digest: str = pool.apply(_blake2b, (data, digest_size))
+        return digest
+    return _blake2b(data, digest_size)
+
+
+def _blake2b(data: bytes, digest_size: int) -> str:
+    return hashlib.blake2b(data, digest_size=digest_size).hexdigest()
+
+
 _pool: ThreadPool | None = None
 _pool_pid = 0
 

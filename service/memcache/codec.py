@@ -110,6 +110,9 @@ OUT_OF_LINE = 64 * 1024
 """A ``bytes`` leaf this long or longer is written raw after the JSON (kind ``f``)."""
 _FRAME_LEN = 8
 
+Join = Callable[[list[bytes]], bytes]
+"""Joins pieces into one ``bytes`` (for a large value: off the hub, see chunks)."""
+
 _INT_LIMIT = 2**63
 # CPython caps int <-> str conversion at 4300 digits against the same denial of service
 # (CVE-2020-10735): a hostile Decimal("1e999999999") parses cheaply, but int() or
@@ -124,17 +127,22 @@ def header(kind: bytes) -> bytes:
     return _HEADER + kind
 
 
-def encode(value: Any) -> bytes:
+def encode(value: Any, join: Join | None = None) -> bytes:
     """Encode a value of one of the types in the module docstring.
 
     Exact builtin JSON types take one checking pass and one ``orjson.dumps``; only a
     value that holds something else is rebuilt with tags.
+
+    :param join: joins the parts of a value with large bytes in it (the chunks' join,
+        off the hub; it may yield); by default ``b"".join``, here and now.
 
     :raises CodecError: the value holds something the format cannot carry faithfully (the
         message names its type); the caller decides whether to skip caching it.
     """
     t = type(value)
     if t is bytes or t is bytearray or t is memoryview:
+        if join is not None and len(value) >= OUT_OF_LINE:
+            return join([header(KIND_BYTES), bytes(value)])
         return header(KIND_BYTES) + bytes(value)
     if t is str:
         return header(KIND_TEXT) + str.encode(value, "utf-8", "surrogatepass")
@@ -152,8 +160,8 @@ def encode(value: Any) -> bytes:
             _frame.blobs = None  # also when tagging failed half-way
         if blobs is None:
             return header(KIND_TAGGED) + text
-        return b"".join([header(KIND_FRAMED), len(text).to_bytes(_FRAME_LEN, "big"), text,
-                         *blobs])
+        parts = [header(KIND_FRAMED), len(text).to_bytes(_FRAME_LEN, "big"), text, *blobs]
+        return b"".join(parts) if join is None else join(parts)
     except RecursionError:
         raise CodecError("cannot encode a value nested too deeply or containing itself"
                          ) from None
@@ -207,10 +215,6 @@ def decode(data: bytes) -> Any:
         raise CodecError(f"corrupt {kind.decode('ascii', 'replace')!r} value: "
                          f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     raise CodecError(f"unknown kind {kind!r}")
-
-
-Join = Callable[[list[bytes]], bytes]
-"""Joins pieces into one ``bytes`` (for a large value: off the hub, see chunks)."""
 
 
 class Prepared:

@@ -103,10 +103,12 @@ class Got:
 class Stored:
     """What :meth:`Store.mset` did: ``code`` is ``"HD"`` (stored), ``"NS"`` (add found the
     key), ``"EX"`` (the CAS changed: somebody wrote or invalidated) or ``"NF"`` (the item
-    is gone); ``cas`` is the new item's token when the server says it."""
+    is gone); ``cas`` is the new item's token when the server says it; ``size`` the
+    value's encoded length (a large one's whole length, not its manifest's)."""
 
     code: str
     cas: bytes | None = None
+    size: int = 0
 
     @property
     def ok(self) -> bool:
@@ -491,6 +493,7 @@ class Store:
         :raises CacheUnavailable: memcached could not be asked.
         """
         data = b"" if value is EMPTY else self._encode(value)
+        size = len(data)
         with borrow(self.pool) as conn:
             mkey, data = self._prepare(conn, key, data, ttl)
             server = conn.server_for(self._home(key, mkey))
@@ -499,12 +502,13 @@ class Store:
             def classic() -> Stored:
                 if cas is not None:
                     done = conn.call(server, "cas", lambda c: c.cas(mkey, data, cas, exp))
-                    return Stored("NF" if done is None else "HD" if done else "EX")
+                    return Stored("NF" if done is None else "HD" if done else "EX", None,
+                                  size)
                 if add:
                     done = conn.call(server, "add", lambda c: c.add(mkey, data, exp))
-                    return Stored("HD" if done else "NS")
+                    return Stored("HD" if done else "NS", None, size)
                 conn.call(server, "set", lambda c: c.set(mkey, data, exp))
-                return Stored("HD")
+                return Stored("HD", None, size)
 
             head = b"ms " + mkey + b" %d T%d c" % (len(data), exp)
             if cas is not None:
@@ -514,7 +518,8 @@ class Store:
             reply = self._meta(conn, server, "ms", head, data, classic)
             if isinstance(reply, Stored):
                 return reply
-            return Stored(reply.code.decode("ascii"), reply.cas if reply.code == b"HD" else None)
+            return Stored(reply.code.decode("ascii"),
+                          reply.cas if reply.code == b"HD" else None, size)
 
     def mdelete(self, key: str, cas: bytes | None = None) -> str:
         """Delete ``key``, only while it still has ``cas`` when given: ``"HD"`` deleted,
@@ -673,7 +678,9 @@ class Store:
         """
         if _is_counter(value):
             return str(value).encode("ascii")
-        return codec.encode(value)
+        # A large value's parts are joined off the hub (the join may yield: no caller
+        # holds a connection yet).
+        return codec.encode(value, chunks.join)
 
     def _prepare(self, conn: Connection, key: str, data: bytes,
                  ttl: float | None) -> tuple[bytes, bytes]:

@@ -359,7 +359,7 @@ class TwoTier:
             raise
         if stored.ok:
             claim.fence = stored.cas
-            self.local.put(key, entry, self.monotonic(), stored.cas)
+            self.local.put(key, entry, self.monotonic(), stored.cas, stored.size)
         else:
             self.local.delete(key)  # newer, or invalidated: read memcached next time
         return stored.code

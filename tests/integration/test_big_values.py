@@ -256,3 +256,28 @@ def test_get_many_reads_large_values_beside_small_ones(store: Store, memcached: 
         {"id": "gone", "n": 2, "len": 10, "sha256": "00"})
     memcached.raw_set(store.key("big"), manifest)
     assert store.get_many(["big", "small"]) == {"small": 2}
+
+
+def test_a_large_entry_written_is_encoded_once_and_not_kept_locally(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    local = LocalTier(100, max_bytes=4 * 1024 * 1024)   # keeps values up to 512 KiB
+    tiers = TwoTier(store, local, 2.0, time.monotonic)
+    claim = tiers.look("big", vivify=30).claim
+    assert claim is not None
+    entry = Entry.create(http_answer(2 * 1024 * 1024), time.time(), Windows(60, 600, 3600),
+                         0.1)
+    encode = codec.encode
+    calls: list[int] = []
+
+    def counted(value: Any, join: Any = None) -> bytes:
+        data = encode(value, join)
+        calls.append(len(data))
+        return data
+
+    monkeypatch.setattr(codec, "encode", counted)
+    assert tiers.write("big", entry, claim) == "HD"
+    assert len(calls) == 1           # for memcached only: its size turns the local tier away
+    assert local.get("big") is None
+    monkeypatch.undo()
+    found = tiers.look("big").found
+    assert found is not None and found.entry.value == entry.value

@@ -5,7 +5,7 @@ entry below is one deliberate mistake in the load protocol (drop the fence, rele
 without the owner, block the reader, compare two clocks, ...), the code it changes, and the
 tests that must catch it. The script applies one at a time, runs those tests, and always
 restores the file; it exits non-zero if a mistake went unnoticed. Not part of ``make test``
-(it reruns parts of the suite seventeen times); run it after changing the protocol.
+(it reruns parts of the suite thirteen times); run it after changing the protocol.
 """
 
 from __future__ import annotations
@@ -82,22 +82,22 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "else self._restart(family)\n"
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
- ("M14 every reader of a large value fetches and decodes its own copy",
+ ("BIG1 every reader of a large value fetches and decodes its own copy",
   "service/memcache/chunks.py",
   "    flight = _flights.get(flight_key)\n",
   "    flight = None\n",
   ["tests/integration/test_big_values.py", "tests/unit/memcache/test_large_values.py"]),
- ("M15 a large value's pieces fetched and hashed without a turn for the hub",
+ ("BIG2 a large value's pieces fetched and hashed without a turn for the hub",
   "service/memcache/chunks.py",
   "        # One piece per turn of the loop: the worker's other requests run in between.\n"
   "        gevent.sleep(0)\n",
   "",
   ["tests/unit/memcache/test_large_values.py"]),
- ("M17 a large entry written encoded again for the local tier", "service/readpath/tiers.py",
+ ("BIG3 a large entry written encoded again for the local tier", "service/readpath/tiers.py",
   "self.local.put(key, entry, self.monotonic(), stored.cas, stored.size)",
   "self.local.put(key, entry, self.monotonic(), stored.cas)",
   ["tests/integration/test_big_values.py"]),
- ("M16 a large cached body handed to the server in one piece", "service/flask/responses.py",
+ ("BIG4 a large cached body handed to the server in one piece", "service/flask/responses.py",
   "    if len(body) < STREAMED_FROM:\n",
   "    if True:\n",
   ["tests/integration/test_big_values.py"]),

@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 RUNDIR ?= .run
 MEMCACHED_ADDR ?= 127.0.0.1:11211
 
-.PHONY: venv run test lint bench sysdeps-test sysdeps-bench memcached-up stop clean
+.PHONY: venv run test fleet lint bench sysdeps-test sysdeps-bench memcached-up stop clean
 
 # ---- shared set-up (idempotent: re-runs only when pyproject.toml changes) -------------
 venv: $(VENV)/.installed
@@ -42,14 +42,21 @@ endef
 # chromium: the admin page's tests drive Debian's headless chromium (tests/browser.py).
 # nutcracker is Debian's twemproxy: the tests run the fleet through it too (deploy/twemproxy.yml).
 # Debian installs it in /usr/sbin, which a non-root PATH may lack: need_pkg looks there too.
+# curl: the docs' console sessions are replayed with it (tests/integration/test_docs.py).
+# nginx: the third tier (deploy/nginx.conf) and the front of the fleet in network
+# namespaces; faketime puts one host's clock 30 s off.
 sysdeps-test:
 	$(call need_pkg,memcached,memcached)
 	$(call need_pkg,chromium,chromium)
 	$(call need_pkg,nutcracker,nutcracker)
+	$(call need_pkg,curl,curl)
+	$(call need_pkg,nginx,nginx)
+	$(call need_pkg,faketime,faketime)
 
 sysdeps-bench:
 	$(call need_pkg,memcached,memcached)
 	$(call need_pkg,wrk,wrk)
+	$(call need_pkg,nginx,nginx)
 
 # ---- make run / make stop ----------------------------------------------------------------
 # deploy/run-local.sh does the process work (see its header). `make run` starts a local
@@ -74,6 +81,12 @@ test: $(VENV)/.installed-dev sysdeps-test
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory lint
 
+# The fleet in network namespaces alone (also part of `make test`): three app hosts and three
+# memcached nodes each with an address of its own, nginx in front, every fault under load
+# (tests/servers/netns.py). Needs root (`ip netns`, veth, a bridge); prints its figures.
+fleet: $(VENV)/.installed-dev sysdeps-test
+	$(BIN)/python -m pytest -s -p no:cacheprovider tests/integration/test_netns_fleet.py
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check service tests bench examples wsgi.py deploy
 	$(BIN)/mypy --strict service tests/memstore.py
@@ -87,6 +100,7 @@ bench: $(VENV)/.installed-bench sysdeps-bench
 	$(BIN)/python -m bench.dropin
 	$(BIN)/python -m bench.recovery
 	$(BIN)/python -m bench.protocol
+	$(BIN)/python -m bench.nginx
 
 # Stops what `make run` started first: deleting its pid files would orphan the processes.
 clean: stop

@@ -9,7 +9,11 @@
 #   run-local.sh stop   stop what `run`/`up` started, and nothing else.
 #
 # What "we started" means is recorded in $RUNDIR: memcached.pid (memcached -P) and
-# gunicorn.pid (gunicorn --pid), both given as absolute paths on the command line. A pid is
+# gunicorn.pid (gunicorn --pid), both given as absolute paths on the command line.
+# gunicorn's own temporary files (the metrics directory, the settings snapshot) go to
+# $RUNDIR/tmp (its TMPDIR), never to the system's temp directory; gunicorn removes them
+# when it exits, and `make clean` removes $RUNDIR. Once the service answers, `run` prints
+# where the demo, the admin page and the command line are, and how to turn the admin on. A pid is
 # only ever signalled when /proc/PID/cmdline still names the program and that pid file: a
 # stale file whose pid was recycled by an unrelated process is removed, never acted on.
 # A memcached that was already listening (somebody else's) is used and left alone.
@@ -202,6 +206,61 @@ memcached_up() {
   fi
 }
 
+# ---- the banner: where things are, once the service answers ------------------------------
+
+# bind_address: gunicorn's --bind as the config will see it (GUNICORN_CMD_ARGS wins over
+# SERVICE_BIND, whose default is deploy/gunicorn.conf.py's).
+bind_address() {
+  local args prev="" arg bind=${SERVICE_BIND:-127.0.0.1:8000}
+  read -r -a args <<<"${GUNICORN_CMD_ARGS:-}"
+  for arg in "${args[@]}"; do
+    case $arg in
+      --bind=*) bind=${arg#--bind=} ;;
+      -b?*) bind=${arg#-b} ;;
+    esac
+    case $prev in --bind | -b) bind=$arg ;; esac
+    prev=$arg
+  done
+  printf '%s' "$bind"
+}
+
+# http_ok HOST PORT: GET /healthz answers 200 (bash's /dev/tcp, bounded by timeout(1)).
+# shellcheck disable=SC2016
+http_ok() {
+  timeout 2 bash -c '
+    exec 3<>"/dev/tcp/$1/$2" || exit 1
+    printf "GET /healthz HTTP/1.0\r\nHost: %s\r\n\r\n" "$1" >&3
+    read -r status <&3 && [ "${status#HTTP/* 200}" != "$status" ]' _ "$1" "$2" 2>/dev/null
+}
+
+# banner GUNICORN_PID: in the background, poll /healthz (up to 60 s, while gunicorn runs)
+# and then say where things are.
+banner() {
+  local bind host port base ticks=600
+  bind=$(bind_address)
+  case $bind in
+    unix:*) return ;;  # no URL to print for a unix socket
+  esac
+  host=${bind%:*}
+  port=${bind##*:}
+  case $host in '' | 0.0.0.0 | '[::]') host=127.0.0.1 ;; esac
+  base="http://$host:$port"
+  until http_ok "$host" "$port"; do
+    [ "$ticks" -le 0 ] && return
+    alive "$1" || return
+    ticks=$((ticks - 1))
+    sleep 0.1
+  done
+  say "the demo:       curl -i $base/v1/primes   (a MISS computes it, the next answer is a HIT)"
+  if [ -n "${SERVICE_ADMIN_TOKEN:-}" ]; then
+    say "the admin page: $base/admin/   (any user name, the token SERVICE_ADMIN_TOKEN as the password)"
+  else
+    say "the admin page: off. Turn it on with a secret of your own:"
+    say "                SERVICE_ADMIN_TOKEN=\$(openssl rand -hex 16) make run   then open $base/admin/"
+  fi
+  say "the CLI:        $BIN/flask --app wsgi swr stats   (entries, show, invalidate, refresh, warm; no token: see docs/ADMIN.md)"
+}
+
 # ---- commands -----------------------------------------------------------------------------------
 
 cmd_up() {
@@ -210,7 +269,9 @@ cmd_up() {
 }
 
 GUNICORN_PID=
+BANNER_PID=
 cleanup() {
+  if [ -n "$BANNER_PID" ]; then kill "$BANNER_PID" 2>/dev/null; fi
   if [ "$STARTED_MEMCACHED" = 1 ]; then
     # Only the memcached this very command started: an earlier run's, or somebody else's,
     # stays. stop_one re-checks the pid file, as make stop may have stopped it already.
@@ -265,8 +326,12 @@ cmd_run() {
   # In the background so that this shell keeps handling signals while gunicorn runs; its
   # output still goes to the terminal. --pid on the command line wins over a --pid in
   # GUNICORN_CMD_ARGS, which stays honoured for everything else (--bind, --workers, ...).
-  "$BIN/gunicorn" -c deploy/gunicorn.conf.py --pid "$GUNICORN_PIDFILE" wsgi:app &
+  mkdir -p "$RUNDIR_ABS/tmp"
+  TMPDIR="$RUNDIR_ABS/tmp" "$BIN/gunicorn" -c deploy/gunicorn.conf.py --pid "$GUNICORN_PIDFILE" \
+    wsgi:app &
   GUNICORN_PID=$!
+  banner "$GUNICORN_PID" &
+  BANNER_PID=$!
   # `wait` returns early (status > 128) when a trapped signal arrives; keep waiting until
   # gunicorn itself has exited. bash remembers a reaped child's status, so the last `wait`
   # gives gunicorn's exit status, which becomes ours.

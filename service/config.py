@@ -99,8 +99,8 @@ class Settings:
 
 
 LAST_GOOD = "SERVICE_SETTINGS_LAST_GOOD"
-"""Set by the gunicorn master (service.gunicorn.reload): a snapshot of the last settings
-file that was good, which a worker reads when the file was broken by a reload."""
+"""Set by the gunicorn master (service.gunicorn.reload): the text of the last settings file
+that was good, which a worker reads when the file was broken by a reload."""
 
 
 def settings_path() -> str | os.PathLike[str] | None:
@@ -118,11 +118,12 @@ def load_settings(path: str | os.PathLike[str] | None = None, fallback: bool = T
     """Read and validate the service's settings file.
 
     :param path: the TOML file; by default :func:`settings_path`, else the defaults.
-    :param fallback: when the file is broken and the gunicorn master left a snapshot of the
-        last good one (a reload with a broken file: see :mod:`service.gunicorn.reload`),
-        read that instead; the master has logged which key of which file is wrong.
+    :param fallback: when the file is broken and the gunicorn master kept the text of the
+        last good one in the environment (a reload with a broken file: see
+        :mod:`service.gunicorn.reload`), read that instead; the master has logged which
+        key of which file is wrong.
     :raises ConfigError: the file is missing, does not parse, or holds a bad value (and
-        there is no last good snapshot to fall back on).
+        there is no last good text to fall back on).
     """
     path = path or settings_path()
     if path is None:
@@ -133,17 +134,36 @@ def load_settings(path: str | os.PathLike[str] | None = None, fallback: bool = T
         last_good = os.environ.get(LAST_GOOD)
         if not fallback or not last_good:
             raise
-        return parse_settings(_read_toml(Path(last_good)), str(path))
+        return parse_settings(_parse_toml(last_good, Path(path)), str(path))
+
+
+def checked_text(path: str | os.PathLike[str]) -> str:
+    """The settings file's text, read once and validated (the gunicorn master keeps it as
+    the last good one). :raises ConfigError: as :func:`load_settings`."""
+    text = _read_text(Path(path))
+    parse_settings(_parse_toml(text, Path(path)), str(path))
+    return text
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    return _parse_toml(_read_text(path), path)
+
+
+def _read_text(path: Path) -> str:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read settings file: {exc.strerror or exc}") from exc
     try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+
+
+def _parse_toml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
 
 

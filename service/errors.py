@@ -11,6 +11,8 @@ The tree, so that callers can catch exactly what they mean::
     │   ├── CircuitOpen              the server failed recently; not asked again yet
     │   └── ItemRefused              CLIENT_ERROR about one item; the server is fine
     ├── CodecError                   bytes read from memcached are not our format
+    ├── NotSetUp                     a decorator or SWR used with an app that never
+    │                                called swr.init_app (also a RuntimeError)
     ├── TaskError                    a ``python`` source's function in a child process
     │   │                            raised, died, or returned what JSON cannot carry
     │   └── TaskTimeout              it ran past its timeout; the child was killed
@@ -67,6 +69,11 @@ class ItemRefused(CacheUnavailable):
 
 class CodecError(ServiceError):
     """Bytes read from memcached are not a value this service wrote; treated as a miss."""
+
+
+class NotSetUp(ServiceError, RuntimeError):
+    """The app was never set up with ``swr.init_app(app)``; the message names the
+    decorator or object used and the call that is missing."""
 
 
 class TaskError(ServiceError):

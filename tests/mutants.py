@@ -1,11 +1,12 @@
 """Wrong changes on purpose: each must turn a test red. ``python -m tests.mutants [M1 ...]``.
 
 A protocol's guarantees are only as good as the tests that would notice them broken. Each
-entry below is one deliberate mistake in the load protocol (drop the fence, release
-without the owner, block the reader, compare two clocks, ...), the code it changes, and the
-tests that must catch it. The script applies one at a time, runs those tests, and always
-restores the file; it exits non-zero if a mistake went unnoticed. Not part of ``make test``
-(it reruns parts of the suite thirteen times); run it after changing the protocol.
+entry below is one deliberate mistake (in the load protocol: drop the fence, release
+without the owner, block the reader, compare two clocks; and in nginx's tier, the metrics
+directory, the CLI, ...), the code it changes, and the tests that must catch it. The
+script applies one at a time, runs those tests, and always restores the file; it exits
+non-zero if a mistake went unnoticed. Not part of ``make test`` (it reruns parts of the
+suite once per mistake); run it after changing what one guards.
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
  ("M8 comparing two clocks (the writer's stamp trusted)", "service/readpath/tiers.py",
   "        lifetime = entry.windows.lifetime\n        if ttl is None",
   "        lifetime = entry.windows.lifetime\n        return entry\n        if ttl is None",
-  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py",
+   "tests/integration/test_netns_fleet.py::test_one_hosts_clock_30s_off"]),
  ("M9 the lease always granted", "service/readpath/lease.py",
   "        if not stored.ok:\n"
   "            metrics.lease_total.labels(\"contended\").inc()\n"
   "            return None",
   "        if False:\n            return None",
-  ["tests/integration/test_extension.py", "tests/unit/readpath/test_pipeline.py"]),
+  ["tests/integration/test_extension.py", "tests/unit/readpath/test_pipeline.py",
+   "tests/integration/test_netns_fleet.py::test_one_refresh_per_key_per_window_across_the_hosts"]),
  ("M10 the fence dropped", "service/readpath/tiers.py",
   "cas=claim.fence)\n        except CacheUnavailable:",
   "cas=None)\n        except CacheUnavailable:",
@@ -71,17 +74,66 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "        return self.refresher.schedule(\n"
   "            job.key, lambda: self.loader.refresh(job, self.never, seen), job.source)",
   "        self.loader.refresh(job, self.never, seen)\n        return True",
-  ["tests/unit/readpath/test_pipeline.py"]),
+  ["tests/unit/readpath/test_pipeline.py",
+   "tests/integration/test_netns_fleet.py::test_one_refresh_per_key_per_window_across_the_hosts"]),
  ("M12 a lost entry waits (no last good copy)", "service/readpath/region.py",
   "            lost = self._lost(job, look)",
   "            lost = None",
-  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py"]),
+  ["tests/unit/readpath/test_pipeline.py", "tests/integration/test_load_protocol.py",
+   "tests/integration/test_netns_fleet.py::test_a_node_killed_under_load"]),
  ("M13 a generation restored from the remembered number", "service/readpath/generations.py",
   "                value = self._restart(family)\n",
   "                value = cached[0] if cached is not None "
   "else self._restart(family)\n"
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
+ # nginx in front (deploy/nginx.conf): its copy must never outlive the service's windows.
+ ("NGX1 nginx told the whole window, not what is left (Age ignored)",
+  "service/flask/httpcache.py",
+  "    return str(max(0, math.floor(entry.windows.max_age) - age - 1))",
+  "    return str(math.floor(entry.windows.max_age))",
+  ["tests/integration/test_nginx.py::test_the_copy_nginx_keeps_never_outlives_the_services_windows"]),
+ ("NGX2 nginx serves stale on error with no time limit", "deploy/nginx.conf",
+  "            proxy_cache swr_cache;\n",
+  "            proxy_cache swr_cache;\n            proxy_cache_use_stale error timeout updating;\n",
+  ["tests/integration/test_nginx.py::test_a_stale_copy_is_answered_on_error_only_within_stale_if_error"]),
+ ("NGX3 nginx revalidates (a 304's max-age taken as new freshness)", "deploy/nginx.conf",
+  "            proxy_cache swr_cache;\n",
+  "            proxy_cache swr_cache;\n            proxy_cache_revalidate on;\n",
+  ["tests/integration/test_nginx.py::test_the_copy_nginx_keeps_never_outlives_the_services_windows"]),
+ ("NGX4 nginx's first stale reader waits for the update", "deploy/nginx.conf",
+  "proxy_cache_background_update on;", "proxy_cache_background_update off;",
+  ["tests/integration/test_nginx.py::test_a_stale_copy_is_answered_at_once_while_one_request_updates_it"]),
+ ("NGX5 nginx caches answers without Cache-Control", "deploy/nginx.conf",
+  "            proxy_cache swr_cache;\n",
+  "            proxy_cache swr_cache;\n            proxy_cache_valid any 1m;\n",
+  ["tests/integration/test_nginx.py::test_what_the_service_passes_uncached_is_never_stored"]),
+ ("NGX6 nginx ignores Set-Cookie and Cache-Control", "deploy/nginx.conf",
+  "            proxy_cache swr_cache;\n",
+  "            proxy_cache swr_cache;\n"
+  "            proxy_ignore_headers Set-Cookie Cache-Control;\n",
+  ["tests/integration/test_nginx.py::test_private_no_store_and_set_cookie_answers_are_never_stored"]),
+ ("NGX7 nginx runs out of connections before the slow clients do", "deploy/nginx.conf",
+  "worker_connections 16384;", "worker_connections 128;",
+  ["tests/integration/test_nginx.py::test_slow_clients_are_held_by_nginx_not_by_gunicorn"]),
+ ("O1 the workers keep their metrics apart (no multiprocess directory)",
+  "service/gunicorn/conf.py",
+  '        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir\n',
+  '        pass\n',
+  ["tests/integration/test_user_gunicorn.py"]),
+ ("O2 the master leaves its metrics directory behind", "service/gunicorn/conf.py",
+  "        shutil.rmtree(_own_metrics_dir, ignore_errors=True)",
+  "        pass",
+  ["tests/integration/test_user_gunicorn.py"]),
+ ("O3 a dead worker's live gauges kept", "service/gunicorn/conf.py",
+  "    multiprocess.mark_process_dead(worker.pid)",
+  "    pass",
+  ["tests/integration/test_user_gunicorn.py"]),
+ ("C1 flask swr answers without asking memcached first", "service/flask/cli.py",
+  "        check_memcached(st)\n",
+  "        pass\n",
+  ["tests/integration/test_cli.py"]),
+ # large values: shared reads, a turn of the loop per piece, bodies sent in pieces.
  ("BIG1 every reader of a large value fetches and decodes its own copy",
   "service/memcache/chunks.py",
   "    flight = _flights.get(flight_key)\n",

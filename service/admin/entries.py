@@ -116,6 +116,11 @@ def listing(st: AppState, filters: Filters) -> dict[str, Any]:
     }
 
 
+def describe(st: AppState, rec: Record) -> dict[str, Any]:
+    """One listed entry's row, as :func:`listing` shows it (``flask swr show``)."""
+    return _rows(st, [rec], st.clock())[0]
+
+
 def answered_by() -> dict[str, Any]:
     """The worker answering this request."""
     return {"host": socket.gethostname(), "pid": os.getpid()}

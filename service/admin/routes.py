@@ -3,7 +3,8 @@
 Mounted by :func:`service.create_app`; a library app mounts it with
 ``app.register_blueprint(service.admin.bp)`` after ``SWR().init_app(app)``. Enabled only
 when ``SERVICE_ADMIN_TOKEN`` is set in the environment; otherwise every ``/admin`` route
-answers 404, as if it did not exist.
+answers 404 with how to turn it on (nothing can be done through a disabled admin, so
+saying that it exists gives nothing away).
 
 Authentication, all compared in constant time:
 
@@ -38,13 +39,13 @@ from typing import Any
 from flask import Blueprint, Flask, Response, jsonify, render_template, request, url_for
 from flask.blueprints import BlueprintSetupState
 
-from ..errors import BadRequest, CacheUnavailable, HTTPError, NotFound, Unavailable
+from ..errors import BadRequest, HTTPError, NotFound
 from ..flask.state import EXTENSION, AppState, state_of
 from ..observe.logs import event
+from . import actions
 from . import entries as adminentries
 from . import stats as adminstats
 from .install import install
-from .registry import Record
 
 log = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
@@ -108,7 +109,11 @@ def _scheme(token: str) -> str | None:
 def authenticate() -> Response | None:
     token = admin_token(state_of())
     if not token:
-        raise NotFound("no such route")
+        # Still a 404: with no token nothing here can be used, so there is nothing to
+        # protect by hiding it, and the operator who opens the page learns the fix.
+        raise NotFound("the admin is off: set SERVICE_ADMIN_TOKEN in the server's "
+                       "environment and restart it (any user name, the token as the "
+                       "password; see docs/ADMIN.md)")
     scheme = _scheme(token)
     if scheme is None:
         return _error(401, "unauthorized", "admin token required",
@@ -176,33 +181,17 @@ def sources() -> Response:
     return jsonify(out)
 
 
-def _job_for(st: AppState, source: Any, params: dict[str, str]) -> Any:
-    """The job of a ``/v1`` source's entry, as the service's views build it (they set the
-    hook; an app without them has no sources to refresh)."""
-    if st.source_job is None:
-        raise NotFound("this app serves no /v1 sources")
-    return st.source_job(st, source, params)
-
-
 def _configured(st: AppState) -> dict[str, Any]:
-    found: dict[str, Any] = st.extra.get("sources", {})
-    return found
+    return actions.configured(st)
 
 
 # -- one entry, by id (the page's per-row buttons) -----------------------------------------
 
-def _record(st: AppState, entry_id: str) -> Record:
-    rec = adminentries.find(st, entry_id)
-    if rec is None:
-        raise NotFound(f"no entry with id {entry_id!r} is listed")
-    return rec
-
-
 @bp.delete("/api/entries/<entry_id>")
 def invalidate_entry(entry_id: str) -> Response:
     st = state_of()
-    rec = _record(st, entry_id)
-    _invalidate(st, [rec])
+    rec = actions.record(st, entry_id)
+    actions.invalidate(st, [rec], _who())
     _audit("invalidated", action="invalidate", scope="entry", source=rec["s"], key=rec["k"])
     return jsonify({"invalidated": "entry", "id": entry_id, "source": rec["s"],
                     "params": rec.get("p")})
@@ -211,87 +200,32 @@ def invalidate_entry(entry_id: str) -> Response:
 @bp.post("/api/entries/<entry_id>/refresh")
 def refresh_entry(entry_id: str) -> tuple[Response, int]:
     st = state_of()
-    rec = _record(st, entry_id)
-    return _refresh(st, rec)
-
-
-def _invalidate(st: AppState, recs: list[Record]) -> None:
-    try:
-        adminentries.invalidate(st, recs, _who())
-    except CacheUnavailable as exc:
-        raise Unavailable(f"memcached is needed to invalidate: {exc}") from exc
-
-
-def _refresh(st: AppState, rec: Record) -> tuple[Response, int]:
-    known = st.ledger.get(rec["k"])
-    job = known.job if known is not None else None
-    source = _configured(st).get(rec["s"])
-    if job is None and rec.get("kind") == "source" and source is not None \
-            and isinstance(rec.get("p"), dict):
-        candidate = _job_for(st, source, rec["p"])
-        job = candidate if candidate.key == rec["k"] else None
-    try:
-        result = adminentries.refresh(st, rec, job)
-    except CacheUnavailable as exc:
-        raise Unavailable(f"memcached is needed to refresh: {exc}") from exc
+    rec = actions.record(st, entry_id)
+    result = actions.refresh_entry(st, rec)
     _audit("refresh requested", action="refresh", source=rec["s"], key=rec["k"], **result)
     return jsonify({**result, "source": rec["s"], "params": rec.get("p")}), 202
 
 
 # -- a source: a /v1 source, or a decorated view or function ---------------------------------
 
-def _listed(st: AppState, name: str, params: dict[str, str] | None) -> list[Record]:
-    recs = [r for r in adminentries.records(st)[0] if r["s"] == name]
-    return [r for r in recs if params is None or (r.get("p") or {}) == params]
-
-
 @bp.delete("/api/sources/<name>")
 def invalidate_source(name: str) -> Response:
     """One entry (with params), or every entry of the source (without)."""
-    st = state_of()
     params = request.args.to_dict(flat=True)
-    source = _configured(st).get(name)
-    try:
-        if source is not None and params:
-            job = _job_for(st, source, source.check(params))
-            recs = [r for r in _listed(st, name, None) if r["k"] == job.key] or [
-                {"k": job.key, "s": name, "kind": "source", "p": job.params}]
-            _invalidate(st, recs)
-            scope = "entry"
-        else:
-            recs = _listed(st, name, params or None)
-            if source is None and not recs:
-                raise NotFound(f"no source, view or function named {name!r} has entries")
-            if source is not None:
-                st.generations.bump(name)
-            _invalidate(st, recs)
-            scope = "source" if not params else "entry"
-    except CacheUnavailable as exc:
-        raise Unavailable(f"memcached is needed to invalidate: {exc}") from exc
-    _audit("invalidated", action="invalidate", scope=scope, source=name,
-           key=recs[0]["k"] if scope == "entry" else None, entries=len(recs))
-    return jsonify({"invalidated": scope, "source": name, "params": params,
-                    "entries": len(recs)})
+    done = actions.invalidate_source(state_of(), name, params, _who())
+    _audit("invalidated", action="invalidate", scope=done["scope"], source=name,
+           key=done["key"], entries=done["entries"])
+    return jsonify({"invalidated": done["scope"], "source": name, "params": params,
+                    "entries": done["entries"]})
 
 
 @bp.post("/api/sources/<name>/refresh")
 def refresh_source_entry(name: str) -> tuple[Response, int]:
-    st = state_of()
     params = request.args.to_dict(flat=True)
-    source = _configured(st).get(name)
-    if source is not None:
-        if source.kind == "composite":
-            raise BadRequest("refresh the parts of a composite source one by one")
-        job = _job_for(st, source, source.check(params))
-        scheduled = st.region.refresh_later(job)
-        _audit("refresh requested", action="refresh", source=name, key=job.key,
-               scheduled=scheduled)
-        return jsonify({"scheduled": scheduled, "source": name, "params": params}), 202
-    recs = _listed(st, name, params)
-    if len(recs) != 1:
-        raise NotFound(f"{len(recs)} entries of {name!r} have exactly these parameters; "
-                       "refresh one by its id (POST /admin/api/entries/ID/refresh)")
-    return _refresh(st, recs[0])
+    result = actions.refresh_source(state_of(), name, params)
+    key = result.pop("key")
+    _audit("refresh requested", action="refresh", source=name, key=key, **result)
+    return jsonify({**result, "source": name, "params": params}), 202
 
 
 # -- the page ------------------------------------------------------------------------------------

@@ -42,15 +42,16 @@ from flask import Flask, current_app, has_app_context
 from flask_caching import Cache
 
 from ..config import Settings
+from ..errors import NotSetUp
 from ..memcache import clients
 from ..readpath.freshness import Windows
 from ..readpath.loader import Job
 from ..readpath.region import Result
-from . import fastpath
+from . import cli, fastpath, health
 from .backend import flask_caching_config
 from .decorators import Options, decorate, delete_memoized
 from .flaskconfig import library_settings
-from .state import AppState, build, state_of
+from .state import EXTENSION, AppState, build
 
 F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
@@ -59,22 +60,28 @@ R = TypeVar("R")
 class SWR:
     """Flask extension; ``SWR(app)`` or ``swr = SWR()`` then ``swr.init_app(app)``."""
 
-    def __init__(self, app: Flask | None = None, settings: Settings | None = None) -> None:
+    def __init__(self, app: Flask | None = None, settings: Settings | None = None, *,
+                 endpoints: bool | None = None) -> None:
         self.cache = Cache()
         self.app: Flask | None = None
         self._periodic: dict[str, tuple[Callable[[], Any], float, Windows]] = {}
         if app is not None:
-            self.init_app(app, settings)
+            self.init_app(app, settings, endpoints=endpoints)
 
     def init_app(self, app: Flask, settings: Settings | None = None, *,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        """Build the app's state (pool, tiers, leases, refresher) and Flask-Caching.
+                 monotonic: Callable[[], float] = time.monotonic,
+                 endpoints: bool | None = None) -> None:
+        """Build the app's state (pool, tiers, leases, refresher) and Flask-Caching, and
+        add ``flask swr`` to the app's command line.
 
         :param settings: by default :func:`service.flaskconfig.library_settings` of the
             app's config (defaults, Flask config, then ``SERVICE_SETTINGS``).
         :param clock: wall clock for every freshness decision (a fake one in tests);
             ``monotonic`` likewise for ``l1_ttl``, leases and back-off.
+        :param endpoints: mount ``/healthz``, ``/readyz`` and ``/metrics`` on the app
+            (:mod:`service.flask.health`); by default the app's ``SWR_ENDPOINTS`` config
+            (off: the paths are the app's to give).
         """
         settings = settings or library_settings(app.config)
         state = build(app, settings, clock, monotonic)
@@ -82,17 +89,39 @@ class SWR:
         clients.init_app(app, settings.cache)
         self.cache.init_app(app, config=flask_caching_config(settings.cache))
         fastpath.init_app(app)  # fresh local hits answered before Flask's dispatch
+        cli.init_app(app)
+        if endpoints if endpoints is not None else _flag(app.config.get("SWR_ENDPOINTS")):
+            health.init_app(app)
         self.app = app
         for name, (fn, every, windows) in self._periodic.items():
             state.region.periodic(Job(name, fn, windows, source=name), every)
 
     def state(self) -> AppState:
-        """The state of the current app, or of the app this extension was set up with."""
-        if has_app_context():
-            return state_of(current_app._get_current_object())  # type: ignore[attr-defined]
-        if self.app is None:
-            raise RuntimeError("SWR is not set up: call swr.init_app(app) first")
-        return state_of(self.app)
+        """The state of the current app, or of the app this extension was set up with.
+
+        :raises NotSetUp: ``init_app`` was never called for that app (the message says
+            which call is missing).
+        """
+        return self._state_for(None)
+
+    def _state_for(self, user: tuple[str, Callable[..., Any]] | None) -> AppState:
+        """:meth:`state`, for the decorator ``user[0]`` of function ``user[1]`` (named in
+        the error when the app was never set up)."""
+        app = (current_app._get_current_object()  # type: ignore[attr-defined]
+               if has_app_context() else self.app)
+        st: AppState | None = app.extensions.get(EXTENSION) if app is not None else None
+        if st is not None:
+            return st
+        what = "this SWR object"
+        if user is not None:
+            fn = user[1]
+            what = (f"@swr.{user[0]} on {getattr(fn, '__module__', '?')}."
+                    f"{getattr(fn, '__qualname__', repr(fn))}")
+        where = f"Flask app {app.name!r}" if app is not None else "no Flask app"
+        raise NotSetUp(
+            f"{what} is used with {where}, which was never set up for swr-cache: call "
+            "swr.init_app(app) (or create it as SWR(app)) once the app exists, before it "
+            "serves a request")
 
     # -- decorators ----------------------------------------------------------------------
 
@@ -116,7 +145,8 @@ class SWR:
         opts = Options(max_age if max_age is not None else timeout, stale_while_revalidate,
                        stale_if_error, key_prefix, query_string, tuple(vary), unless,
                        forced_update, response_filter, make_cache_key, None, source_check)
-        return lambda f: decorate(f, opts, self.state, function_only=False)  # type: ignore
+        return lambda f: decorate(f, opts, self._getter("cached", f),  # type: ignore
+                                  function_only=False)
 
     def memoize(self, max_age: float | None = None, stale_while_revalidate: float | None = None,
                 stale_if_error: float | None = None, *, timeout: float | None = None,
@@ -133,7 +163,11 @@ class SWR:
                        stale_if_error, unless=unless, forced_update=forced_update,
                        response_filter=response_filter, make_name=make_name,
                        source_check=source_check, args_to_ignore=tuple(args_to_ignore))
-        return lambda f: decorate(f, opts, self.state, function_only=True)  # type: ignore
+        return lambda f: decorate(f, opts, self._getter("memoize", f),  # type: ignore
+                                  function_only=True)
+
+    def _getter(self, decorator: str, fn: Callable[..., Any]) -> Callable[[], AppState]:
+        return lambda: self._state_for((decorator, fn))
 
     def delete_memoized(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Forget one call of a function decorated with :meth:`memoize` or :meth:`cached`
@@ -175,6 +209,13 @@ class SWR:
 
     def invalidate(self, key: str) -> None:
         self.state().region.invalidate(key)
+
+
+def _flag(value: Any) -> bool:
+    """A config switch: ``True``, or a string such as ``"1"``, ``"true"``, ``"yes"``."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _only_known(ignored: dict[str, Any]) -> None:

@@ -52,7 +52,7 @@ from ..errors import BadRequest
 from ..observe import metrics
 from ..readpath import keying
 from ..readpath.tiers import LocalCopy
-from .httpcache import cache_control, cache_status
+from .httpcache import accel_expires, cache_control, cache_status
 from .responses import thaw
 from .state import EXTENSION, AppState
 
@@ -329,7 +329,8 @@ class FastPath:
             built = _Answer(item, age, status, (
                 *answer.headers, ("X-Cache", status),
                 ("Cache-Status", cache_status(status, entry, age)), ("Age", str(age)),
-                ("Cache-Control", cache_control(entry)), ("ETag", entry.etag),
+                ("Cache-Control", cache_control(entry)),
+                ("X-Accel-Expires", accel_expires(entry, age)), ("ETag", entry.etag),
                 *answer.trailing))
             _remember(self._answers, key, built, self.MEMO_LIMIT)
         if_none_match = environ.get("HTTP_IF_NONE_MATCH")

@@ -8,6 +8,13 @@ how long ago it was stored: at age 20 of a 30 s window that is ``max-age=30`` wi
 downstream cache would read as stale. ``X-Cache`` says how the answer was made (HIT,
 STALE, MISS) and ``ETag`` identifies the value; an ``If-None-Match`` that matches gets
 ``304 Not Modified`` without a body.
+
+nginx (1.22 and later, as of this writing) ignores ``Age``: it would keep an answer of age
+20 for ``max-age=30`` another 30 s. ``X-Accel-Expires``, which only nginx reads (and hides
+from its own clients), carries the whole seconds of freshness surely left, so nginx's copy
+expires when ours does; nginx still reads the stale windows from ``Cache-Control``, which
+must therefore come first (nginx skips ``Cache-Control`` once it has read
+``X-Accel-Expires``).
 """
 
 from __future__ import annotations
@@ -24,6 +31,16 @@ def cache_control(entry: Entry) -> str:
     return (f"max-age={math.floor(w.max_age)}, "
             f"stale-while-revalidate={math.floor(w.stale_while_revalidate)}, "
             f"stale-if-error={math.floor(w.stale_if_error)}")
+
+
+def accel_expires(entry: Entry, age: int) -> str:
+    """``X-Accel-Expires`` for an answer of whole-second ``age``: the seconds of freshness
+    surely left (0, which nginx reads as "do not store", once none is).
+
+    ``age`` was rounded down, so the true age may be up to 1 s more: one second is kept
+    back, and nginx's copy never outlives ``max_age`` by more than its own clock's second.
+    """
+    return str(max(0, math.floor(entry.windows.max_age) - age - 1))
 
 
 CACHE_NAME = "swr-cache"
@@ -65,6 +82,7 @@ def apply(response: Response, request: Request, entry: Entry | None, status: str
     response.headers["Cache-Status"] = cache_status(status, entry, age)
     response.headers["Age"] = str(age)
     response.headers["Cache-Control"] = cache_control(entry)
+    response.headers["X-Accel-Expires"] = accel_expires(entry, age)   # after Cache-Control
     response.headers["ETag"] = entry.etag
     # If-None-Match uses the weak comparison (RFC 9110 13.1.2): proxies that compress
     # send our ETag back as W/"...". Only an answer we cached has a validator to match.

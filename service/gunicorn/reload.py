@@ -6,10 +6,11 @@ with the error, the master gives up ("worker failed to boot") and nothing listen
 more. So the master checks the file itself, at start-up and before each reload (the
 gunicorn hooks ``on_starting`` and ``on_reload``):
 
-* a good file is copied to a snapshot, whose path the workers inherit
-  (``SERVICE_SETTINGS_LAST_GOOD``), and the new workers read the file as usual;
+* a good file's text is kept in the master's environment, which the workers inherit
+  (``SERVICE_SETTINGS_LAST_GOOD``: a settings file is a few hundred bytes, and nothing on
+  disk can outlive a killed master), and the new workers read the file as usual;
 * a broken file is logged once, naming the file and the key, and the new workers, finding
-  it broken too, read the last good snapshot instead (:func:`service.config.load_settings`):
+  it broken too, read the last good text instead (:func:`service.config.load_settings`):
   the host keeps serving with the settings it had. A later HUP with a good file takes
   effect as usual.
 
@@ -19,11 +20,9 @@ Imported by gunicorn's master: nothing here imports Flask or the app.
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
-from ..config import LAST_GOOD, ConfigError, load_settings, settings_path
+from ..config import LAST_GOOD, ConfigError, checked_text, settings_path
 
 
 def check_settings(log: Any) -> bool:
@@ -32,33 +31,18 @@ def check_settings(log: Any) -> bool:
     back to the last good one."""
     path = settings_path()
     try:
-        load_settings(path, fallback=False)
+        # One read: the text checked is the text kept for the workers to fall back on.
+        text = checked_text(path) if path is not None else None
     except ConfigError as exc:
         if os.environ.get(LAST_GOOD):
             log.error("settings not reloaded; the workers keep the last good ones until the "
                       "file is fixed (then kill -HUP again): %s", exc)
         return False
-    if path is not None:
-        _snapshot(path)
+    if text is not None:
+        os.environ[LAST_GOOD] = text
     return True
 
 
-def _snapshot(path: str | os.PathLike[str]) -> None:
-    data = Path(path).read_bytes()
-    old = os.environ.get(LAST_GOOD)
-    fd, name = tempfile.mkstemp(prefix="swr-cache-settings-", suffix=".toml")
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.environ[LAST_GOOD] = name
-    if old and old != name:
-        forget(old)
-
-
-def forget(path: str | None = None) -> None:
-    """Remove the snapshot (the master's ``on_exit``): nothing is left in the temp dir."""
-    path = path or os.environ.pop(LAST_GOOD, None)
-    if path:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+def forget() -> None:
+    """Drop the last good text (the master's ``on_exit``)."""
+    os.environ.pop(LAST_GOOD, None)

@@ -57,6 +57,8 @@ def test_view_is_cached_per_query_with_cache_headers(user_app: Any, clock: FakeC
     assert first.headers["Cache-Control"] == (
         "max-age=60, stale-while-revalidate=600, stale-if-error=3600")
     assert first.headers["Age"] == "0"
+    # For nginx, which ignores Age: the whole seconds of freshness surely left.
+    assert first.headers["X-Accel-Expires"] == "59"
     etag = first.headers["ETag"]
     clock.advance(10)
     second = client.get("/report?region=eu")
@@ -64,6 +66,9 @@ def test_view_is_cached_per_query_with_cache_headers(user_app: Any, clock: FakeC
     assert second.get_json() == first.get_json() == {"n": 1, "region": "eu"}
     assert second.headers["Age"] == "10"
     assert second.headers["Cache-Control"].startswith("max-age=60,")  # RFC 9111: with Age
+    assert second.headers["X-Accel-Expires"] == "49"
+    names = [name for name, _ in second.headers]     # nginx reads the windows first
+    assert names.index("Cache-Control") < names.index("X-Accel-Expires")
     assert client.get("/report?region=us").get_json() == {"n": 2, "region": "us"}
     not_modified = client.get("/report?region=eu", headers={"If-None-Match": etag})
     assert not_modified.status_code == 304 and not_modified.data == b""
@@ -80,6 +85,7 @@ def test_stale_view_refresh_reruns_the_view_for_the_same_url(user_app: Any,
     assert stale.headers["X-Cache"] == "STALE"
     assert stale.headers["Cache-Control"].startswith("max-age=60, stale-while-revalidate=600")
     assert stale.headers["Age"] == "61"
+    assert stale.headers["X-Accel-Expires"] == "0"                  # nginx: do not store
     assert state_of(app).refresher.join(timeout=5)
     fresh = client.get("/report?region=eu")
     assert fresh.headers["X-Cache"] == "HIT"

@@ -368,3 +368,24 @@ def test_a_daemonized_gunicorn_keeps_its_memcached_until_make_stop(project: Proj
     assert f"stopping gunicorn (pid {gunicorn_pid})" in stop.stdout
     assert f"stopping memcached (pid {memcached_pid})" in stop.stdout
     assert not alive(gunicorn_pid) and not alive(memcached_pid)
+
+
+def test_make_run_says_where_things_are_and_keeps_its_files_in_its_rundir(
+        project: Project) -> None:
+    project.env.pop("PROMETHEUS_MULTIPROC_DIR")   # the master's own directory, in .run/tmp
+    project.env.pop("SERVICE_ADMIN_TOKEN", None)
+    project.start_run()
+    wait_until(lambda: "the CLI:" in project.run_output(), READY_TIMEOUT, "the banner")
+    out = project.run_output()
+    assert f"curl -i {project.url}/v1/primes" in out
+    assert f"SERVICE_ADMIN_TOKEN=$(openssl rand -hex 16) make run   then open {project.url}" \
+           "/admin/" in out
+    assert "flask --app wsgi swr stats" in out
+    status, _, body = http_get(project.url + "/admin/")
+    assert status == 404 and b"set SERVICE_ADMIN_TOKEN" in body
+    gunicorn_pid = project.pid_from("gunicorn.pid")
+    assert (project.rundir / "tmp" / f"swr-cache-metrics-{gunicorn_pid}").is_dir()
+
+    assert project.make("stop").returncode == 0
+    assert project.wait_run_exit() == 0, project.run_output()
+    assert list((project.rundir / "tmp").iterdir()) == []

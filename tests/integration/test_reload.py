@@ -75,11 +75,11 @@ def test_a_run_leaves_nothing_in_the_temp_directory(
                     + source("one", origin_server))
     temp = tmp_path / "temp"
     temp.mkdir()
-    # No metrics directory given: the config makes its own, and the settings snapshot,
-    # both in the temp directory (TMPDIR here).
+    # No metrics directory given: the config makes its own in the temp directory (TMPDIR
+    # here); the last good settings live in the master's environment, not on disk.
     server: GunicornProcess = gunicorn_factory(
         path, workers=2, env={"TMPDIR": str(temp), "PROMETHEUS_MULTIPROC_DIR": ""})
     assert http_get(server.url + "/v1/one?id=1", timeout=5.0)[0] == 200
-    assert sorted(p.name.split("-")[2] for p in temp.iterdir()) == ["metrics", "settings"]
+    assert sorted(p.name.split("-")[2] for p in temp.iterdir()) == ["metrics"]
     server.stop()
     assert list(temp.iterdir()) == []

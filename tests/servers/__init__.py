@@ -149,6 +149,18 @@ from .memcached import (
 from .memcached import (
     session_memcached as session_memcached,
 )
+from .nginx import (  # noqa: F401 - the plugin's fixtures and the tests' names
+    NginxFactory as NginxFactory,
+)
+from .nginx import (
+    NginxProcess as NginxProcess,
+)
+from .nginx import (
+    nginx_factory as nginx_factory,
+)
+from .nginx import (
+    require_nginx as require_nginx,
+)
 from .origin import (  # noqa: F401 - the plugin's fixtures and the tests' names
     OriginServer as OriginServer,
 )

@@ -46,19 +46,23 @@ def gunicorn_binary() -> str:
 
 
 class GunicornProcess(ServerProcess):
-    """``gunicorn -c deploy/gunicorn.conf.py wsgi:app`` on a free port, from the repo root."""
+    """``gunicorn -c deploy/gunicorn.conf.py wsgi:app`` on a free port, from the repo root
+    (``config``: another ``-c``, such as a library user's ``python:service.gunicorn.conf``;
+    ``settings_path`` ``None``: no ``SERVICE_SETTINGS``, the app's own config only)."""
 
     def __init__(
         self,
-        settings_path: Path,
+        settings_path: Path | None,
         log_dir: Path,
         workers: int = 4,
         env: dict[str, str] | None = None,
         port: int | None = None,
         app: str = "wsgi:app",
+        config: str = "deploy/gunicorn.conf.py",
     ) -> None:
         self.settings_path = settings_path
         self.app = app
+        self.config = config
         self.workers = workers
         self.extra_env = dict(env or {})
         self.host = LOOPBACK
@@ -83,7 +87,7 @@ class GunicornProcess(ServerProcess):
         return [
             gunicorn_binary(),
             "-c",
-            "deploy/gunicorn.conf.py",
+            self.config,
             "--bind",
             f"{self.host}:{self.port}",
             "--workers",
@@ -102,12 +106,12 @@ class GunicornProcess(ServerProcess):
         """
         runtime_dir = self.log_path.parent / f"run-{self.port}"
         runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return {
-            **os.environ,
-            "XDG_RUNTIME_DIR": str(runtime_dir),
-            "SERVICE_SETTINGS": str(self.settings_path),
-            **self.extra_env,
-        }
+        env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime_dir)}
+        if self.settings_path is not None:
+            env["SERVICE_SETTINGS"] = str(self.settings_path)
+        else:
+            env.pop("SERVICE_SETTINGS", None)
+        return {**env, **self.extra_env}
 
     def log_text(self) -> str:
         try:
@@ -188,8 +192,8 @@ class GunicornProcess(ServerProcess):
 
 class GunicornFactory(Protocol):
     def __call__(
-        self, settings_path: Path, workers: int = 4, env: dict[str, str] | None = None,
-        app: str = "wsgi:app",
+        self, settings_path: Path | None, workers: int = 4, env: dict[str, str] | None = None,
+        app: str = "wsgi:app", config: str = "deploy/gunicorn.conf.py",
     ) -> GunicornProcess: ...
 
 
@@ -200,11 +204,11 @@ def gunicorn_factory(tmp_path: Path) -> Iterator[GunicornFactory]:
     with contextlib.ExitStack() as stack:
 
         def start(
-            settings_path: Path, workers: int = 4, env: dict[str, str] | None = None,
-            app: str = "wsgi:app",
+            settings_path: Path | None, workers: int = 4, env: dict[str, str] | None = None,
+            app: str = "wsgi:app", config: str = "deploy/gunicorn.conf.py",
         ) -> GunicornProcess:
             server = GunicornProcess(settings_path, tmp_path, workers=workers, env=env,
-                                     app=app)
+                                     app=app, config=config)
 
             def cleanup() -> None:
                 if server.proc is not None:

@@ -112,6 +112,8 @@ def test_no_import_circle() -> None:
     ("service.worker", "post_request"),
     ("service.accesslog", "BufferedAccessLogger"),          # logger_class
     ("service.admin", "bp"),                                # register_blueprint
+    ("service.gunicorn.conf", "post_worker_init"),          # -c python:service.gunicorn.conf
+    ("service.flask.health", "bp"),                         # SWR(app, endpoints=True)
 ])
 def test_every_documented_import_path_still_works(path: str, attribute: str) -> None:
     assert getattr(importlib.import_module(path), attribute) is not None

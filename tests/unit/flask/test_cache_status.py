@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from service.flask.httpcache import cache_status
+from service.flask.httpcache import accel_expires, cache_status
 from service.readpath.entry import Entry
 from service.readpath.freshness import Windows
 
@@ -52,3 +52,10 @@ def test_an_uncacheable_answer_says_it_was_not_stored() -> None:
     assert parse(cache_status("PASS", None, 0)) == [
         ("swr-cache", {"fwd": "uri-miss", "detail": "uncacheable"})]
     assert parse(cache_status("MISS", None, 0)) == [("swr-cache", {"fwd": "uri-miss"})]
+
+
+@pytest.mark.parametrize("age, expected", [(0, "59"), (10, "49"), (59, "0"), (60, "0"),
+                                           (70, "0")])
+def test_nginx_is_told_the_freshness_surely_left(age: int, expected: str) -> None:
+    # The age sent is rounded down: one second is kept back, never a negative number.
+    assert accel_expires(ENTRY, age) == expected

@@ -163,6 +163,26 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "text(rec.get(\"o\"), False) and when(rec.get(\"t\")) is not None):",
   "text(rec.get(\"o\"), False) and rec.get(\"t\") is not None):",
   ["tests/integration/test_admin_hostile.py"]),
+ # large values: shared reads, a turn of the loop per piece, bodies sent in pieces.
+ ("BIG1 every reader of a large value fetches and decodes its own copy",
+  "service/memcache/chunks.py",
+  "    flight = _flights.get(flight_key)\n",
+  "    flight = None\n",
+  ["tests/integration/test_big_values.py", "tests/unit/memcache/test_large_values.py"]),
+ ("BIG2 a large value's pieces fetched and hashed without a turn for the hub",
+  "service/memcache/chunks.py",
+  "        # One piece per turn of the loop: the worker's other requests run in between.\n"
+  "        gevent.sleep(0)\n",
+  "",
+  ["tests/unit/memcache/test_large_values.py"]),
+ ("BIG3 a large entry written encoded again for the local tier", "service/readpath/tiers.py",
+  "self.local.put(key, entry, self.monotonic(), stored.cas, stored.size)",
+  "self.local.put(key, entry, self.monotonic(), stored.cas)",
+  ["tests/integration/test_big_values.py"]),
+ ("BIG4 a large cached body handed to the server in one piece", "service/flask/responses.py",
+  "    if len(body) < STREAMED_FROM:\n",
+  "    if True:\n",
+  ["tests/integration/test_big_values.py"]),
 ]
 
 

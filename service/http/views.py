@@ -20,7 +20,7 @@ from flask import Blueprint, Flask, Response, jsonify, request
 from ..errors import BadRequest, CacheUnavailable, NotFound, Unavailable
 from ..flask.fastpath import register_source_view
 from ..flask.httpcache import apply
-from ..flask.responses import default_status_rule
+from ..flask.responses import body_response, default_status_rule
 from ..flask.state import AppState, state_of
 from ..readpath import keying
 from ..readpath.entry import Entry
@@ -144,8 +144,7 @@ def _part_json(part: Source, value: Any) -> Any:
 def render(source: Source, value: Any) -> Response:
     """The response body for a cached value: http passes the origin's answer through."""
     if source.kind == "http":
-        return Response(value["body"], status=value["status"],
-                        content_type=value["content_type"])
+        return body_response(value["body"], value["status"], value["content_type"])
     return Response(orjson.dumps(value), mimetype="application/json")
 
 

@@ -16,8 +16,17 @@ kind   payload
 ``j``  JSON that decodes to the value as it is: only exact ``dict`` (text keys),
        ``list``, ``str``, ``int`` (64-bit), finite ``float``, ``bool`` and ``None``
 ``t``  JSON with tags, below, for everything else
+``f``  framed: an 8-byte big-endian length N, N bytes of the ``t`` payload, then raw
+       bytes that its ``\0B`` tags point into (below)
 ``c``  a chunk manifest (see :mod:`service.chunks`): the value is split over items
 =====  =====================================================================
+
+Why ``f``: a large ``bytes`` leaf (an origin's body of 50 MB, say) carried as base64 inside
+JSON costs a third more space, and decoding it is one parse of the whole text and one
+base64 pass, each holding the interpreter for hundreds of milliseconds. Framed, such a
+leaf (:data:`OUT_OF_LINE` bytes or more) stays raw after the JSON, which is then small:
+decoding parses the small JSON and takes each leaf as it is, and :func:`prepare` builds a
+leaf straight from the pieces of a chunked value with one join that runs off the hub.
 
 A tag is a one-key object whose key is NUL and a letter; a real dict that looks like one
 is itself wrapped in ``\0d``. In the ``t`` payload:
@@ -27,6 +36,7 @@ tag      type                      payload
 =======  ========================  ================================================
 ``\0t``  tuple                     [values]
 ``\0b``  bytes                     base64 (a bytearray or memoryview comes back as bytes)
+``\0B``  bytes, out of line (``f``) [offset, length] into the raw bytes after the JSON
 ``\0d``  dict, keys not all text   [[key, value], ...]
 ``\0o``  OrderedDict               [[key, value], ...]
 ``\0s``  set                       [values], sorted by their JSON so that equal sets
@@ -67,9 +77,10 @@ import base64
 import dataclasses
 import enum
 import math
+import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import date, datetime, time, timedelta, timezone, tzinfo
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -93,6 +104,14 @@ KIND_TEXT = b"s"
 KIND_JSON = b"j"
 KIND_TAGGED = b"t"
 KIND_CHUNKED = b"c"
+KIND_FRAMED = b"f"
+
+OUT_OF_LINE = 64 * 1024
+"""A ``bytes`` leaf this long or longer is written raw after the JSON (kind ``f``)."""
+_FRAME_LEN = 8
+
+Join = Callable[[list[bytes]], bytes]
+"""Joins pieces into one ``bytes`` (for a large value: off the hub, see chunks)."""
 
 _INT_LIMIT = 2**63
 # CPython caps int <-> str conversion at 4300 digits against the same denial of service
@@ -108,17 +127,22 @@ def header(kind: bytes) -> bytes:
     return _HEADER + kind
 
 
-def encode(value: Any) -> bytes:
+def encode(value: Any, join: Join | None = None) -> bytes:
     """Encode a value of one of the types in the module docstring.
 
     Exact builtin JSON types take one checking pass and one ``orjson.dumps``; only a
     value that holds something else is rebuilt with tags.
+
+    :param join: joins the parts of a value with large bytes in it (the chunks' join,
+        off the hub; it may yield); by default ``b"".join``, here and now.
 
     :raises CodecError: the value holds something the format cannot carry faithfully (the
         message names its type); the caller decides whether to skip caching it.
     """
     t = type(value)
     if t is bytes or t is bytearray or t is memoryview:
+        if join is not None and len(value) >= OUT_OF_LINE:
+            return join([header(KIND_BYTES), bytes(value)])
         return header(KIND_BYTES) + bytes(value)
     if t is str:
         return header(KIND_TEXT) + str.encode(value, "utf-8", "surrogatepass")
@@ -128,7 +152,16 @@ def encode(value: Any) -> bytes:
                 return header(KIND_JSON) + orjson.dumps(value)
             except orjson.JSONEncodeError:
                 pass  # an int beyond 64 bits (or nesting too deep): the tagged path decides
-        return header(KIND_TAGGED) + orjson.dumps(_tag(value))
+        _frame.blobs = None
+        try:
+            text = orjson.dumps(_tag(value))
+            blobs: list[bytes] | None = _frame.blobs
+        finally:
+            _frame.blobs = None  # also when tagging failed half-way
+        if blobs is None:
+            return header(KIND_TAGGED) + text
+        parts = [header(KIND_FRAMED), len(text).to_bytes(_FRAME_LEN, "big"), text, *blobs]
+        return b"".join(parts) if join is None else join(parts)
     except RecursionError:
         raise CodecError("cannot encode a value nested too deeply or containing itself"
                          ) from None
@@ -166,6 +199,15 @@ def decode(data: bytes) -> Any:
             return orjson.loads(payload)
         if kind == KIND_TAGGED:
             return _untag(orjson.loads(payload))
+        if kind == KIND_FRAMED:
+            if len(payload) < _FRAME_LEN:
+                raise ValueError("a framed value shorter than its frame")
+            end = _FRAME_LEN + int.from_bytes(payload[:_FRAME_LEN], "big")
+            if end > len(payload):
+                raise ValueError("a framed value shorter than its JSON")
+            blobs = payload[end:]
+            return _untag_framed(payload[_FRAME_LEN:end], lambda a, b: bytes(blobs[a:b]),
+                                 len(blobs))
     # Every way a payload can be malformed: bad JSON, UTF-8, base64, ISO dates or zone keys
     # (ValueError), a tag payload of the wrong shape (TypeError, LookupError), a date,
     # timedelta or Decimal out of range (ValueError, ArithmeticError), nesting too deep.
@@ -173,6 +215,94 @@ def decode(data: bytes) -> Any:
         raise CodecError(f"corrupt {kind.decode('ascii', 'replace')!r} value: "
                          f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     raise CodecError(f"unknown kind {kind!r}")
+
+
+class Prepared:
+    """A large value with the costly part of decoding done once: :meth:`value` gives each
+    reader a value of its own (its own dicts and lists, which it may change) that shares
+    the large immutable leaves (``bytes``, ``str``) with every other reader's.
+
+    Kinds ``b`` and ``s`` are one immutable object, shared as it is. Kind ``f`` keeps its
+    out-of-line leaves, built once, and parses its (small) JSON per reader. Kinds ``j``
+    and ``t`` keep the joined bytes and parse them per reader: a large value made of many
+    small objects costs one parse per reader, holding the interpreter while it runs
+    (store such a value as bytes to keep it off the hub).
+    """
+
+    __slots__ = ("_build",)
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+
+    def value(self) -> Any:
+        """A decoded value for one reader.
+
+        :raises CodecError: as :func:`decode`.
+        """
+        return self._build()
+
+
+class _Pieces:
+    """Byte ranges of a value held as consecutive pieces, taken without joining them all."""
+
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        self.pieces = pieces
+        self.starts: list[int] = []
+        total = 0
+        for piece in pieces:
+            self.starts.append(total)
+            total += len(piece)
+        self.length = total
+
+    def take(self, start: int, end: int) -> list[bytes]:
+        """The parts of ``[start, end)``: whole pieces as they are (no copy), the two
+        ends sliced."""
+        parts: list[bytes] = []
+        for piece, first in zip(self.pieces, self.starts, strict=True):
+            last = first + len(piece)
+            if last <= start or first >= end:
+                continue
+            a, b = max(start - first, 0), min(end, last) - first
+            parts.append(piece if a == 0 and b == len(piece) else piece[a:b])
+        return parts
+
+
+def prepare(pieces: Sequence[bytes], join: Join) -> Prepared:
+    """Decode the value held by ``pieces`` (a chunked value's, in order) as far as readers
+    can share it (see :class:`Prepared`), with ``join`` for every large concatenation.
+
+    :raises CodecError: as :func:`decode`.
+    """
+    held = _Pieces(pieces)
+    kind = kind_of(b"".join(held.take(0, HEADER_LEN + _FRAME_LEN)))
+    if kind == KIND_BYTES:
+        data = join(held.take(HEADER_LEN, held.length))
+        return Prepared(lambda: data)
+    if kind == KIND_FRAMED:
+        frame = held.take(HEADER_LEN, HEADER_LEN + _FRAME_LEN)
+        if held.length < HEADER_LEN + _FRAME_LEN:
+            raise CodecError("corrupt 'f' value: shorter than its frame")
+        end = HEADER_LEN + _FRAME_LEN + int.from_bytes(b"".join(frame), "big")
+        if end > held.length:
+            raise CodecError("corrupt 'f' value: shorter than its JSON")
+        text = join(held.take(HEADER_LEN + _FRAME_LEN, end))
+        room = held.length - end
+        tree = _guarded(KIND_FRAMED, lambda: orjson.loads(text))
+        # Each leaf is built once, here (the joins may yield), and then shared by every
+        # reader's value: bytes never change.
+        leaves = {(a, b): join(held.take(end + a, end + b))
+                  for a, b in _out_of_line(tree) if 0 <= a <= b <= room}
+
+        def leaf(a: int, b: int) -> bytes:
+            return leaves[(a, b)]
+
+        return Prepared(lambda: _guarded(KIND_FRAMED, lambda: _untag_framed(
+            text, leaf, room)))
+    data = join(list(held.pieces))
+    if kind == KIND_TEXT:
+        text_value = decode(data)
+        return Prepared(lambda: text_value)
+    return Prepared(lambda: decode(data))
 
 
 # ---- encoding ------------------------------------------------------------------------
@@ -259,12 +389,40 @@ def _tag_tz(tz: tzinfo | None) -> Any:
                      "datetime.timezone and zoneinfo.ZoneInfo (with a key) are carried")
 
 
+# The out-of-line leaves of the value being encoded (as "blobs", only once there is one),
+# per thread: under gevent that is per greenlet, and encoding never yields anyway.
+_frame = threading.local()
+
+
+def _tag_bytes(v: bytes) -> Any:
+    if len(v) < OUT_OF_LINE or getattr(_frame, "inline", False):
+        return {"\x00b": base64.b64encode(v).decode("ascii")}
+    blobs: list[bytes] | None = getattr(_frame, "blobs", None)
+    if blobs is None:
+        blobs = _frame.blobs = []
+    offset = sum(map(len, blobs))
+    blobs.append(v)
+    return {"\x00B": [offset, len(v)]}
+
+
+def _sorted_members(v: set[Any] | frozenset[Any]) -> list[Any]:
+    # A set's members are tagged in hash order, which differs between processes: their
+    # bytes stay inline, or the offsets of out-of-line ones would make equal sets encode
+    # differently (and so give them different ETags and memoize keys).
+    outer = getattr(_frame, "inline", False)
+    _frame.inline = True
+    try:
+        return sorted(map(_tag, v), key=orjson.dumps)
+    finally:
+        _frame.inline = outer
+
+
 _ENCODERS: dict[type, Callable[[Any], Any]] = {
     tuple: lambda v: {"\x00t": [_tag(x) for x in v]},
-    bytes: lambda v: {"\x00b": base64.b64encode(v).decode("ascii")},
+    bytes: _tag_bytes,
     OrderedDict: lambda v: {"\x00o": _pairs(v)},
-    set: lambda v: {"\x00s": sorted(map(_tag, v), key=orjson.dumps)},
-    frozenset: lambda v: {"\x00z": sorted(map(_tag, v), key=orjson.dumps)},
+    set: lambda v: {"\x00s": _sorted_members(v)},
+    frozenset: lambda v: {"\x00z": _sorted_members(v)},
     Decimal: lambda v: {"\x00n": _check_decimal(v, str(v))},
     uuid.UUID: lambda v: {"\x00u": str(v)},
     Markup: lambda v: {"\x00m": str.__str__(v)},
@@ -277,6 +435,61 @@ _ENCODERS: dict[type, Callable[[Any], Any]] = {
 
 
 # ---- decoding --------------------------------------------------------------------------
+
+Leaf = Callable[[int, int], bytes]
+
+
+def _guarded(kind: bytes, build: Callable[[], Any]) -> Any:
+    """``build()``, with every way a payload can be malformed turned into CodecError."""
+    try:
+        return build()
+    except (ValueError, TypeError, LookupError, ArithmeticError, RecursionError) as exc:
+        raise CodecError(f"corrupt {kind.decode('ascii', 'replace')!r} value: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+
+
+def _untag_framed(text: memoryview | bytes, leaf: Leaf, room: int) -> Any:
+    """Untag the JSON of a framed value; ``leaf(a, b)`` gives its raw bytes ``[a, b)``."""
+    tree = orjson.loads(text)
+    # Nothing below yields (leaves are built before, see prepare), so the frame's leaf
+    # source can sit beside the encoder's blobs: per thread, or per greenlet under gevent.
+    _frame.leaf = (leaf, room)
+    try:
+        return _untag(tree)
+    finally:
+        _frame.leaf = None
+
+
+def _out_of_line(tree: Any) -> list[tuple[int, int]]:
+    """The ``[start, end)`` of every well-formed out-of-line tag in ``tree`` (a malformed
+    one is left for :func:`_untag` to refuse)."""
+    refs: list[tuple[int, int]] = []
+    stack = [tree]
+    while stack:
+        v = stack.pop()
+        if type(v) is list:
+            stack.extend(v)
+        elif type(v) is dict:
+            inner = v.get("\x00B") if len(v) == 1 else None
+            if (type(inner) is list and len(inner) == 2 and type(inner[0]) is int
+                    and type(inner[1]) is int):
+                refs.append((inner[0], inner[0] + inner[1]))
+            else:
+                stack.extend(v.values())
+    return refs
+
+
+def _leaf_from(inner: Any) -> bytes:
+    found: tuple[Leaf, int] | None = getattr(_frame, "leaf", None)
+    if found is None:
+        raise ValueError("an out-of-line bytes tag outside a framed value")
+    leaf, room = found
+    offset, length = _want(list, inner)
+    a, n = _want(int, offset), _want(int, length)
+    if not (0 <= a and 0 <= n and a + n <= room):
+        raise ValueError(f"an out-of-line bytes tag beyond the frame ({a}+{n} > {room})")
+    return leaf(a, a + n)
+
 
 _T = TypeVar("_T")
 
@@ -359,6 +572,7 @@ def _pairs_from(inner: Any) -> list[tuple[Any, Any]]:
 _DECODERS: dict[str, Callable[[Any], Any]] = {
     "\x00t": lambda v: tuple(_untag(x) for x in _want(list, v)),
     "\x00b": lambda v: base64.b64decode(_want(str, v), validate=True),
+    "\x00B": _leaf_from,
     "\x00d": lambda v: dict(_pairs_from(v)),
     "\x00o": lambda v: OrderedDict(_pairs_from(v)),
     "\x00s": lambda v: {_untag(x) for x in _want(list, v)},

@@ -18,6 +18,7 @@ logged and counted, and never raises.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -88,22 +89,27 @@ class Got:
     :param ttl: seconds the item has left by the server's clock (``-1``: no expiry);
         ``None`` when the server cannot say (a proxy without meta commands).
     :param won: this call created the empty item: the claim is ours.
+    :param size: a chunked value's whole encoded length, so that a caller can tell a
+        large value without encoding it again; 0 for a value held in one item.
     """
 
     value: Any
     cas: bytes | None = None
     ttl: int | None = None
     won: bool = False
+    size: int = 0
 
 
 @dataclass(frozen=True)
 class Stored:
     """What :meth:`Store.mset` did: ``code`` is ``"HD"`` (stored), ``"NS"`` (add found the
     key), ``"EX"`` (the CAS changed: somebody wrote or invalidated) or ``"NF"`` (the item
-    is gone); ``cas`` is the new item's token when the server says it."""
+    is gone); ``cas`` is the new item's token when the server says it; ``size`` the
+    value's encoded length (a large one's whole length, not its manifest's)."""
 
     code: str
     cas: bytes | None = None
+    size: int = 0
 
     @property
     def ok(self) -> bool:
@@ -155,6 +161,21 @@ def _counter_bytes(data: bytes) -> bytes | None:
     # memcached's decr shortens a number in place and pads it with spaces ("10" -> "9 ").
     digits = data.rstrip(b" ")
     return digits if digits.isdigit() and len(digits) <= 20 else None
+
+
+_CHUNKED = codec.header(codec.KIND_CHUNKED)
+
+
+def _size(data: bytes) -> int:
+    return chunks.declared_length(data) if data.startswith(_CHUNKED) else 0
+
+
+@dataclass(frozen=True)
+class _Chunked:
+    """A large value's manifest, read under ``key``: resolved by :meth:`Store._resolve`."""
+
+    key: str
+    manifest: bytes
 
 
 class KeyValue(Protocol):
@@ -243,21 +264,19 @@ class Store:
 
     def gets(self, key: str) -> tuple[Any, bytes | None]:
         """The value and its CAS token, or ``(MISS, None)`` when absent."""
-        with borrow(self.pool) as conn:
-            return self._gets(conn, key)
-
-    def _gets(self, conn: Connection, key: str) -> tuple[Any, bytes | None]:
         mkey = self.key(key)
-        data, token = conn.call(conn.server_for(self._home(key, mkey)), "gets",
-                                lambda c: c.gets(mkey))
+        with borrow(self.pool) as conn:
+            data, token = conn.call(conn.server_for(self._home(key, mkey)), "gets",
+                                    lambda c: c.gets(mkey))
         if data is None:
             return MISS, None
-        return self._decode(key, data, conn), token
+        return self._resolve(self._decode(key, data)), token
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values found, by key; absent or undecodable keys are left out."""
         by_mkey = {self.key(k): k for k in keys}
         found: dict[str, Any] = {}
+        large = False
         with borrow(self.pool) as conn:
             groups: dict[str, list[bytes]] = {}
             for mkey, key in by_mkey.items():
@@ -266,12 +285,18 @@ class Store:
                 raw: dict[bytes, bytes] = conn.call(server, "get_many",
                                                     methodcaller("get_many", mkeys))
                 for mkey, data in raw.items():
-                    value = self._decode(by_mkey[mkey], data, conn)
+                    value = self._decode(by_mkey[mkey], data)
                     if value is not MISS:
                         found[by_mkey[mkey]] = value
+                        large = large or type(value) is _Chunked
+        if large:  # read now, with the connection given back
+            resolved = {key: self._resolve(value) for key, value in found.items()}
+            return {key: value for key, value in resolved.items() if value is not MISS}
         return found
 
-    def _decode(self, key: str, data: bytes, conn: Connection) -> Any:
+    def _decode(self, key: str, data: bytes) -> Any:
+        """The value ``data`` holds; a :class:`_Chunked` for a large value's manifest, to
+        be read by :meth:`_resolve` once the caller has given its connection back."""
         try:
             if data[:1].isdigit():
                 digits = _counter_bytes(data)
@@ -279,7 +304,7 @@ class Store:
                     raise CodecError("digits followed by something else")
                 return int(digits)
             if codec.kind_of(data) == codec.KIND_CHUNKED:
-                data = chunks.read_chunks(conn, self.key, key, data)
+                return _Chunked(key, data)
             return codec.decode(data)
         except CodecError as exc:
             # Someone else's bytes (another app, an old release, an attacker's pickle):
@@ -288,6 +313,21 @@ class Store:
             event(log, logging.WARNING, "undecodable",
                   f"memcached holds a value this service cannot decode (key "
                   f"{key_hash(key)}), read as a miss: {exc}", key=key)
+            return MISS
+
+    def _resolve(self, value: Any) -> Any:
+        """``value``, or for a :class:`_Chunked` the large value it names (or MISS).
+
+        Called with no connection borrowed: the read shared by this worker's readers of the
+        value borrows one for its fetch, and the readers that wait for it hold none.
+        """
+        if type(value) is not _Chunked:
+            return value
+        try:
+            return chunks.read_value(self.pool, self.key, value.key, value.manifest)
+        except CodecError as exc:
+            metrics.memcached_errors_total.labels("decode").inc()
+            log.warning("undecodable value under %s: %s", self.key(value.key).decode(), exc)
             return MISS
 
     # -- writes --------------------------------------------------------------------------
@@ -432,17 +472,21 @@ class Store:
                     data, token = conn.call(server, "gets", lambda c: c.gets(mkey))
                 if data is None:
                     return Got(MISS)
-                return Got(self._raw(key, data, conn), token, None, won and data == b"")
+                return Got(self._raw(key, data), token, None, won and data == b"",
+                           _size(data))
 
             head = b"mg " + mkey + b" v c t"
             if vivify is not None:
                 head += b" N%d" % max(1, expire_time(vivify))
             reply = self._meta(conn, server, "mg", head, None, classic)
-            if isinstance(reply, Got):
-                return reply
-            if reply.code == b"EN" or reply.data is None:
-                return Got(MISS)
-            return Got(self._raw(key, reply.data, conn), reply.cas, reply.ttl, reply.won)
+            if not isinstance(reply, Got):
+                if reply.code == b"EN" or reply.data is None:
+                    return Got(MISS)
+                reply = Got(self._raw(key, reply.data), reply.cas, reply.ttl, reply.won,
+                            _size(reply.data))
+        if type(reply.value) is _Chunked:
+            reply = dataclasses.replace(reply, value=self._resolve(reply.value))
+        return reply
 
     def mset(self, key: str, value: Any, ttl: float | None, cas: bytes | None = None,
              add: bool = False) -> Stored:
@@ -454,6 +498,7 @@ class Store:
         :raises CacheUnavailable: memcached could not be asked.
         """
         data = b"" if value is EMPTY else self._encode(value)
+        size = len(data)
         with borrow(self.pool) as conn:
             mkey, data = self._prepare(conn, key, data, ttl)
             server = conn.server_for(self._home(key, mkey))
@@ -462,12 +507,13 @@ class Store:
             def classic() -> Stored:
                 if cas is not None:
                     done = conn.call(server, "cas", lambda c: c.cas(mkey, data, cas, exp))
-                    return Stored("NF" if done is None else "HD" if done else "EX")
+                    return Stored("NF" if done is None else "HD" if done else "EX", None,
+                                  size)
                 if add:
                     done = conn.call(server, "add", lambda c: c.add(mkey, data, exp))
-                    return Stored("HD" if done else "NS")
+                    return Stored("HD" if done else "NS", None, size)
                 conn.call(server, "set", lambda c: c.set(mkey, data, exp))
-                return Stored("HD")
+                return Stored("HD", None, size)
 
             head = b"ms " + mkey + b" %d T%d c" % (len(data), exp)
             if cas is not None:
@@ -477,7 +523,8 @@ class Store:
             reply = self._meta(conn, server, "ms", head, data, classic)
             if isinstance(reply, Stored):
                 return reply
-            return Stored(reply.code.decode("ascii"), reply.cas if reply.code == b"HD" else None)
+            return Stored(reply.code.decode("ascii"),
+                          reply.cas if reply.code == b"HD" else None, size)
 
     def mdelete(self, key: str, cas: bytes | None = None) -> str:
         """Delete ``key``, only while it still has ``cas`` when given: ``"HD"`` deleted,
@@ -523,8 +570,8 @@ class Store:
                 1, expire_time(ttl)), None, classic)
             return reply.code == b"HD" if isinstance(reply, meta.Reply) else bool(reply)
 
-    def _raw(self, key: str, data: bytes, conn: Connection) -> Any:
-        return EMPTY if data == b"" else self._decode(key, data, conn)
+    def _raw(self, key: str, data: bytes) -> Any:
+        return EMPTY if data == b"" else self._decode(key, data)
 
     def _meta(self, conn: Connection, server: str, name: str, head: bytes,
               payload: bytes | None, classic: Callable[[], Any]) -> Any:
@@ -604,7 +651,7 @@ class Store:
                     if self._add_raw(conn, mkey, delta, ttl):
                         return delta
                     continue  # somebody created it meanwhile: start over from theirs
-                value = self._decode(key, data, conn)
+                value = self._decode(key, data)
                 if value is not MISS and type(value) is not int:
                     event(log, logging.WARNING, "increment_refused",
                           f"increment of key {key_hash(key)} refused: memcached holds a "
@@ -638,7 +685,9 @@ class Store:
         """
         if _is_counter(value):
             return str(value).encode("ascii")
-        return codec.encode(value)
+        # A large value's parts are joined off the hub (the join may yield: no caller
+        # holds a connection yet).
+        return codec.encode(value, chunks.join)
 
     def _prepare(self, conn: Connection, key: str, data: bytes,
                  ttl: float | None) -> tuple[bytes, bytes]:

@@ -208,7 +208,8 @@ hub_blocked_total = Counter(
     "gevent_hub_blocked", "Times the gevent hub was blocked past the monitor threshold."
 )
 large_values_total = Buffered(Counter(
-    "cache_large_values", "Values over the memcached item size (chunked, l1_only).", ["outcome"]
+    "cache_large_values", "Values over the memcached item size (chunked, l1_only, shared).",
+    ["outcome"]
 ))
 
 

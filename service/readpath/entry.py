@@ -8,13 +8,12 @@ stored through the safe codec as a plain dict, so a newer release can add fields
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CodecError
-from ..memcache import codec
+from ..memcache import chunks, codec
 from .freshness import Timing, Windows
 
 ENVELOPE_VERSION = 1
@@ -61,7 +60,8 @@ class Entry:
 
         :raises CodecError: the value cannot be stored (the message names its type).
         """
-        digest = hashlib.blake2b(codec.encode(value), digest_size=12).hexdigest()
+        # A large value is joined and hashed off the hub (this may yield: a fetch's).
+        digest = chunks.blake2b(codec.encode(value, chunks.join), digest_size=12)
         return cls(value, Timing(stored_at, windows, fetch_seconds), f'"{digest}"')
 
     @property

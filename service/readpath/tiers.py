@@ -88,9 +88,14 @@ class LocalTier:
         """The item without touching the LRU order (the fast path's look-up)."""
         return self._items.get(key)
 
-    def put(self, key: str, entry: Entry, checked_at: float, cas: bytes | None = None
-            ) -> None:
+    def put(self, key: str, entry: Entry, checked_at: float, cas: bytes | None = None,
+            size_hint: int = 0) -> None:
+        """Keep ``entry``; ``size_hint`` (its length as memcached holds it, when known)
+        turns a large value away before encoding it again only to find it too large."""
         if self.max_entries <= 0 or self.max_bytes <= 0:
+            return
+        if size_hint > self.max_bytes // LARGEST_FRACTION:
+            self.delete(key)  # an older, smaller copy must not outlive this read
             return
         blob = codec.encode(entry.value)
         size = len(blob) + len(key) + ENTRY_OVERHEAD
@@ -218,7 +223,7 @@ class TwoTier:
             return Look(down=True)
         look = self.classify(key, got)
         if look.found is not None:
-            self.local.put(key, look.found.entry, now, look.found.cas)
+            self.local.put(key, look.found.entry, now, look.found.cas, got.size)
         else:
             # Absent or replaced: expired, evicted, flushed or invalidated. Do not keep
             # serving the local copy past l1_ttl, or an invalidation would never reach
@@ -231,9 +236,10 @@ class TwoTier:
 
         :raises CacheUnavailable: memcached could not be asked.
         """
-        look = self.classify(key, self.store.mget(key, vivify))
+        got = self.store.mget(key, vivify)
+        look = self.classify(key, got)
         if look.found is not None:
-            self.local.put(key, look.found.entry, self.monotonic(), look.found.cas)
+            self.local.put(key, look.found.entry, self.monotonic(), look.found.cas, got.size)
         return look
 
     def classify(self, key: str, got: Got) -> Look:
@@ -356,7 +362,7 @@ class TwoTier:
             raise
         if stored.ok:
             claim.fence = stored.cas
-            self.local.put(key, entry, self.monotonic(), stored.cas)
+            self.local.put(key, entry, self.monotonic(), stored.cas, stored.size)
         else:
             self.local.delete(key)  # newer, or invalidated: read memcached next time
         return stored.code

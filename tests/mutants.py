@@ -88,6 +88,16 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
  # nginx in front (deploy/nginx.conf): its copy must never outlive the service's windows.
+ # A host cut off from a key's server keeps its own newer copy when the server answers again.
+ ("OWN1 memcached's older copy replaces a worker's own newer one", "service/readpath/tiers.py",
+  "        if item.entry.stored_at <= found.entry.stored_at + AGE_SLACK:\n            return None",
+  "        return None",
+  ["tests/unit/readpath/test_own_copy.py",
+   "tests/integration/test_netns_fleet.py::test_a_host_cut_from_a_cold_keys_node_never_goes_back_in_time"]),
+ ("OWN2 an own copy of another epoch written over an invalidation", "service/readpath/tiers.py",
+  "        if item.entry.epoch != found.entry.epoch:\n            return None\n",
+  "",
+  ["tests/unit/readpath/test_own_copy.py"]),
  ("NGX1 nginx told the whole window, not what is left (Age ignored)",
   "service/flask/httpcache.py",
   "    return str(max(0, math.floor(entry.windows.max_age) - age - 1))",

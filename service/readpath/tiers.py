@@ -223,6 +223,9 @@ class TwoTier:
             return Look(down=True)
         look = self.classify(key, got)
         if look.found is not None:
+            own = self._newer_own_copy(key, item, look.found)
+            if own is not None:
+                return own
             self.local.put(key, look.found.entry, now, look.found.cas, got.size)
         else:
             # Absent or replaced: expired, evicted, flushed or invalidated. Do not keep
@@ -230,6 +233,40 @@ class TwoTier:
             # this worker; keep it only as the last good copy (see last_good).
             self.local.retire(key)
         return look
+
+    def _newer_own_copy(self, key: str, item: LocalCopy | None, found: Found) -> Look | None:
+        """This worker's own copy instead of memcached's older one, written back over it.
+
+        A copy this worker computed without sharing it (its key's server could not be
+        asked: down, frozen, or cut off from this host only) may be newer than the one
+        memcached holds when the server answers again. Taking memcached's would send this
+        worker's readers back in time. Both ages are on this host's clock (the copy's own
+        stamp, and memcached's rebased by :meth:`rebase`), so no two clocks are compared.
+        The write-back is fenced on the CAS just read: a refresh or an invalidation that
+        lands in between wins, and the copy is still answered this once (it is newer than
+        what was read). A copy of another epoch than memcached's never wins: an
+        invalidation may lie between them.
+        """
+        if item is None or item.cas is not None or item.checked_at == float("-inf"):
+            return None             # read from or written to memcached: not our own
+        if item.entry.epoch != found.entry.epoch:
+            return None
+        if item.entry.stored_at <= found.entry.stored_at + AGE_SLACK:
+            return None
+        entry = item.materialize()
+        now = self.monotonic()
+        try:
+            stored = self.store.mset(key, entry.to_wire(), entry.ttl(self.clock()),
+                                     cas=found.cas)
+        except CacheUnavailable:
+            return Look(Found(entry, "l1", degraded=True), cas=found.cas)
+        if stored.ok:
+            event(log, logging.INFO, "own_copy_shared",
+                  f"this worker's own copy of key {key_hash(key)}, newer than memcached's "
+                  f"(computed while its server could not be asked), written back", key=key)
+            self.local.put(key, entry, now, stored.cas)
+            return Look(Found(entry, "memcached", stored.cas), cas=stored.cas)
+        return Look(Found(entry, "l1"), cas=found.cas)
 
     def look_shared(self, key: str, vivify: float | None = None) -> Look:
         """Like :meth:`look`, but always asks memcached (a loader re-reading, a waiter).

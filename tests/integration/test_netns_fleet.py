@@ -665,9 +665,6 @@ def test_one_hosts_clock_30s_off(fleet: Fleet, load: Callable[..., Load]) -> Non
         fleet.restart_host("h3")
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: a host cut from a key's node fetches "
-                   "its own newer copy, then answers the fleet's older one once the node "
-                   "answers again (docs/RELIABILITY.md, the fleet in network namespaces)")
 def test_a_host_cut_from_a_cold_keys_node_never_goes_back_in_time(fleet: Fleet) -> None:
     settle(fleet)
     h1, h2 = fleet.hosts["h1"], fleet.hosts["h2"]

@@ -5,7 +5,7 @@ entry below is one deliberate mistake in the load protocol (drop the fence, rele
 without the owner, block the reader, compare two clocks, ...), the code it changes, and the
 tests that must catch it. The script applies one at a time, runs those tests, and always
 restores the file; it exits non-zero if a mistake went unnoticed. Not part of ``make test``
-(it reruns parts of the suite thirteen times); run it after changing the protocol.
+(it reruns parts of the suite fifteen times); run it after changing the protocol.
 """
 
 from __future__ import annotations
@@ -82,6 +82,16 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "else self._restart(family)\n"
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
+ ("M14 no fair turn: a keep-alive connection never yields", "service/gunicorn/worker.py",
+  "        next_turn()\n    if unreader is not None:",
+  "        pass\n    if unreader is not None:",
+  ["tests/unit/gunicorn/test_worker.py",
+   "tests/integration/test_fairness.py::"
+   "test_a_connection_with_requests_always_waiting_does_not_starve_the_others"]),
+ ("M15 a fair turn after every answer, ready or not", "service/gunicorn/worker.py",
+  "    if unreader is None or getattr(unreader, _LAST_ANSWER, -1) == loop.iteration:",
+  "    if True:",
+  ["tests/unit/gunicorn/test_worker.py"]),
 ]
 
 

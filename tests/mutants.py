@@ -83,13 +83,13 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "                self.store.add_counter(_key(family), value)\n",
   ["tests/unit/readpath/test_generations.py", "tests/integration/test_load_protocol.py"]),
  ("M14 no fair turn: a keep-alive connection never yields", "service/gunicorn/worker.py",
-  "        next_turn()\n    if unreader is not None:",
-  "        pass\n    if unreader is not None:",
+  "        next_turn()\n        iteration, run = loop.iteration, 0",
+  "        iteration, run = loop.iteration, 0",
   ["tests/unit/gunicorn/test_worker.py",
    "tests/integration/test_fairness.py::"
    "test_a_connection_with_requests_always_waiting_does_not_starve_the_others"]),
  ("M15 a fair turn after every answer, ready or not", "service/gunicorn/worker.py",
-  "    if unreader is None or getattr(unreader, _LAST_ANSWER, -1) == loop.iteration:",
+  "    if run >= BACK_TO_BACK:",
   "    if True:",
   ["tests/unit/gunicorn/test_worker.py"]),
 ]

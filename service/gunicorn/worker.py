@@ -167,15 +167,25 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     # gunicorn's parser (and its unreader) lives as long as the connection: the iteration
     # of the connection's last answer is kept there, not in a table that would outlive it.
     unreader = getattr(req, "unreader", None)
-    if unreader is None or getattr(unreader, _LAST_ANSWER, -1) == loop.iteration:
+    if unreader is None:
         next_turn()
-    if unreader is not None:
-        setattr(unreader, _LAST_ANSWER, loop.iteration)
+        return
+    iteration = loop.iteration
+    last, run = getattr(unreader, _LAST_ANSWER, _NONE_YET)
+    run = run + 1 if last == iteration else 0
+    if run >= BACK_TO_BACK:
+        next_turn()
+        iteration, run = loop.iteration, 0
+    setattr(unreader, _LAST_ANSWER, (iteration, run))
 
 
+#: Answers a connection may give back to back (in one iteration of the loop, its next
+#: request already waiting each time) before it waits for the loop's next turn.
+BACK_TO_BACK = 1
 #: The attribute of gunicorn's per-connection unreader holding the loop iteration of the
-#: connection's last answer (:func:`post_request`).
-_LAST_ANSWER = "_swr_last_answer_iteration"
+#: connection's last answer and how many it gave back to back (:func:`post_request`).
+_LAST_ANSWER = "_swr_last_answer"
+_NONE_YET = (-1, 0)
 
 
 class _Turns:

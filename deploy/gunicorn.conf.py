@@ -139,9 +139,11 @@ def worker_exit(server, worker):
 # -- fairness between keep-alive connections ------------------------------------------------
 # A keep-alive connection whose next request is already waiting is served again and again
 # by its greenlet without the hub ever running (a cache hit never blocks), and the worker's
-# other connections wait: p99 of seconds under load. After each response the connection
-# waits for the loop's next turn, so every ready connection is served once per turn
-# (service.worker.post_request says more, and why neither sleep(0) nor an idle wait).
+# other connections wait: p99 of seconds under load. A connection that answers a second
+# time before the loop has run again waits for the loop's next turn, so every ready
+# connection is served once or twice per turn, and a connection that had to wait for its
+# request pays nothing (service.worker.post_request says more, and why neither sleep(0)
+# nor an idle wait).
 def post_request(worker, req, environ, resp):
     from service.worker import post_request as yield_to_others
 

@@ -158,10 +158,13 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     connection wait for the loop's next turn (:func:`next_turn`). Waiting after every
     answer instead (what this hook did before) made the hub run once more per request
     whether or not anything else was ready (a raw app lost about 13% of its requests a
-    second); ``python -m bench.throughput`` measures the server with and without this hook
-    side by side (its workers' CPU per request within the noise of each other, in three
-    runs). A connection about to close, a request that failed before it had a response,
-    or a worker without gevent (sync) has no one to yield to.
+    second). What is left is the price of fairness itself: without any turn a connection
+    whose requests keep coming is served in one long run while the others' requests pile
+    up, so each is later read with no wait at all; served in turns, more reads find
+    nothing yet and wait on the loop. Measured (``bench/findings.md``): 144 µs of worker
+    CPU per request without the hook, 157 µs with it, for a p99 at 32 connections of
+    147 ms against 17 ms. A connection about to close, a request that failed before it
+    had a response, or a worker without gevent (sync) has no one to yield to.
     """
     if resp is None or not gevent.monkey.is_module_patched("socket") or resp.should_close():
         return
@@ -182,9 +185,10 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
 
 
 #: Answers a connection may give back to back (in one iteration of the loop, its next
-#: request already waiting each time) before it waits for the loop's next turn. 2 and 4
-#: were measured beside 1 (wrk, 32 connections, 5 interleaved rounds): the workers' CPU
-#: per request within the noise of 1's, the p99 higher (75 and 187 ms against 50 ms).
+#: request already waiting each time) before it waits for the loop's next turn. 2, 4 and
+#: 8 were measured beside 1 (wrk, 32 connections, 7 interleaved rounds of 3 s): 159, 158
+#: and 165 µs of worker CPU per request against 157, and a p99 of 35, 40 and 122 ms
+#: against 17. What fairness costs is not the turns themselves (see post_request).
 BACK_TO_BACK = 1
 #: The attribute of gunicorn's per-connection unreader holding the loop iteration of the
 #: connection's last answer and how many it gave back to back (:func:`post_request`).

@@ -91,9 +91,10 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check service tests bench examples wsgi.py deploy
 	$(BIN)/mypy --strict service tests/memstore.py
 
-# The hit table, 1,000 connections, a cold key, RSS and a profile (writes docs/BENCHMARKS.md),
-# then the herd, the drop-in, recovery and the load protocol's figures (bench/protocol.py).
-# BENCH_ARGS=--quick for a short smoke run.
+# The hit table against stock gunicorn, 1,000 connections, a cold key, RSS and a profile
+# (writes docs/BENCHMARKS.md and the README's table between its bench:table markers), then
+# the herd, the drop-in, recovery and the load protocol's figures (bench/protocol.py).
+# BENCH_ARGS=--quick for a short smoke run (writes no document).
 bench: $(VENV)/.installed-bench sysdeps-bench
 	$(BIN)/python -m bench.throughput $(BENCH_ARGS)
 	$(BIN)/python -m bench --workers 2

@@ -1,12 +1,12 @@
-"""The hit bench's app: one gunicorn app serving the same small answer five ways.
+"""The hit bench's app: the service, serving the same small answer four ways.
 
 ``gunicorn -c deploy/gunicorn.conf.py bench.hits_app:app`` serves:
 
-* ``/raw``: a raw WSGI callable answering constant bytes, in front of everything: the
-  ceiling of this server and machine;
-* ``/flask``: a bare Flask view answering the same bytes;
-* ``/fc``: Flask-Caching's own ``MemcachedCache`` ``@cache.cached`` over a pymemcache
-  ``PooledClient`` (the baseline the issue compares with: it asks memcached every time);
+* ``/raw``: a raw WSGI callable answering constant bytes, in front of everything: what
+  the server costs with our config, beside the same callable on stock gunicorn
+  (``bench/plain_app.py``, which also serves the bare Flask and Flask-Caching rows);
+* ``/flask``: a bare Flask view answering the same bytes, in the service's app (our Flask
+  extension's hooks run for it);
 * ``/v1/const``: the service's ``/v1`` source (a ``python`` source, cached);
 * ``/swr``: a view decorated with ``@swr.cached``;
 * ``/v1/slow?id=N``: a source whose origin takes ``BENCH_SLOW_SECONDS`` (default 1 s): the
@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import Flask, Response
-from flask_caching import Cache
-from pymemcache import serde
-from pymemcache.client.base import PooledClient
 
 from service import create_app
 from service.app import swr
 
-BODY = b'{"answer":42,"padding":"' + b"x" * 200 + b'"}'
+from .plain_app import BODY, RawInFront
 
 
 def const() -> dict[str, Any]:
@@ -62,20 +58,9 @@ def herd() -> dict[str, Any]:
 
 def create_hits_app() -> Flask:
     app = create_app()
-    memcached = app.extensions["service"].settings.cache.servers[0]
-    host, port = memcached.rsplit(":", 1)
-    client = PooledClient((host, int(port)), serde=serde.pickle_serde, max_pool_size=64,
-                          connect_timeout=1.0, timeout=1.0, no_delay=True)
-    fc = Cache(app, config={"CACHE_TYPE": "MemcachedCache", "CACHE_MEMCACHED_SERVERS": client,
-                            "CACHE_KEY_PREFIX": "bench-fc-"})
 
     @app.get("/flask")
     def bare() -> Response:
-        return Response(BODY, mimetype="application/json")
-
-    @app.get("/fc")
-    @fc.cached(timeout=3600)
-    def flask_caching() -> Response:
         return Response(BODY, mimetype="application/json")
 
     @app.get("/swr")
@@ -84,22 +69,6 @@ def create_hits_app() -> Flask:
         return Response(BODY, mimetype="application/json")
 
     return app
-
-
-class RawInFront:
-    """``/raw`` answered before anything else; every other path goes to ``app``."""
-
-    def __init__(self, app: Flask) -> None:
-        self.app = app
-        self.headers = [("Content-Type", "application/json"),
-                        ("Content-Length", str(len(BODY)))]
-
-    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
-                 ) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/raw":
-            start_response("200 OK", self.headers)
-            return [BODY]
-        return self.app(environ, start_response)
 
 
 flask_app = create_hits_app()

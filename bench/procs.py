@@ -122,16 +122,30 @@ def gunicorn_binary() -> str:
     return found
 
 
+SHIPPED_CONFIG = REPO_ROOT / "deploy" / "gunicorn.conf.py"
+
+
 class Gunicorn(Child):
-    """``gunicorn -c deploy/gunicorn.conf.py --workers N --bind ... bench.herd_app:app``."""
+    """``gunicorn -c deploy/gunicorn.conf.py --workers N --bind ... bench.herd_app:app``;
+    another config file with ``config`` (the bench's variants), or with ``stock`` stock
+    ``gunicorn -k gevent`` and nothing else (an empty config file: no access log)."""
 
     name = "gunicorn"
 
     def __init__(self, workdir: Path, settings_path: Path, workers: int,
                  env: dict[str, str], metrics: bool = False,
-                 app: str = "bench.herd_app:app") -> None:
+                 app: str = "bench.herd_app:app", config: Path | None = None,
+                 stock: bool = False) -> None:
         super().__init__(workdir / "gunicorn.log")
         self.app = app
+        self.stock = stock
+        if stock:
+            # Empty, rather than none: gunicorn would read a ./gunicorn.conf.py if one
+            # appeared in the directory it starts in.
+            config = workdir / "stock.conf.py"
+            config.write_text("# stock gunicorn: every setting its default\n",
+                              encoding="utf-8")
+        self.config = config or SHIPPED_CONFIG
         self.workdir = workdir
         self.settings_path = settings_path
         self.workers = workers
@@ -167,7 +181,8 @@ class Gunicorn(Child):
         return env
 
     def start(self, timeout: float = 30.0) -> Gunicorn:
-        self.spawn([gunicorn_binary(), "-c", "deploy/gunicorn.conf.py",
+        self.spawn([gunicorn_binary(), "-c", str(self.config),
+                    *(["--worker-class", "gevent"] if self.stock else []),
                     "--workers", str(self.workers), "--bind", f"{LOOPBACK}:{self.port}",
                     self.app], env=self.environment(), cwd=REPO_ROOT)
         assert self.proc is not None

@@ -193,6 +193,16 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "    if len(body) < STREAMED_FROM:\n",
   "    if True:\n",
   ["tests/integration/test_big_values.py"]),
+ ("M14 no fair turn: a keep-alive connection never yields", "service/gunicorn/worker.py",
+  "        next_turn()\n        iteration, run = loop.iteration, 0",
+  "        iteration, run = loop.iteration, 0",
+  ["tests/unit/gunicorn/test_worker.py",
+   "tests/integration/test_fairness.py::"
+   "test_a_connection_with_requests_always_waiting_does_not_starve_the_others"]),
+ ("M15 a fair turn after every answer, ready or not", "service/gunicorn/worker.py",
+  "    if run >= BACK_TO_BACK:",
+  "    if True:",
+  ["tests/unit/gunicorn/test_worker.py"]),
 ]
 
 

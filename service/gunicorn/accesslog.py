@@ -35,6 +35,17 @@ from gunicorn.glogging import Logger
 
 from ..observe import logs
 
+#: This process's pid, kept by a fork hook: ``os.getpid`` is a system call, and
+#: :meth:`_Batches.append` looks at it for every line to tell a new worker.
+_process = [os.getpid()]
+
+
+def _forked() -> None:
+    _process[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 class _Batches:
     """Access lines collected in memory and written in one ``write`` per batch.
@@ -74,8 +85,8 @@ class _Batches:
         line = message + self.terminator
         self._lines.append(line)
         self._size += len(line)
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
+        if self._pid != _process[0]:
+            self._pid = _process[0]
             self._lines = [line]  # lines inherited from the master were its own to write
             self._size = len(line)
             # Patched by gevent in the worker: a greenlet; a daemon thread elsewhere.
@@ -243,6 +254,9 @@ class BufferedAccessLogger(Logger):  # type: ignore[misc]
         super().setup(cfg)
         # One format per run: gunicorn's own lines and the access lines as the service's.
         logs.use_for_gunicorn((self.error_log, self.access_log), _log_format())
+        # Read once per setup (gunicorn sets the logger up again on a reload): through
+        # gunicorn's Config each read is a lookup and a validation, a sixth of a line's cost.
+        self._access_format: str = cfg.access_log_format
         if "gevent" not in str(getattr(cfg, "worker_class_str", "")):
             # The buffer takes no lock: greenlets of one worker never interleave inside
             # it, threads (gthread, sync's drain thread) could lose a line.
@@ -273,8 +287,7 @@ class BufferedAccessLogger(Logger):  # type: ignore[misc]
             super().access(resp, req, environ, request_time)
             return
         try:
-            line = self.cfg.access_log_format % AccessAtoms(self, resp, req, environ,
-                                                            request_time)
+            line = self._access_format % AccessAtoms(self, resp, req, environ, request_time)
         except Exception:  # noqa: BLE001 - as gunicorn: a bad format is reported, not raised
             self.error(traceback.format_exc())
             return

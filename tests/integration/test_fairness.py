@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.memcached, pytest.mark.gunicorn]
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 STATUS_LINE = b"HTTP/1.1 200 "
 PIPELINED = 3000
+STARTED = 50       # answers on the busy connection before the other one asks
 
 
 def read_response(sock: socket.socket) -> bytes:
@@ -52,9 +53,19 @@ def server(tmp_path: Path, memcached: Any, key_prefix: str, gunicorn_factory: An
     return gunicorn_factory(settings, workers=1)
 
 
+@pytest.fixture
+def one_worker(tmp_path: Path, gunicorn_factory: Any) -> Any:
+    """gunicorn with deploy/gunicorn.conf.py and 1 worker serving tests.turns_app, whose
+    answers never block: nothing but the fair turn gives the other connections theirs."""
+    settings = tmp_path / "settings.toml"
+    settings.write_text("")
+    return gunicorn_factory(settings, workers=1, app="tests.turns_app:app")
+
+
 def test_a_connection_with_requests_always_waiting_does_not_starve_the_others(
-    server: Any
+    one_worker: Any
 ) -> None:
+    server = one_worker
     busy = socket.create_connection((server.host, server.port), timeout=60)
     other = socket.create_connection((server.host, server.port), timeout=60)
     received = bytearray()
@@ -73,11 +84,17 @@ def test_a_connection_with_requests_always_waiting_does_not_starve_the_others(
                 if not chunk:
                     return
                 received.extend(chunk)
+                if received.count(STATUS_LINE) >= STARTED:
+                    being_served.set()
 
+        being_served = Event()
         reader = gevent.spawn(drain)
         # Pipelined: every next request is already in the worker's buffer when the
         # previous answer is out, so that connection's greenlet never has to wait.
         busy.sendall(REQUEST * PIPELINED)
+        # The other request goes once the busy connection is being served: sent at the
+        # same time, the worker may well read it first, and nothing would be shown.
+        assert being_served.wait(timeout=60), "the busy connection was served"
         other.sendall(REQUEST)
         assert read_response(other).startswith(STATUS_LINE)
         answered_before_other = received.count(STATUS_LINE)

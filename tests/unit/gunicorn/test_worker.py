@@ -68,6 +68,58 @@ def test_the_turn_comes_back_even_when_the_loop_is_never_idle() -> None:
         spinner.kill()
 
 
+class Request:
+    """What the hook keeps on gunicorn's per-connection unreader."""
+
+    def __init__(self) -> None:
+        self.unreader = type("Unreader", (), {})()
+
+
+def test_a_second_answer_before_the_loop_ran_waits_for_the_next_turn() -> None:
+    ran: list[str] = []
+    other = gevent.spawn(steps, ran, 3)
+    request = Request()
+    try:
+        # The connection's first answer: nothing says the loop has not run since its last
+        # one (it had none), so it goes on at once, as a connection that waited would.
+        post_request(None, request, {}, Response(closing=False))
+        assert ran == []
+        # Its next request was already there: answered in the same iteration of the loop,
+        # so it waits for the next turn, and everything ready runs first.
+        post_request(None, request, {}, Response(closing=False))
+        assert ran == ["step 0", "step 1", "step 2"]
+    finally:
+        other.kill()
+
+
+def test_an_answer_after_the_loop_ran_costs_no_turn() -> None:
+    request = Request()
+    post_request(None, request, {}, Response(closing=False))
+    gevent.sleep(0.001)           # the connection waited for its next request: the loop ran
+    ran: list[str] = []
+    other = gevent.spawn(ran.append, "other")
+    try:
+        post_request(None, request, {}, Response(closing=False))
+        assert ran == []          # no hub switch paid: the other greenlet has not run yet
+    finally:
+        other.kill()
+
+
+def test_a_greenlet_killed_while_waiting_for_its_turn_is_not_resumed() -> None:
+    resumed: list[str] = []
+
+    def waiter() -> None:
+        next_turn()
+        resumed.append("waiter")
+
+    victim = gevent.spawn(waiter)
+    gevent.sleep(0)               # the victim now waits for its turn
+    victim.kill()                 # killed meanwhile (a worker closing a connection)
+    next_turn()                   # the next turn resumes the others, not the dead one
+    next_turn()
+    assert resumed == [] and victim.dead
+
+
 def test_the_objects_a_worker_loaded_are_kept_out_of_full_collections() -> None:
     import gc
 

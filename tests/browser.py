@@ -224,15 +224,21 @@ class Tab:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 20.0) -> Any:
-        """Evaluate ``expression`` until it is truthy; its value."""
+        """Evaluate ``expression`` until it is truthy; its value. An expression that throws
+        counts as not yet: right after a click or a reload the page may be between two
+        documents (``document.body`` is null there)."""
         deadline = time.monotonic() + timeout
+        thrown: CDPError | None = None
         while True:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except CDPError as exc:
+                value, thrown = None, exc
             if value:
                 return value
             if time.monotonic() > deadline:
                 raise TimeoutError(f"still false after {timeout}s: {expression}\n"
-                                   f"console: {self.console}")
+                                   f"last exception: {thrown}\nconsole: {self.console}")
             time.sleep(0.1)
 
     def click(self, selector: str) -> None:

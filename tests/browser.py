@@ -69,10 +69,16 @@ class Browser:
 
         self.profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=log_dir))
         self.log_path = log_dir / "chromium.log"
+        # Chromium leaves org.chromium.Chromium.* folders in the temp directory: give it a
+        # temp directory of its own, which close() removes (short: its singleton socket's
+        # path must fit a unix socket address).
+        self.temp = Path(tempfile.mkdtemp(prefix="swr-chromium-"))
+        temp = self.temp
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [binary, *FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "TMPDIR": str(temp)})
         port_file = self.profile / "DevToolsActivePort"
         deadline = time.monotonic() + START_TIMEOUT
         while not port_file.exists() or len(port_file.read_text().splitlines()) < 2:
@@ -157,6 +163,7 @@ class Browser:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.profile, ignore_errors=True)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 class Tab:

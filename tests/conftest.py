@@ -183,6 +183,15 @@ def describe_greenlet(glet: greenlet.greenlet) -> str:
 
 
 @pytest.fixture(autouse=True)
+def joiners_stopped() -> Iterator[None]:
+    """The large-value join threads a test made (on first use) are stopped after it."""
+    yield
+    from service.memcache.chunks import stop_joiners
+
+    stop_joiners()
+
+
+@pytest.fixture(autouse=True)
 def no_leaked_greenlets() -> Iterator[None]:
     """Fail a test that leaves a greenlet running, after killing it.
 

@@ -155,6 +155,9 @@ def worker_exit(server: Any, worker: Any) -> None:
     from service.gunicorn.worker import worker_exit as drain
 
     drain(server, worker)
+    from service.memcache.chunks import stop_joiners
+
+    stop_joiners()  # the large-value join threads, made on first use
     flush = getattr(worker.log, "flush_access", None)
     if flush is not None:
         flush()  # the access lines still buffered

@@ -141,6 +141,15 @@ def _joiners() -> ThreadPool | None:
     return _pool if _pool.hub is hub else None
 
 
+def stop_joiners() -> None:
+    """Stop this process's join threads, if it made them (a worker as it exits; a test
+    after it): every thread we start is stopped by what started it."""
+    global _pool
+    pool, _pool = _pool, None
+    if pool is not None and _pool_pid == os.getpid():
+        pool.kill()
+
+
 def _manifest(manifest_bytes: bytes) -> tuple[str, int, int, str]:
     """``(chunk-set id, pieces, length, sha256)`` of a manifest.
 

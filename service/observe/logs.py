@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -96,20 +96,49 @@ def _stamp(created: float, msecs: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{msecs:03d}Z"
 
 
-# The access log writes a line per request: its timestamp's seconds are formatted once a
-# second, and the pid read once per process (strftime and getpid cost more than the rest
-# of the line). A forked child learns its own pid at once.
+# The access log writes a line per request: its timestamp is made once a millisecond
+# (strftime once a second), and the rest of what comes before its message (level, logger,
+# pid) once per logger and process: strftime, getpid and a dict for orjson cost more than
+# the rest of the line. A forked child learns its own pid at once.
 _second: list[Any] = [-1, ""]
+_milli: list[Any] = [-1, ""]
 _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 def _now() -> str:
-    now = time.time()
-    second = int(now)
-    if second != _second[0]:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+    milli = int(time.time() * 1000)
+    if milli != _milli[0]:
+        second = milli // 1000
+        if second != _second[0]:
+            _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+        _milli[:] = [milli, f"{_second[1]}.{milli % 1000:03d}Z"]
+    text: str = _milli[1]
+    return text
+
+
+class _Middles:
+    """What a fast line (:meth:`_FieldsFormatter.format_line`) has between its timestamp
+    and its message, per logger name, made by ``make(logger, pid)`` once per process."""
+
+    def __init__(self, make: Callable[[str, int], str]) -> None:
+        self.make = make
+        self.made: dict[tuple[str, int], str] = {}
+
+    def __call__(self, logger: str) -> str:
+        key = (logger, _pid[0])
+        middle = self.made.get(key)
+        if middle is None:
+            middle = self.made[key] = self.make(logger, key[1])
+        return middle
+
+
+def _json_middle(logger: str, pid: int) -> str:
+    # orjson's own output for the dict between the timestamp and the message: compact,
+    # keys in this order (the timestamp needs no escaping).
+    whole = orjson.dumps({"ts": "", "level": "info", "logger": logger, "pid": pid,
+                          "msg": ""}).decode()
+    return whole[len('{"ts":"'):-len('""}')]
 
 
 class JSONFormatter(_FieldsFormatter):
@@ -118,9 +147,14 @@ class JSONFormatter(_FieldsFormatter):
     def format(self, record: logging.LogRecord) -> str:
         return orjson.dumps(self.fields(record), default=str).decode()
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._middle = _Middles(_json_middle)
+
     def format_line(self, logger: str, message: str) -> str:
-        return orjson.dumps({"ts": _now(), "level": "info", "logger": logger,
-                             "pid": _pid[0], "msg": message}).decode()
+        # The same bytes as orjson.dumps of the whole dict: a string alone is escaped as
+        # orjson escapes it inside the dict.
+        return f'{{"ts":"{_now()}{self._middle(logger)}{orjson.dumps(message).decode()}}}'
 
 
 class TextFormatter(_FieldsFormatter):
@@ -144,8 +178,12 @@ class TextFormatter(_FieldsFormatter):
         pairs = (f"{_field_name(name)}={_text_value(value)}" for name, value in data.items())
         return " ".join([head, *pairs])
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._middle = _Middles(lambda logger, pid: f" INFO {logger} [{pid}] ")
+
     def format_line(self, logger: str, message: str) -> str:
-        return f"{_now()} INFO {logger} [{_pid[0]}] {_one_line(message)}"
+        return f"{_now()}{self._middle(logger)}{_one_line(message)}"
 
 
 _QUOTE_AND_BACKSLASH = '"\\'
@@ -154,7 +192,7 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 def _one_line(text: str, special: str = "") -> str:
     """``text`` with ``special`` characters and anything not printable backslash-escaped."""
-    if text.isprintable() and not any(ch in text for ch in special):
+    if text.isprintable() and not (special and any(ch in text for ch in special)):
         return text
     out = []
     for ch in text:

@@ -76,11 +76,24 @@ def post_worker_init(worker):
     start(worker)
 '''
 
+_NO_LINES = '''
+
+def post_worker_init(worker):
+    # The shipped hook; the access log configured, but no line made (what the rest of
+    # having an access log costs).
+    from service.gunicorn.accesslog import BufferedAccessLogger
+    from service.worker import post_worker_init as start
+
+    BufferedAccessLogger.access = lambda self, resp, req, environ, request_time: None
+    start(worker)
+'''
+
 #: Variants only the focused A/B (``python -m bench.ab``) runs.
 AB_ONLY: dict[str, tuple[str, str]] = {
     "no hub monitor": ("no blocked-hub monitor", _NO_MONITOR),
     "gevent's hub monitor": ("gevent's monitor thread in place of the hub's beat",
                              _GEVENTS_MONITOR),
+    "access log, no line made": ("`BufferedAccessLogger.access` does nothing", _NO_LINES),
     "no access log, no fair turn": ("`accesslog = None`, no `post_request` hook",
                                     "\naccesslog = None\ndel post_request\n"),
 }

@@ -299,6 +299,10 @@ class BufferedAccessLogger(Logger):  # type: ignore[misc]
         # gunicorn's Config each read is a lookup and a validation, a sixth of a line's cost.
         self._access_format: str = cfg.access_log_format
         self._access_line = _line_maker(self._access_format)
+        # The run's wrapper of a line, for the buffer's formatter (looked up on the first
+        # line, and again if the formatter changes).
+        self._wrapped_by: logging.Formatter | None = None
+        self._wrap: Callable[[str], str] = str
         if "gevent" not in str(getattr(cfg, "worker_class_str", "")):
             # The buffer takes no lock: greenlets of one worker never interleave inside
             # it, threads (gthread, sync's drain thread) could lose a line.
@@ -333,7 +337,11 @@ class BufferedAccessLogger(Logger):  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - as gunicorn: a bad format is reported, not raised
             self.error(traceback.format_exc())
             return
-        handler.append(logs.line(handler.formatter, "gunicorn.access", line))
+        formatter = handler.formatter
+        if formatter is not self._wrapped_by:
+            self._wrap = logs.line_writer(formatter, "gunicorn.access")
+            self._wrapped_by = formatter
+        handler.append(self._wrap(line))
 
     def flush_access(self) -> None:
         """Write the buffered lines now (the shipped ``worker_exit`` calls it)."""

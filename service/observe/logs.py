@@ -70,6 +70,15 @@ class _FieldsFormatter(logging.Formatter):
 
     def format_line(self, logger: str, message: str) -> str:
         """An INFO line of ``logger`` saying ``message``, now (no record is made)."""
+        writers: dict[str, Callable[[str], str]] = self.__dict__.setdefault("_writers", {})
+        write = writers.get(logger)
+        if write is None:
+            write = writers[logger] = self.line_writer(logger)
+        return write(message)
+
+    def line_writer(self, logger: str) -> Callable[[str], str]:
+        """What :meth:`format_line` does for ``logger``, as a function of the message
+        (the access log keeps one: a call per line)."""
         raise NotImplementedError
 
     def fields(self, record: logging.LogRecord) -> dict[str, Any]:
@@ -98,8 +107,8 @@ def _stamp(created: float, msecs: int) -> str:
 
 # The access log writes a line per request: its timestamp is made once a millisecond
 # (strftime once a second), and the rest of what comes before its message (level, logger,
-# pid) once per logger and process: strftime, getpid and a dict for orjson cost more than
-# the rest of the line. A forked child learns its own pid at once.
+# pid) once per logger and process (``line_writer``): strftime, getpid and a dict for
+# orjson cost more than the rest of the line. A forked child learns its own pid at once.
 _second: list[Any] = [-1, ""]
 _milli: list[Any] = [-1, ""]
 _pid = [os.getpid()]
@@ -117,22 +126,6 @@ def _now() -> str:
     return text
 
 
-class _Middles:
-    """What a fast line (:meth:`_FieldsFormatter.format_line`) has between its timestamp
-    and its message, per logger name, made by ``make(logger, pid)`` once per process."""
-
-    def __init__(self, make: Callable[[str, int], str]) -> None:
-        self.make = make
-        self.made: dict[tuple[str, int], str] = {}
-
-    def __call__(self, logger: str) -> str:
-        key = (logger, _pid[0])
-        middle = self.made.get(key)
-        if middle is None:
-            middle = self.made[key] = self.make(logger, key[1])
-        return middle
-
-
 def _json_middle(logger: str, pid: int) -> str:
     # orjson's own output for the dict between the timestamp and the message: compact,
     # keys in this order (the timestamp needs no escaping).
@@ -147,14 +140,18 @@ class JSONFormatter(_FieldsFormatter):
     def format(self, record: logging.LogRecord) -> str:
         return orjson.dumps(self.fields(record), default=str).decode()
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._middle = _Middles(_json_middle)
+    def line_writer(self, logger: str) -> Callable[[str], str]:
+        made = [-1, ""]   # the pid, and what comes between the timestamp and the message
+        dumps = orjson.dumps
 
-    def format_line(self, logger: str, message: str) -> str:
-        # The same bytes as orjson.dumps of the whole dict: a string alone is escaped as
-        # orjson escapes it inside the dict.
-        return f'{{"ts":"{_now()}{self._middle(logger)}{orjson.dumps(message).decode()}}}'
+        def write(message: str) -> str:
+            if made[0] != _pid[0]:
+                made[:] = [_pid[0], _json_middle(logger, _pid[0])]
+            # The same bytes as orjson.dumps of the whole dict: a string alone is escaped
+            # as orjson escapes it inside the dict.
+            return f'{{"ts":"{_now()}{made[1]}{dumps(message).decode()}}}'
+
+        return write
 
 
 class TextFormatter(_FieldsFormatter):
@@ -178,12 +175,15 @@ class TextFormatter(_FieldsFormatter):
         pairs = (f"{_field_name(name)}={_text_value(value)}" for name, value in data.items())
         return " ".join([head, *pairs])
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._middle = _Middles(lambda logger, pid: f" INFO {logger} [{pid}] ")
+    def line_writer(self, logger: str) -> Callable[[str], str]:
+        made = [-1, ""]   # the pid, and what comes between the timestamp and the message
 
-    def format_line(self, logger: str, message: str) -> str:
-        return f"{_now()}{self._middle(logger)}{_one_line(message)}"
+        def write(message: str) -> str:
+            if made[0] != _pid[0]:
+                made[:] = [_pid[0], f" INFO {logger} [{_pid[0]}] "]
+            return f"{_now()}{made[1]}{_one_line(message)}"
+
+        return write
 
 
 _QUOTE_AND_BACKSLASH = '"\\'
@@ -286,6 +286,17 @@ def use_for_gunicorn(loggers: Iterable[logging.Logger], log_format: str = "auto"
 def is_ours(fmt: logging.Formatter | None) -> bool:
     """``fmt`` is one of this module's formatters (it has :func:`line`'s fast path)."""
     return isinstance(fmt, _FieldsFormatter)
+
+
+def _as_is(message: str) -> str:
+    return message
+
+
+def line_writer(fmt: logging.Formatter | None, logger: str) -> Callable[[str], str]:
+    """:func:`line` for ``fmt`` and ``logger``, as a function of the message."""
+    if isinstance(fmt, _FieldsFormatter):
+        return fmt.line_writer(logger)
+    return _as_is
 
 
 def line(fmt: logging.Formatter | None, logger: str, message: str) -> str:

@@ -44,8 +44,63 @@ VARIANTS: dict[str, tuple[str, str]] = {
 }
 
 
+_NO_MONITOR = '''
+
+def post_worker_init(worker):
+    # The shipped hook, without the blocked-hub monitor.
+    from service.observe import monitor
+    from service.worker import post_worker_init as start
+
+    monitor.start = lambda threshold: None
+    start(worker)
+'''
+
+_GEVENTS_MONITOR = '''
+
+def post_worker_init(worker):
+    # The shipped hook, with gevent's own monitor thread (a greenlet trace function called
+    # on every switch) in place of the hub's beat: what the service used before.
+    import gevent
+    import gevent.events
+    from service.observe import monitor
+    from service.worker import post_worker_init as start
+
+    def gevents(threshold):
+        gevent.config.monitor_thread = True
+        gevent.config.max_blocking_time = threshold
+        gevent.config.print_blocking_reports = False
+        gevent.events.subscribers.append(monitor.on_event)
+        gevent.get_hub().start_periodic_monitoring_thread()
+
+    monitor.start = gevents
+    start(worker)
+'''
+
+_NO_LINES = '''
+
+def post_worker_init(worker):
+    # The shipped hook; the access log configured, but no line made (what the rest of
+    # having an access log costs).
+    from service.gunicorn.accesslog import BufferedAccessLogger
+    from service.worker import post_worker_init as start
+
+    BufferedAccessLogger.access = lambda self, resp, req, environ, request_time: None
+    start(worker)
+'''
+
+#: Variants only the focused A/B (``python -m bench.ab``) runs.
+AB_ONLY: dict[str, tuple[str, str]] = {
+    "no hub monitor": ("no blocked-hub monitor", _NO_MONITOR),
+    "gevent's hub monitor": ("gevent's monitor thread in place of the hub's beat",
+                             _GEVENTS_MONITOR),
+    "access log, no line made": ("`BufferedAccessLogger.access` does nothing", _NO_LINES),
+    "no access log, no fair turn": ("`accesslog = None`, no `post_request` hook",
+                                    "\naccesslog = None\ndel post_request\n"),
+}
+
+
 def write_config(directory: Path, name: str) -> Path:
     """The config file of variant ``name``, written in ``directory``."""
     path = directory / "gunicorn.conf.py"
-    path.write_text(_PREAMBLE + VARIANTS[name][1], encoding="utf-8")
+    path.write_text(_PREAMBLE + {**VARIANTS, **AB_ONLY}[name][1], encoding="utf-8")
     return path

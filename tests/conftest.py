@@ -70,6 +70,9 @@ def stop_app(app: Flask) -> None:
 def stop_hub_monitor() -> None:
     """Stop the hub's blocking monitor thread (``service.observe.monitor.start``) and its greenlet
     tracer, so a test that started one leaves no thread behind."""
+    from service.observe import monitor
+
+    monitor.stop()
     hub = gevent.get_hub()
     thread = hub.periodic_monitoring_thread
     if thread is not None:

@@ -203,6 +203,11 @@ MUTANTS: list[tuple[str, str, str, str, list[str]]] = [
   "    if run >= BACK_TO_BACK:",
   "    if True:",
   ["tests/unit/gunicorn/test_worker.py"]),
+ ("M16 the hub monitor never sees a blocked hub", "service/observe/monitor.py",
+  "time.perf_counter() - beat > self.threshold + self.period:",
+  "time.perf_counter() - beat > self.threshold + self.period + 3600:",
+  ["tests/integration/test_observability.py::"
+   "test_a_blocked_hub_is_counted_and_logged_with_its_stack"]),
 ]
 
 

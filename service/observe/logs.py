@@ -27,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -70,6 +70,15 @@ class _FieldsFormatter(logging.Formatter):
 
     def format_line(self, logger: str, message: str) -> str:
         """An INFO line of ``logger`` saying ``message``, now (no record is made)."""
+        writers: dict[str, Callable[[str], str]] = self.__dict__.setdefault("_writers", {})
+        write = writers.get(logger)
+        if write is None:
+            write = writers[logger] = self.line_writer(logger)
+        return write(message)
+
+    def line_writer(self, logger: str) -> Callable[[str], str]:
+        """What :meth:`format_line` does for ``logger``, as a function of the message
+        (the access log keeps one: a call per line)."""
         raise NotImplementedError
 
     def fields(self, record: logging.LogRecord) -> dict[str, Any]:
@@ -96,20 +105,33 @@ def _stamp(created: float, msecs: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{msecs:03d}Z"
 
 
-# The access log writes a line per request: its timestamp's seconds are formatted once a
-# second, and the pid read once per process (strftime and getpid cost more than the rest
-# of the line). A forked child learns its own pid at once.
+# The access log writes a line per request: its timestamp is made once a millisecond
+# (strftime once a second), and the rest of what comes before its message (level, logger,
+# pid) once per logger and process (``line_writer``): strftime, getpid and a dict for
+# orjson cost more than the rest of the line. A forked child learns its own pid at once.
 _second: list[Any] = [-1, ""]
+_milli: list[Any] = [-1, ""]
 _pid = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 
 def _now() -> str:
-    now = time.time()
-    second = int(now)
-    if second != _second[0]:
-        _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
+    milli = int(time.time() * 1000)
+    if milli != _milli[0]:
+        second = milli // 1000
+        if second != _second[0]:
+            _second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+        _milli[:] = [milli, f"{_second[1]}.{milli % 1000:03d}Z"]
+    text: str = _milli[1]
+    return text
+
+
+def _json_middle(logger: str, pid: int) -> str:
+    # orjson's own output for the dict between the timestamp and the message: compact,
+    # keys in this order (the timestamp needs no escaping).
+    whole = orjson.dumps({"ts": "", "level": "info", "logger": logger, "pid": pid,
+                          "msg": ""}).decode()
+    return whole[len('{"ts":"'):-len('""}')]
 
 
 class JSONFormatter(_FieldsFormatter):
@@ -118,9 +140,18 @@ class JSONFormatter(_FieldsFormatter):
     def format(self, record: logging.LogRecord) -> str:
         return orjson.dumps(self.fields(record), default=str).decode()
 
-    def format_line(self, logger: str, message: str) -> str:
-        return orjson.dumps({"ts": _now(), "level": "info", "logger": logger,
-                             "pid": _pid[0], "msg": message}).decode()
+    def line_writer(self, logger: str) -> Callable[[str], str]:
+        made = [-1, ""]   # the pid, and what comes between the timestamp and the message
+        dumps = orjson.dumps
+
+        def write(message: str) -> str:
+            if made[0] != _pid[0]:
+                made[:] = [_pid[0], _json_middle(logger, _pid[0])]
+            # The same bytes as orjson.dumps of the whole dict: a string alone is escaped
+            # as orjson escapes it inside the dict.
+            return f'{{"ts":"{_now()}{made[1]}{dumps(message).decode()}}}'
+
+        return write
 
 
 class TextFormatter(_FieldsFormatter):
@@ -144,8 +175,15 @@ class TextFormatter(_FieldsFormatter):
         pairs = (f"{_field_name(name)}={_text_value(value)}" for name, value in data.items())
         return " ".join([head, *pairs])
 
-    def format_line(self, logger: str, message: str) -> str:
-        return f"{_now()} INFO {logger} [{_pid[0]}] {_one_line(message)}"
+    def line_writer(self, logger: str) -> Callable[[str], str]:
+        made = [-1, ""]   # the pid, and what comes between the timestamp and the message
+
+        def write(message: str) -> str:
+            if made[0] != _pid[0]:
+                made[:] = [_pid[0], f" INFO {logger} [{_pid[0]}] "]
+            return f"{_now()}{made[1]}{_one_line(message)}"
+
+        return write
 
 
 _QUOTE_AND_BACKSLASH = '"\\'
@@ -154,7 +192,7 @@ _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 def _one_line(text: str, special: str = "") -> str:
     """``text`` with ``special`` characters and anything not printable backslash-escaped."""
-    if text.isprintable() and not any(ch in text for ch in special):
+    if text.isprintable() and not (special and any(ch in text for ch in special)):
         return text
     out = []
     for ch in text:
@@ -248,6 +286,17 @@ def use_for_gunicorn(loggers: Iterable[logging.Logger], log_format: str = "auto"
 def is_ours(fmt: logging.Formatter | None) -> bool:
     """``fmt`` is one of this module's formatters (it has :func:`line`'s fast path)."""
     return isinstance(fmt, _FieldsFormatter)
+
+
+def _as_is(message: str) -> str:
+    return message
+
+
+def line_writer(fmt: logging.Formatter | None, logger: str) -> Callable[[str], str]:
+    """:func:`line` for ``fmt`` and ``logger``, as a function of the message."""
+    if isinstance(fmt, _FieldsFormatter):
+        return fmt.line_writer(logger)
+    return _as_is
 
 
 def line(fmt: logging.Formatter | None, logger: str, message: str) -> str:

@@ -150,6 +150,8 @@ CASES = [
     ("every atom", EVERY_ATOM, {}),
     ("named headers and environ", NAMED, {}),
     ("numbers", NUMBERS, {}),
+    ("flags, widths and a percent sign", "%(h)-20s|%(D)+.3d|%(s).1s|%(T)#x|%(B)5s|100%%", {}),
+    ("no atom at all", "plain %% text", {}),
     ("nothing sent, no user", EVERY_ATOM, {"sent": None, "environ": {
         "HTTP_AUTHORIZATION": "Bearer x", "HTTP_USER_AGENT": "ua"}}),
     ("an error status, no headers", EVERY_ATOM + NAMED, {"status": "503 SERVICE UNAVAILABLE",

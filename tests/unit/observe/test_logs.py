@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+import orjson
 import pytest
 
 from service.observe import logs
@@ -234,3 +235,21 @@ def test_a_forked_worker_writes_its_own_pid() -> None:
         os.close(read)
         os.waitpid(child, 0)
     assert json.loads(data)["pid"] == child != os.getpid()
+
+
+@pytest.mark.parametrize("message", [
+    '127.0.0.1 "GET /v1/primes HTTP/1.1" 200 79 ua="curl \\"8\\""', "", "back\\slash",
+    "new\nline\ttab\x00nul", "é ✓ \u2028 \U0001f600", "}\"{"])
+@pytest.mark.parametrize("logger", ["gunicorn.access", 'a "quoted" name'])
+def test_a_fast_line_is_byte_for_byte_the_record_s_line(message: str, logger: str) -> None:
+    """The fast line is made from pieces kept between lines (the timestamp per millisecond,
+    the rest of its head per logger and process): the same bytes as formatting a record."""
+    record = logging.makeLogRecord({"name": logger, "levelno": logging.INFO,
+                                    "levelname": "INFO", "msg": message})
+    fast = logs.line(logs.JSONFormatter(), logger, message)
+    ts = json.loads(fast)["ts"]
+    assert fast == orjson.dumps({"ts": ts, "level": "info", "logger": logger,
+                                 "pid": os.getpid(), "msg": message}).decode()
+    assert json.loads(fast) == {**json.loads(logs.JSONFormatter().format(record)), "ts": ts}
+    text = logs.line(logs.TextFormatter(), logger, message)
+    assert text.split(" ", 1)[1] == logs.TextFormatter().format(record).split(" ", 1)[1]

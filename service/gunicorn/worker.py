@@ -92,6 +92,7 @@ def stopping(app: Flask, timeout: float = 10.0) -> None:
     if fetchers is not None:
         fetchers.close()  # the niced child processes go with their worker
     metrics.stop_flusher()  # this worker's last buffered counts, before it goes
+    monitor.stop()          # its watchdog thread, started in started()
 
 
 def post_worker_init(worker: Any) -> None:

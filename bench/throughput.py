@@ -53,7 +53,7 @@ from typing import Any
 import gevent
 
 from . import load as loadgen
-from . import noise
+from . import noise, pieces
 from .procs import LOOPBACK, REPO_ROOT, Gunicorn, Memcached, child_pids, http_get
 from .refreshes import HERD_MAX_AGE, HERD_ORIGIN_SECONDS, herd, herd_line
 from .variants import VARIANTS, write_config
@@ -342,6 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("... profiling a hot /v1 hit in-process, fast path off and on", flush=True)
         from .profile_hit import profile_hits
         profile = profile_hits(memcached.address, n=5000 if args.quick else 20000)
+        print("... timing each piece of ours alone, in-process (python -m bench.pieces)",
+              flush=True)
+        seen_pieces = pieces.run(memcached.address, settings, 3 if args.quick else 7)
     finally:
         for running in servers.values():
             running.stop(timeout=15.0)
@@ -350,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     doc = summarise(runs, high, never, args)
     doc.update({"cold": cold, "herd": herded, "seconds": time.monotonic() - began,
-                "load_average": load_average})
+                "load_average": load_average, "pieces": seen_pieces})
     print_report(doc, args)
     keys = "100000" if args.quick else "1000000"
     print(f"... RSS through {int(keys):,} distinct keys (python -m bench.memory)", flush=True)
@@ -396,6 +399,13 @@ def summarise(runs: dict[str, list[Wrk]], high: dict[tuple[str, str], list[Wrk]]
                  for (n, p), h in high.items()]
     return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rows": rows, "high": high_rows, "never": never}
+
+
+def _measured_for_pieces(doc: dict[str, Any]) -> list[float]:
+    """The measured per-CPU-second ratios of :data:`bench.pieces.SUMS`' rows, in order."""
+    ratio = {c[0]: c[3] for c in costs(doc)}
+    return [ratio["raw app, our config / stock"], ratio["`/v1` hit / stock raw"],
+            ratio["`@swr.cached` hit / stock raw"], ratio["bare Flask view, our hooks / stock"]]
 
 
 def _ms(seconds: Sequence[float]) -> str:
@@ -478,6 +488,14 @@ def targets(doc: dict[str, Any]) -> list[tuple[str, str, bool]]:
     return out
 
 
+def implied_ratios(doc: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """The ratios our own per-request work implies (``bench.pieces.implied``), against
+    stock raw's and stock bare Flask's CPU per request in this run."""
+    by = {r["key"]: r for r in doc["rows"]}
+    return pieces.implied(pieces.medians(doc["pieces"]), by[STOCK_RAW]["cpu"],
+                          by["flask stock"]["cpu"])
+
+
 def print_report(doc: dict[str, Any], args: argparse.Namespace) -> None:
     print()
     print(f"{'':72}{'req/s':>9}{'x stock':>8}{'CPU us':>8}{'x stock':>8}{'p99 ms':>9}"
@@ -509,6 +527,11 @@ def print_report(doc: dict[str, Any], args: argparse.Namespace) -> None:
     print(herd_line(herded))
     print("  control: " + noise.control_line(herded["control"]))
     print("  control: " + noise.stalls_line(herded["stalls"]))
+    print("\nour pieces alone, in-process, µs per request (python -m bench.pieces):")
+    for name, value in pieces.medians(doc["pieces"]).items():
+        print(f"  {name:12} {value * 1e6:5.2f}")
+    for row, added, ratio in implied_ratios(doc):
+        print(f"  {row:30} +{added * 1e6:5.2f} µs: {ratio:.3f}x stock by our own work")
     print("\ntargets:")
     for target, value, ok in targets(doc):
         print(f"  {'MET    ' if ok else 'NOT MET'} {target}: {value}")
@@ -648,6 +671,25 @@ def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], mem
         "## The targets, judged on this run", "",
         "| target | this run | met |", "|---|---|---|",
         *[f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in targets(doc)], "",
+        "## What our own work adds, piece by piece", "",
+        "wrk's rounds move by 10% and more between two runs of the same server on this "
+        "host, more than most of what our config adds to a request. So each piece of "
+        "ours is also timed alone, in-process, in a gevent-patched process "
+        f"(`bench/pieces.py`, {len(next(iter(doc['pieces'].values())))} interleaved "
+        "rounds, the best of three runs in each, medians), and added up against stock's "
+        "CPU per request measured above: the ratio each row would have if only our "
+        "per-request work counted. What a measured ratio falls short of it is the "
+        "host's noise and what serving connections in turns does to the CPU's caches "
+        "(the raw rows with and without the fair turn above).", "",
+        "| piece | µs per request | rounds |", "|---|---:|---|",
+        *[f"| {name} | {value * 1e6:.2f} | "
+          f"{', '.join(f'{v * 1e6:.2f}' for v in doc['pieces'][name])} |"
+          for name, value in pieces.medians(doc["pieces"]).items()], "",
+        "| row | pieces | our µs added | × stock by our own work | measured × stock "
+        "(per CPU second) |", "|---|---|---:|---:|---:|",
+        *[f"| {row} | {' + '.join(pieces.SUMS[row])} | {added * 1e6:.1f} | {ratio:.3f} | "
+          f"{measured:.2f} |" for (row, added, ratio), measured in zip(
+              implied_ratios(doc), _measured_for_pieces(doc), strict=True)], "",
         plotted,
         "The herd bench comparing `@swr.cached` with plain `@cached` (4 workers) is "
         "`python -m bench`, run by `make bench` right after this one; see `bench/README.md`.",

@@ -96,6 +96,11 @@ AB_ONLY: dict[str, tuple[str, str]] = {
     "access log, no line made": ("`BufferedAccessLogger.access` does nothing", _NO_LINES),
     "no access log, no fair turn": ("`accesslog = None`, no `post_request` hook",
                                     "\naccesslog = None\ndel post_request\n"),
+    "no access log, no fair turn, no hub monitor": (
+        "`accesslog = None`, no `post_request` hook, no blocked-hub monitor",
+        _NO_MONITOR + "\naccesslog = None\ndel post_request\n"),
+    "settings only": ("the shipped settings without any hook or access log",
+                      "\naccesslog = None\ndel post_request, post_worker_init, worker_exit\n"),
 }
 
 

@@ -88,6 +88,19 @@ def post_worker_init(worker):
     start(worker)
 '''
 
+_TURN_AFTER = '''
+
+def post_worker_init(worker):
+    # The shipped hook; a connection may answer {n} times in one iteration of the loop
+    # before it waits for the next one (the shipped bound: 8).
+    from service.gunicorn import worker as turns
+    from service.worker import post_worker_init as start
+
+    turns.BACK_TO_BACK = {n}
+    start(worker)
+'''
+
+
 #: Variants only the focused A/B (``python -m bench.ab``) runs.
 AB_ONLY: dict[str, tuple[str, str]] = {
     "no hub monitor": ("no blocked-hub monitor", _NO_MONITOR),
@@ -99,6 +112,21 @@ AB_ONLY: dict[str, tuple[str, str]] = {
     "no access log, no fair turn, no hub monitor": (
         "`accesslog = None`, no `post_request` hook, no blocked-hub monitor",
         _NO_MONITOR + "\naccesslog = None\ndel post_request\n"),
+    "no access log, turn after 8": (
+        "`accesslog = None`, a turn after 8 back-to-back answers",
+        _TURN_AFTER.format(n=8) + "\naccesslog = None\n"),
+    "no access log, turn after 1": (
+        "`accesslog = None`, a turn after every back-to-back answer",
+        _TURN_AFTER.format(n=1) + "\naccesslog = None\n"),
+    "no access log, turn after 4": (
+        "`accesslog = None`, a turn after 4 back-to-back answers",
+        _TURN_AFTER.format(n=4) + "\naccesslog = None\n"),
+    "no access log, turn after 16": (
+        "`accesslog = None`, a turn after 16 back-to-back answers",
+        _TURN_AFTER.format(n=16) + "\naccesslog = None\n"),
+    "no access log, turn after 32": (
+        "`accesslog = None`, a turn after 32 back-to-back answers",
+        _TURN_AFTER.format(n=32) + "\naccesslog = None\n"),
     "settings only": ("the shipped settings without any hook or access log",
                       "\naccesslog = None\ndel post_request, post_worker_init, worker_exit\n"),
 }

@@ -165,10 +165,10 @@ def worker_exit(server: Any, worker: Any) -> None:
 
 # A keep-alive connection whose next request is already waiting is served again and again
 # by its greenlet without the hub ever running (a cache hit never blocks), and the worker's
-# other connections wait: p99 of seconds under load. A connection that answers a second
-# time before the loop has run again waits for the loop's next turn, so every ready
-# connection is served once or twice per turn, and a connection that had to wait for its
-# request pays nothing (service.gunicorn.worker.post_request says more).
+# other connections wait: p99 of seconds under load. A connection that answers several
+# times in a row before the loop has run again (BACK_TO_BACK) waits for the loop's next
+# turn, so every ready connection is served a few times per turn, and a connection that
+# had to wait for its request pays nothing (service.gunicorn.worker.post_request says more).
 def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     global _yield_to_others
     if _yield_to_others is None:

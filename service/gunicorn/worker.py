@@ -40,6 +40,7 @@ import gc
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -154,23 +155,24 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     wrk), that greenlet reads it at once and goes on, and every other connection of the
     worker waits, for seconds under load (p99 0.9-2.8 s at 32 connections, measured).
 
-    The bound: ``BACK_TO_BACK + 1`` answers (two) per connection per iteration of the
-    loop. The loop counts its
-    iterations (``loop.iteration``); each connection remembers the iteration of its last
-    answer. An answer in a later iteration means the connection waited for its request
-    and the loop polled meanwhile (every other ready connection had its turn): nothing to
-    pay, and that is most answers. An answer in the same iteration as the previous one
-    means the request was already waiting and the hub never ran: only then does the
-    connection wait for the loop's next turn (:func:`next_turn`). Waiting after every
-    answer instead (what this hook did before) made the hub run once more per request
-    whether or not anything else was ready (a raw app lost about 13% of its requests a
-    second). What is left is the price of fairness itself: without any turn a connection
-    whose requests keep coming is served in one long run while the others' requests pile
-    up, so each is later read with no wait at all; served in turns, more reads find
-    nothing yet and wait on the loop. Measured (``bench/findings.md``): 144 µs of worker
-    CPU per request without the hook, 157 µs with it, for a p99 at 32 connections of
-    147 ms against 17 ms. A connection about to close, a request that failed before it
-    had a response, or a worker without gevent (sync) has no one to yield to.
+    The bound: :data:`BACK_TO_BACK` answers in a row per connection before it waits. The
+    loop counts its iterations (``loop.iteration``); each connection remembers the
+    iteration of its last answer and how many it gave back to back. An answer in a later
+    iteration means the connection waited for its request and the loop polled meanwhile
+    (every other ready connection had its turn): the run starts again, nothing to pay,
+    and that is most answers on a server that is not saturated. An answer in the same
+    iteration as the previous one means the request was already waiting and the hub
+    never ran; after ``BACK_TO_BACK`` of those, or once the run has lasted
+    :data:`RUN_SECONDS` (slow answers), the connection waits for the loop's next turn
+    (:func:`next_turn`). Under saturation every connection's next request is always
+    waiting, so the bound is what decides the cost: a turn costs far more inside a
+    loaded worker than alone (its switches and the other connections' work evict what
+    the caches held), and a turn after every back-to-back answer cost 8.5 to 10% of the
+    worker's CPU per request; after 8, 2.5 to 5%, with a p99 at 32 connections of 25 ms
+    against 6.5 ms (after every one) and 120 to 160 ms (no turn at all). Measured with
+    ``python -m bench.ab`` (``bench/findings.md``). A connection about to close, a request
+    that failed before it had a response, or a worker without gevent (sync) has no one
+    to yield to.
     """
     if resp is None or not gevent.monkey.is_module_patched("socket") or resp.should_close():
         return
@@ -182,24 +184,40 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
         next_turn()
         return
     iteration = loop.iteration
-    last, run = getattr(unreader, _LAST_ANSWER, _NONE_YET)
-    run = run + 1 if last == iteration else 0
-    if run >= BACK_TO_BACK:
+    now = clock()
+    last, run, began = getattr(unreader, _LAST_ANSWER, _NONE_YET)
+    if last != iteration:
+        run, began = 0, now   # it waited for this request: a new run starts here
+    else:
+        run += 1
+    # The run's bound, in answers and in time: cheap answers go on up to BACK_TO_BACK,
+    # an answer slower than RUN_SECONDS gives the others their turn after itself.
+    if run >= BACK_TO_BACK or (run and now - began >= RUN_SECONDS):
         next_turn()
-        iteration, run = loop.iteration, 0
-    setattr(unreader, _LAST_ANSWER, (iteration, run))
+        iteration, run, began = loop.iteration, 0, clock()
+    setattr(unreader, _LAST_ANSWER, (iteration, run, began))
 
 
 #: Answers a connection may give back to back (in one iteration of the loop, its next
-#: request already waiting each time) before it waits for the loop's next turn. 2, 4 and
-#: 8 were measured beside 1 (wrk, 32 connections, 7 interleaved rounds of 3 s): 159, 158
-#: and 165 µs of worker CPU per request against 157, and a p99 of 35, 40 and 122 ms
-#: against 17. What fairness costs is not the turns themselves (see post_request).
-BACK_TO_BACK = 1
+#: request already waiting each time) before it waits for the loop's next turn. Measured
+#: under saturation (``python -m bench.ab``, wrk 32 connections, /raw, 9 interleaved rounds
+#: of 3 s, worker CPU per request against no turn at all, and p99): 1: +8.5 to +9.7%,
+#: 6.5 ms; 4: +9.1%, 14 ms; 8: +2.5 to +4.9%, 25 ms; 16: +4.0%, 36 ms; 32: +1.1%, 54 ms;
+#: no turn: 120 to 160 ms. 8 is the smallest bound within 5%.
+BACK_TO_BACK = 8
+#: And at most this long, wall clock, from the end of the answer that started the run:
+#: answers that take 2 ms or more each (a slow view) give the others a turn after each,
+#: so a busy connection never holds them for 8 slow answers. 8 cheap answers take about
+#: 1 ms of CPU, more on a host whose CPU is shared; a bound of 1 ms cut their runs short
+#: there (the same CPU as a turn after every answer).
+RUN_SECONDS = 0.002
+#: The clock of the runs (a module attribute: the tests drive it).
+clock = time.perf_counter
 #: The attribute of gunicorn's per-connection unreader holding the loop iteration of the
-#: connection's last answer and how many it gave back to back (:func:`post_request`).
+#: connection's last answer, how many it gave back to back, and when its run began
+#: (:func:`post_request`).
 _LAST_ANSWER = "_swr_last_answer"
-_NONE_YET = (-1, 0)
+_NONE_YET = (-1, 0, 0.0)
 
 
 class _Turns:

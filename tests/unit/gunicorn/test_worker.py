@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import gevent
+import pytest
 
-from service.gunicorn.worker import next_turn, post_request
+from service.gunicorn import worker
+from service.gunicorn.worker import BACK_TO_BACK, next_turn, post_request
 
 
 class Response:
@@ -75,19 +77,71 @@ class Request:
         self.unreader = type("Unreader", (), {})()
 
 
-def test_a_second_answer_before_the_loop_ran_waits_for_the_next_turn() -> None:
+def test_answers_before_the_loop_ran_wait_for_the_next_turn_after_a_bounded_run(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "clock", lambda: 100.0)   # cheap answers: no time passes
     ran: list[str] = []
     other = gevent.spawn(steps, ran, 3)
+    more: Any = None
     request = Request()
     try:
         # The connection's first answer: nothing says the loop has not run since its last
         # one (it had none), so it goes on at once, as a connection that waited would.
         post_request(None, request, {}, Response(closing=False))
-        assert ran == []
-        # Its next request was already there: answered in the same iteration of the loop,
-        # so it waits for the next turn, and everything ready runs first.
+        # Its next requests were already there: answered in the same iteration of the
+        # loop, BACK_TO_BACK of them go on at once...
+        for _ in range(BACK_TO_BACK - 1):
+            post_request(None, request, {}, Response(closing=False))
+            assert ran == []
+        # ...and then it waits for the next turn, and everything ready runs first.
         post_request(None, request, {}, Response(closing=False))
         assert ran == ["step 0", "step 1", "step 2"]
+        # After its turn the run starts again: the next answers go on at once.
+        more = gevent.spawn(ran.append, "more")
+        for _ in range(BACK_TO_BACK - 1):
+            post_request(None, request, {}, Response(closing=False))
+        assert "more" not in ran
+        post_request(None, request, {}, Response(closing=False))
+        assert ran[-1] == "more"
+    finally:
+        other.kill()
+        if more is not None:
+            more.kill()
+
+
+def test_a_run_of_slow_answers_waits_for_the_next_turn_after_the_first(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(worker, "clock", lambda: now[0])
+    ran: list[str] = []
+    other = gevent.spawn(steps, ran, 3)
+    request = Request()
+    try:
+        post_request(None, request, {}, Response(closing=False))
+        now[0] += 2 * worker.RUN_SECONDS   # a slow answer, its request already waiting
+        post_request(None, request, {}, Response(closing=False))
+        # Far fewer than BACK_TO_BACK answers, but the run took RUN_SECONDS: the others
+        # have their turn now, not after BACK_TO_BACK slow answers.
+        assert ran == ["step 0", "step 1", "step 2"]
+    finally:
+        other.kill()
+
+
+def test_cheap_answers_in_one_iteration_do_not_wait_before_the_bound(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(worker, "clock", lambda: now[0])
+    request = Request()
+    ran: list[str] = []
+    other = gevent.spawn(ran.append, "other")
+    try:
+        for _ in range(BACK_TO_BACK):
+            now[0] += worker.RUN_SECONDS / (2 * BACK_TO_BACK)
+            post_request(None, request, {}, Response(closing=False))
+        assert ran == []          # within both bounds: no hub switch paid
     finally:
         other.kill()
 

@@ -101,6 +101,19 @@ def post_worker_init(worker):
 '''
 
 
+_TWO_SENDS = '''
+
+def post_worker_init(worker):
+    # The shipped hook, gunicorn's response as it is: the head in one sendall, the body
+    # in another.
+    from service.gunicorn import onesend
+    from service.worker import post_worker_init as start
+
+    onesend.install = lambda: None
+    start(worker)
+'''
+
+
 #: Variants only the focused A/B (``python -m bench.ab``) runs.
 AB_ONLY: dict[str, tuple[str, str]] = {
     "no hub monitor": ("no blocked-hub monitor", _NO_MONITOR),
@@ -127,6 +140,7 @@ AB_ONLY: dict[str, tuple[str, str]] = {
     "no access log, turn after 32": (
         "`accesslog = None`, a turn after 32 back-to-back answers",
         _TURN_AFTER.format(n=32) + "\naccesslog = None\n"),
+    "two sends": ("gunicorn's head and body in two `sendall`s", _TWO_SENDS),
     "settings only": ("the shipped settings without any hook or access log",
                       "\naccesslog = None\ndel post_request, post_worker_init, worker_exit\n"),
 }

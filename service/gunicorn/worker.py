@@ -50,7 +50,7 @@ from flask import Flask
 
 from ..flask.state import EXTENSION, AppState
 from ..observe import logs, metrics, monitor
-from . import acceptor
+from . import acceptor, onesend
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,11 @@ def stopping(app: Flask, timeout: float = 10.0) -> None:
 
 def post_worker_init(worker: Any) -> None:
     """gunicorn hook: start the refresher in this worker, after fork and gevent's patch;
-    and make ``/readyz`` answer 503 from the moment the worker is told to stop."""
+    make ``/readyz`` answer 503 from the moment the worker is told to stop; and have
+    gunicorn send each response's head with its first body bytes
+    (:mod:`service.gunicorn.onesend`)."""
     acceptor.accept_in_batches(worker)
+    onesend.install()
     app = find_app(getattr(worker, "wsgi", None))
     if app is not None:
         started(app)
@@ -162,9 +165,10 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     (every other ready connection had its turn): the run starts again, nothing to pay,
     and that is most answers on a server that is not saturated. An answer in the same
     iteration as the previous one means the request was already waiting and the hub
-    never ran; after ``BACK_TO_BACK`` of those, or once the run has lasted
-    :data:`RUN_SECONDS` (slow answers), the connection waits for the loop's next turn
-    (:func:`next_turn`). Under saturation every connection's next request is always
+    never ran; after ``BACK_TO_BACK`` of those (fewer when many connections are ready
+    behind it, :func:`allowed_run`), or once the run has lasted :data:`RUN_SECONDS`
+    (slow answers), the connection waits for the loop's next turn (:func:`next_turn`).
+    Under saturation every connection's next request is always
     waiting, so the bound is what decides the cost: a turn costs far more inside a
     loaded worker than alone (its switches and the other connections' work evict what
     the caches held), and a turn after every back-to-back answer cost 8.5 to 10% of the
@@ -191,8 +195,9 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     else:
         run += 1
     # The run's bound, in answers and in time: cheap answers go on up to BACK_TO_BACK,
-    # an answer slower than RUN_SECONDS gives the others their turn after itself.
-    if run >= BACK_TO_BACK or (run and now - began >= RUN_SECONDS):
+    # fewer the more connections are ready behind this one (they all wait for the run),
+    # and an answer slower than RUN_SECONDS gives the others their turn after itself.
+    if run and (run >= allowed_run(others_ready(loop)) or now - began >= RUN_SECONDS):
         next_turn()
         iteration, run, began = loop.iteration, 0, clock()
     setattr(unreader, _LAST_ANSWER, (iteration, run, began))
@@ -205,6 +210,27 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
 #: 6.5 ms; 4: +9.1%, 14 ms; 8: +2.5 to +4.9%, 25 ms; 16: +4.0%, 36 ms; 32: +1.1%, 54 ms;
 #: no turn: 120 to 160 ms. 8 is the smallest bound within 5%.
 BACK_TO_BACK = 8
+#: What a run may cost the connections ready behind it, in answers they wait for in all:
+#: with up to 16 of them ready a run is BACK_TO_BACK answers; with 128 or more, one (the
+#: turn after every back-to-back answer, whose p99 held at 1,000 connections while a run
+#: of 8 took it from 0.7 to 3.2-3.6 s).
+ANSWERS_AHEAD = 128
+
+
+def allowed_run(ready: int) -> int:
+    """Back-to-back answers a connection may give with ``ready`` others ready behind it."""
+    return min(BACK_TO_BACK, max(1, ANSWERS_AHEAD // max(1, ready)))
+
+
+def others_ready(loop: Any) -> int:
+    """Connections ready behind the running one: the loop's events polled and not yet
+    handled in this iteration (``pendingcnt``, libev's), and the greenlets waiting for,
+    or being resumed by, the next turn (:class:`_Turns`)."""
+    turns = _turns
+    behind = turns.behind + len(turns.waiting) if turns is not None else 0
+    return int(getattr(loop, "pendingcnt", 0)) + behind
+
+
 #: And at most this long, wall clock, from the end of the answer that started the run:
 #: answers that take 2 ms or more each (a slow view) give the others a turn after each,
 #: so a busy connection never holds them for 8 slow answers. 8 cheap answers take about
@@ -228,6 +254,7 @@ class _Turns:
     def __init__(self, hub: Any) -> None:
         self.hub = hub
         self.waiting: list[Any] = []
+        self.behind = 0   # greenlets of the turn being resumed that have not run yet
         self.check = hub.loop.check()
         self.check.priority = -2   # libev's lowest (EV_MINPRI): after the iteration's I/O
         self.idle = hub.loop.idle()
@@ -253,11 +280,13 @@ class _Turns:
         self.check.stop()
         self.idle.stop()
         waiting, self.waiting = self.waiting, []
-        for glet in waiting:
+        for i, glet in enumerate(waiting):
+            self.behind = len(waiting) - i - 1
             try:
                 glet.switch()
             except BaseException:
                 self.hub.handle_error(glet, *sys.exc_info())
+        self.behind = 0
 
 
 _turns: _Turns | None = None

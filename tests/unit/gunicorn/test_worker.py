@@ -146,6 +146,53 @@ def test_cheap_answers_in_one_iteration_do_not_wait_before_the_bound(
         other.kill()
 
 
+def test_the_more_connections_are_ready_behind_a_run_the_shorter_it_may_be() -> None:
+    assert worker.allowed_run(0) == worker.allowed_run(1) == BACK_TO_BACK
+    assert worker.allowed_run(worker.ANSWERS_AHEAD // BACK_TO_BACK) == BACK_TO_BACK
+    assert worker.allowed_run(worker.ANSWERS_AHEAD // 2) == 2
+    assert worker.allowed_run(worker.ANSWERS_AHEAD) == 1
+    assert worker.allowed_run(10 * worker.ANSWERS_AHEAD) == 1
+    sizes = [worker.allowed_run(n) for n in range(4 * worker.ANSWERS_AHEAD)]
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_with_many_connections_ready_a_second_answer_waits_for_the_next_turn(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "clock", lambda: 100.0)
+    monkeypatch.setattr(worker, "others_ready", lambda loop: 10 * worker.ANSWERS_AHEAD)
+    ran: list[str] = []
+    other = gevent.spawn(steps, ran, 3)
+    request = Request()
+    try:
+        post_request(None, request, {}, Response(closing=False))
+        assert ran == []
+        post_request(None, request, {}, Response(closing=False))
+        assert ran == ["step 0", "step 1", "step 2"]   # a run of one: the others first
+    finally:
+        other.kill()
+
+
+def test_others_ready_counts_the_greenlets_waiting_for_a_turn() -> None:
+    loop = gevent.get_hub().loop
+    seen: list[int] = []
+
+    def waiter() -> None:
+        next_turn()
+        seen.append(worker.others_ready(loop))
+
+    waiters = [gevent.spawn(waiter) for _ in range(3)]
+    try:
+        gevent.sleep(0)               # all three wait for the turn now
+        assert worker.others_ready(loop) >= 3
+        gevent.joinall(waiters, timeout=5)
+        # Resumed one after the other: the first saw the two still to run (beside any
+        # other event of the loop's iteration), the second one, the last none.
+        assert [n - seen[-1] for n in seen] == [2, 1, 0]
+    finally:
+        gevent.killall(waiters)
+
+
 def test_an_answer_after_the_loop_ran_costs_no_turn() -> None:
     request = Request()
     post_request(None, request, {}, Response(closing=False))

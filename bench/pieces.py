@@ -65,7 +65,7 @@ def hook(n: int = 50000) -> float:
 
     req = SimpleNamespace(unreader=SimpleNamespace())
     resp = SimpleNamespace(should_close=lambda: False)
-    earlier = (-5, 0)
+    earlier = (-5, 0, 0.0)   # the last answer in an iteration long past
     attr = worker._LAST_ANSWER
 
     def call() -> None:

@@ -547,7 +547,7 @@ def readme_table(doc: dict[str, Any]) -> str:
     """The README's performance table, from this run."""
     by = {r["key"]: r for r in doc["rows"]}
     high = {(h["server"], h["path"]): h for h in doc["high"]}
-    keys = [STOCK_RAW, "raw", "flask stock", "flask", "fc", "v1", "swr"]
+    keys = [STOCK_RAW, "raw", "flask stock", "flask", "flask, no access log", "fc", "v1", "swr"]
     args = doc["args"]
     lines = [
         f"From the latest `make bench`: {args['workers']} gevent workers per server on a "

@@ -403,11 +403,13 @@ def summarise(runs: dict[str, list[Wrk]], high: dict[tuple[str, str], list[Wrk]]
             "rows": rows, "high": high_rows, "never": never}
 
 
-def _measured_for_pieces(doc: dict[str, Any]) -> list[float]:
-    """The measured per-CPU-second ratios of :data:`bench.pieces.SUMS`' rows, in order."""
-    ratio = {c[0]: c[3] for c in costs(doc)}
-    return [ratio["raw app, our config / stock"], ratio["`/v1` hit / stock raw"],
-            ratio["`@swr.cached` hit / stock raw"], ratio["bare Flask view, our hooks / stock"]]
+#: The side-by-side ratio (:func:`costs`) each row of :data:`bench.pieces.SUMS` is measured by.
+PIECES_MEASURED = {
+    "raw app, our config": "raw app, our config / stock",
+    "`/v1` hit": "`/v1` hit / stock raw",
+    "`@swr.cached` hit": "`@swr.cached` hit / stock raw",
+    "bare Flask view, our hooks": "bare Flask view, our hooks / stock",
+}
 
 
 def _ms(seconds: Sequence[float]) -> str:
@@ -616,6 +618,7 @@ def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], mem
     except ImportError:
         plotted = "(matplotlib is not installed: no plot this run)\n"
     variants = "; ".join(f"`{name}`: {what}" for name, (what, _) in VARIANTS.items())
+    measured = {c[0]: c[3] for c in costs(doc)}   # per CPU second, by side-by-side pair
     lines = [
         "# Benchmarks", "",
         "Written by `make bench` (`python -m bench.throughput`); every number below comes "
@@ -694,8 +697,8 @@ def write_report(doc: dict[str, Any], profile: dict[str, tuple[float, str]], mem
         "| row | pieces | our µs added | × stock by our own work | measured × stock "
         "(per CPU second) |", "|---|---|---:|---:|---:|",
         *[f"| {row} | {' + '.join(pieces.SUMS[row])} | {added * 1e6:.1f} | {ratio:.3f} | "
-          f"{measured:.2f} |" for (row, added, ratio), measured in zip(
-              implied_ratios(doc), _measured_for_pieces(doc), strict=True)], "",
+          f"{measured[PIECES_MEASURED[row]]:.2f} |" for row, added, ratio in implied_ratios(doc)],
+        "",
         plotted,
         "The herd bench comparing `@swr.cached` with plain `@cached` (4 workers) is "
         "`python -m bench`, run by `make bench` right after this one; see `bench/README.md`.",

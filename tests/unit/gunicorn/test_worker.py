@@ -77,10 +77,17 @@ class Request:
         self.unreader = type("Unreader", (), {})()
 
 
+@pytest.fixture
+def now(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The runs' clock, stopped: a test moves it by hand."""
+    clock = [100.0]
+    monkeypatch.setattr(worker, "clock", lambda: clock[0])
+    return clock
+
+
 def test_answers_before_the_loop_ran_wait_for_the_next_turn_after_a_bounded_run(
-    monkeypatch: pytest.MonkeyPatch
+    now: list[float]   # cheap answers: no time passes
 ) -> None:
-    monkeypatch.setattr(worker, "clock", lambda: 100.0)   # cheap answers: no time passes
     ran: list[str] = []
     other = gevent.spawn(steps, ran, 3)
     more: Any = None
@@ -111,10 +118,8 @@ def test_answers_before_the_loop_ran_wait_for_the_next_turn_after_a_bounded_run(
 
 
 def test_a_run_of_slow_answers_waits_for_the_next_turn_after_the_first(
-    monkeypatch: pytest.MonkeyPatch
+    now: list[float]
 ) -> None:
-    now = [100.0]
-    monkeypatch.setattr(worker, "clock", lambda: now[0])
     ran: list[str] = []
     other = gevent.spawn(steps, ran, 3)
     request = Request()
@@ -130,10 +135,8 @@ def test_a_run_of_slow_answers_waits_for_the_next_turn_after_the_first(
 
 
 def test_cheap_answers_in_one_iteration_do_not_wait_before_the_bound(
-    monkeypatch: pytest.MonkeyPatch
+    now: list[float]
 ) -> None:
-    now = [100.0]
-    monkeypatch.setattr(worker, "clock", lambda: now[0])
     request = Request()
     ran: list[str] = []
     other = gevent.spawn(ran.append, "other")
@@ -157,9 +160,8 @@ def test_the_more_connections_are_ready_behind_a_run_the_shorter_it_may_be() -> 
 
 
 def test_with_many_connections_ready_a_second_answer_waits_for_the_next_turn(
-    monkeypatch: pytest.MonkeyPatch
+    now: list[float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker, "clock", lambda: 100.0)
     monkeypatch.setattr(worker, "others_ready", lambda loop: 10 * worker.ANSWERS_AHEAD)
     ran: list[str] = []
     other = gevent.spawn(steps, ran, 3)

@@ -26,9 +26,9 @@ JOIN_LIMIT = 64 * 1024
 
 
 class _HeadFirst:
-    """The socket of one response: the head (:meth:`hold`) waits for the next bytes and
-    goes with them. Any other use of the socket (``sendfile``, ``send``...) sends the
-    head first, so nothing can overtake it."""
+    """The socket of one response: the head (the ``sendall`` made while :attr:`holding`)
+    waits for the next bytes and goes with them. Any other use of the socket
+    (``sendfile``, ``send``...) sends the head first, so nothing can overtake it."""
 
     __slots__ = ("sock", "head", "holding")
 

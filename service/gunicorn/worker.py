@@ -168,15 +168,15 @@ def post_request(worker: Any, req: Any, environ: Any, resp: Any) -> None:
     never ran; after ``BACK_TO_BACK`` of those (fewer when many connections are ready
     behind it, :func:`allowed_run`), or once the run has lasted :data:`RUN_SECONDS`
     (slow answers), the connection waits for the loop's next turn (:func:`next_turn`).
-    Under saturation every connection's next request is always
-    waiting, so the bound is what decides the cost: a turn costs far more inside a
-    loaded worker than alone (its switches and the other connections' work evict what
-    the caches held), and a turn after every back-to-back answer cost 8.5 to 10% of the
-    worker's CPU per request; after 8, 2.5 to 5%, with a p99 at 32 connections of 25 ms
-    against 6.5 ms (after every one) and 120 to 160 ms (no turn at all). Measured with
-    ``python -m bench.ab`` (``bench/findings.md``). A connection about to close, a request
-    that failed before it had a response, or a worker without gevent (sync) has no one
-    to yield to.
+    Under saturation every connection's next request is always waiting, so the bound is
+    what decides the cost: a turn costs far more inside a loaded worker than alone (its
+    switches and the other connections' work evict what the caches held), and a turn
+    after every back-to-back answer cost 8.5 to 14% of the worker's CPU per request;
+    after 8, 2.5 to 10%, with a p99 at 32 connections of 21 to 28 ms against 6.5 to 7.8
+    ms (after every one) and 120 to 380 ms (no turn at all). Measured with ``python -m
+    bench.ab`` (``bench/findings.md``). A connection about to close, a request that
+    failed before it had a response, or a worker without gevent (sync) has no one to
+    yield to.
     """
     if resp is None or not gevent.monkey.is_module_patched("socket") or resp.should_close():
         return
